@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job, out of the box: install, then segment an example photo with the offline default
+# model and write the label map, overlay (with legend) and JSON to out/demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+img=$(.venv/bin/python -m textseg.examples chelsea)
+.venv/bin/textseg segment "$img" --labels "cat,wall,floor" --out out/demo

@@ -1,0 +1,92 @@
+"""The interface every image-text model in textseg implements.
+
+CLIP (any loaded format), the offline default model, LSeg and GroupViT all subclass
+:class:`DualEncoder`, so the classifier, the :class:`~textseg.segment.segmenter.Segmenter`, the
+evaluator and the web app work with any of them unchanged.
+
+Shapes: images are float tensors ``B x 3 x H x W`` already normalised with the model's
+``preprocess_cfg`` mean/std; token tensors are ``N x L`` LongTensors from ``model.tokenize``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class PreprocessCfg:
+    """How pixels must be prepared for a model; travels with its weights (the card)."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+
+
+class DualEncoder(nn.Module):
+    """An image encoder and a text encoder that meet in one embedding space.
+
+    Subclasses set ``name``, ``preprocess_cfg``, ``dense_modes`` (first = default) and
+    ``dense_stride`` and implement ``tokenize``, ``encode_image``, ``encode_text`` and
+    ``encode_dense``. ``embed_texts`` and ``dense_logits`` have defaults that suit CLIP-like models
+    and may be overridden (the offline model scores by a ConSE bridge; GroupViT by group assignment).
+    """
+
+    name: str = "dual-encoder"
+    preprocess_cfg: PreprocessCfg = PreprocessCfg()
+    dense_modes: tuple[str, ...] = ("plain",)
+    dense_stride: int = 16  # input pixels per dense-map cell
+    # Probability below which a pixel becomes "background" when the user asks for the model's default.
+    default_background_threshold: float | None = None
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x D`` global image embeddings."""
+        raise NotImplementedError
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``N x L`` tokens -> ``N x D`` text embeddings."""
+        raise NotImplementedError
+
+    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x D x h x w`` dense features in the text embedding space."""
+        raise NotImplementedError
+
+    @property
+    def logit_scale_value(self) -> torch.Tensor:
+        scale = getattr(self, "logit_scale", None)
+        if scale is None:
+            return torch.tensor(100.0)
+        return scale.exp() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
+        """One L2-normalised embedding per text, averaged over the prompt ``templates``
+        (each containing ``{}``) as in CLIP's prompt ensembling -> ``N x D``."""
+        prompts = [t.format(x) for x in texts for t in templates]
+        device = next(self.parameters()).device
+        emb = self.encode_text(self.tokenize(prompts).to(device), normalize=True)
+        emb = emb.view(len(texts), len(templates), -1).mean(dim=1)
+        return F.normalize(emb, dim=-1)
+
+    def dense_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``B x D x h x w`` dense features and ``N x D`` text embeddings -> ``B x N x h x w`` logits."""
+        dense = F.normalize(dense, dim=1)
+        return self.logit_scale_value * torch.einsum("bdhw,nd->bnhw", dense, F.normalize(text, dim=-1))
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP-style logits ``(logits_per_image B x N, logits_per_text N x B)``."""
+        img = self.encode_image(pixels, normalize=True)
+        txt = self.encode_text(tokens, normalize=True)
+        logits = self.logit_scale_value * img @ txt.t()
+        return logits, logits.t()

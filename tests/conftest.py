@@ -1,0 +1,31 @@
+"""Shared test fixtures: the real data in ../shared/data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _data_dir(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (real data lives in ../shared/data; CI has it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    return _data_dir("coco-mini")
+
+
+@pytest.fixture(scope="session")
+def camvid() -> Path:
+    return _data_dir("camvid")
