@@ -1,0 +1,486 @@
+"""GroupViT (Xu et al., CVPR 2022): semantic segmentation that emerges from text supervision.
+
+An image is cut into patches ("segment tokens"). Each stage runs transformer layers over the segment
+tokens concatenated with that stage's learnable *group tokens*; a **grouping block** then assigns
+every segment token to one group token (Gumbel-softmax over the group axis: hard one-hot with a
+straight-through gradient in training, ``argmax`` one-hot in evaluation) and the groups, averaged
+from their members, become the next stage's segment tokens. The image embedding is the mean of the
+final groups, passed through an MLP projector; the text tower is CLIP's causal transformer (reused
+from :mod:`textseg.models.clip`) with its own MLP projector.
+
+Zero-shot segmentation: the product of the stage-wise *soft* assignment matrices gives every patch
+a distribution over the final groups (``forward_intermediates``); a pixel takes its most likely group
+(after bilinear upsampling, as the official evaluation) and each group is labelled by its similarity
+to the class-name prompts.
+
+Shapes: ``B`` images, ``N_0 = (H/p)*(W/p)`` patches, ``G_i`` groups after grouping stage ``i``,
+``C`` vision width, ``D`` joint embedding dimension.
+
+Numerically this matches ``transformers.GroupViTModel`` and NVlabs' ``MultiLabelContrastive``
+(``group_vit_gcc_yfcc_30e``), whose checkpoints ``textseg.weights.convert.groupvit_{hf,nvlabs}`` load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textseg.errors import TextsegError
+from textseg.models.base import DualEncoder, PreprocessCfg
+from textseg.models.clip import TextConfig, TextTransformer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class GroupViTVisionCfg:
+    """The grouping vision transformer. ``depths[i]`` layers run in stage ``i`` over the segment
+    tokens plus ``num_group_tokens[i]`` group tokens (0 = a plain stage, no grouping); a stage with
+    group tokens ends in a grouping block that outputs ``num_output_groups[i]`` groups."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 384
+    heads: int = 6
+    depths: tuple[int, ...] = (6, 3, 3)
+    num_group_tokens: tuple[int, ...] = (64, 8, 0)
+    num_output_groups: tuple[int, ...] = (64, 8, 0)
+    mlp_ratio: float = 4.0
+    assign_mlp_ratio: tuple[float, float] = (0.5, 4.0)  # token-mixing, channel MLP of the grouping block
+    assign_eps: float = 1.0
+    gumbel_tau: float = 1.0
+    hard_assignment: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        n = len(self.depths)
+        if len(self.num_group_tokens) != n or len(self.num_output_groups) != n:
+            raise TextsegError(
+                f"GroupViT: depths {self.depths}, num_group_tokens {self.num_group_tokens} and "
+                f"num_output_groups {self.num_output_groups} must have one entry per stage")
+        if not any(self.num_group_tokens):
+            raise TextsegError("GroupViT needs group tokens in at least one stage")
+        if self.width % self.heads:
+            raise TextsegError(f"GroupViT: width {self.width} is not divisible by heads {self.heads}")
+        for g, o in zip(self.num_group_tokens, self.num_output_groups):
+            if g and o <= 0:
+                raise TextsegError("GroupViT: every grouping stage needs num_output_groups > 0")
+
+
+@dataclass(frozen=True)
+class GroupViTCfg:
+    vision: GroupViTVisionCfg = field(default_factory=GroupViTVisionCfg)
+    text: TextConfig = field(default_factory=lambda: TextConfig(width=256, heads=4, layers=12))
+    embed_dim: int = 256  # joint space
+    proj_hidden: int = 4096  # MLP projector's hidden width
+    proj_layers: int = 2  # 1 = a single linear layer
+    logit_scale_init: float = math.log(1 / 0.07)
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Mlp(nn.Module):
+    """``... x in -> ... x out`` two-layer MLP with GELU."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim_in, hidden)
+        self.fc2 = nn.Linear(hidden, dim_out or dim_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TokenMixer(Mlp):
+    """An MLP across the token axis: ``B x S_in x C -> B x S_out x C`` (MLP-Mixer style)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention with a fused ``qkv`` projection, or cross-attention
+    (``cross=True``: separate ``q_proj``/``k_proj``/``v_proj``) of ``B x N x C`` queries on
+    ``B x S x C`` keys."""
+
+    def __init__(self, dim: int, heads: int, cross: bool = False):
+        super().__init__()
+        self.heads, self.cross = heads, cross
+        if cross:
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        if self.cross:
+            q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer over ``B x N x C`` tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttnBlock(nn.Module):
+    """Group tokens attend to segment tokens, then an MLP, then a post-norm (as GroupViT)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        self.attn = Attention(dim, heads, cross=True)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm_post = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        x = query + self.attn(query, key)
+        x = x + self.mlp(self.norm2(x))
+        return self.norm_post(x)
+
+
+def hard_one_hot(soft: torch.Tensor, dim: int) -> torch.Tensor:
+    """One-hot of ``soft.argmax(dim)`` with the straight-through gradient of ``soft``."""
+    index = soft.argmax(dim, keepdim=True)
+    hard = torch.zeros_like(soft).scatter_(dim, index, 1.0)
+    return hard - soft.detach() + soft
+
+
+def gumbel_assign(logits: torch.Tensor, dim: int, tau: float = 1.0, hard: bool = True,
+                  gumbel: bool = True) -> torch.Tensor:
+    """Assignment probabilities along ``dim`` from raw ``logits``.
+
+    ``gumbel=True`` adds Gumbel(0, 1) noise and divides by ``tau`` (training); ``hard=True`` returns a
+    one-hot forward value whose gradient is that of the soft probabilities (straight-through)."""
+    if gumbel:
+        # -log(Exp(1)) ~ Gumbel(0, 1); the exponential sample is clamped away from 0 for stability.
+        noise = -torch.empty_like(logits).exponential_().clamp_min(torch.finfo(logits.dtype).tiny).log()
+        logits = (logits + noise) / tau
+    soft = logits.softmax(dim)
+    return hard_one_hot(soft, dim) if hard else soft
+
+
+class AssignAttention(nn.Module):
+    """Single-head assignment of ``B x S x C`` segment tokens to ``B x G x C`` group queries.
+
+    Returns the new group tokens ``B x G x C`` (mean of their assigned segments' values) and the soft
+    assignment ``B x G x S`` (softmax over groups, so each column sums to 1)."""
+
+    def __init__(self, dim: int, eps: float, tau: float, hard: bool):
+        super().__init__()
+        self.scale = dim ** -0.5
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+        self.eps, self.tau, self.hard = eps, tau, hard
+
+    def forward(self, groups: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = (self.q_proj(groups) @ self.k_proj(segments).transpose(1, 2)) * self.scale  # B x G x S
+        assign = gumbel_assign(raw, dim=1, tau=self.tau, hard=self.hard, gumbel=self.hard and self.training)
+        soft = raw.softmax(dim=1)
+        assign = assign / (assign.sum(dim=-1, keepdim=True) + self.eps)
+        return self.proj(assign @ self.v_proj(segments)), soft
+
+
+class GroupingBlock(nn.Module):
+    """Merge ``B x S x C`` segment tokens into ``B x G_out x C`` groups using ``B x G_in x C`` group
+    tokens: token-mix the group tokens to ``G_out`` queries, cross-attend to the segments, assign each
+    segment to one query, add an MLP. Returns ``(groups, soft assignment B x G_out x S)``."""
+
+    def __init__(self, dim: int, heads: int, num_group_tokens: int, num_output_groups: int,
+                 cfg: GroupViTVisionCfg):
+        super().__init__()
+        eps = cfg.layer_norm_eps
+        tokens_hidden, channels_hidden = (int(r * dim) for r in cfg.assign_mlp_ratio)
+        self.norm_tokens = nn.LayerNorm(dim, eps=eps)
+        self.mlp_inter = TokenMixer(num_group_tokens, tokens_hidden, num_output_groups)
+        self.norm_post_tokens = nn.LayerNorm(dim, eps=eps)
+        self.norm_x = nn.LayerNorm(dim, eps=eps)
+        self.pre_assign_attn = CrossAttnBlock(dim, heads, cfg.mlp_ratio, eps)
+        self.assign = AssignAttention(dim, cfg.assign_eps, cfg.gumbel_tau, cfg.hard_assignment)
+        self.norm_new_x = nn.LayerNorm(dim, eps=eps)
+        self.mlp_channels = Mlp(dim, channels_hidden)
+
+    def forward(self, x: torch.Tensor, group_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        group_tokens = self.norm_tokens(group_tokens)
+        x = self.norm_x(x)
+        queries = self.norm_post_tokens(self.mlp_inter(group_tokens))
+        queries = self.pre_assign_attn(queries, x)
+        new_x, soft = self.assign(queries, x)
+        new_x = new_x + queries
+        return new_x + self.mlp_channels(self.norm_new_x(new_x)), soft
+
+
+class GroupingStage(nn.Module):
+    """One stage: transformer layers over ``[segments; group tokens]`` then (if the stage has group
+    tokens) a grouping block. Group tokens of a later stage are conditioned on the previous stage's
+    group tokens through a token-mixing projector."""
+
+    def __init__(self, cfg: GroupViTVisionCfg, index: int):
+        super().__init__()
+        dim, eps = cfg.width, cfg.layer_norm_eps
+        self.num_group_tokens = g = cfg.num_group_tokens[index]
+        self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.mlp_ratio, eps) for _ in range(cfg.depths[index]))
+        self.group_token = nn.Parameter(torch.zeros(1, g, dim)) if g else None
+        self.grouping = GroupingBlock(dim, cfg.heads, g, cfg.num_output_groups[index], cfg) if g else None
+        prev = cfg.num_group_tokens[index - 1] if index > 0 else 0
+        self.group_projector = (nn.Sequential(nn.LayerNorm(dim, eps=eps), TokenMixer(prev, dim // 2, g))
+                                if g and prev else None)
+
+    def forward(self, x: torch.Tensor, prev_group_tokens: torch.Tensor | None):
+        """``B x S x C`` segments -> (``B x S' x C`` next segments, ``B x g x C`` group tokens or None,
+        ``B x S' x S`` soft assignment or None)."""
+        if self.group_token is None:
+            for blk in self.blocks:
+                x = blk(x)
+            return x, None, None
+        groups = self.group_token.expand(x.shape[0], -1, -1)
+        if self.group_projector is not None:
+            groups = groups + self.group_projector(prev_group_tokens)
+        cat = torch.cat([x, groups], dim=1)
+        for blk in self.blocks:
+            cat = blk(cat)
+        x, groups = cat[:, : -self.num_group_tokens], cat[:, -self.num_group_tokens:]
+        new_x, soft = self.grouping(x, groups)
+        return new_x, groups, soft
+
+
+class GroupViTVision(nn.Module):
+    """Patch embedding + grouping stages + final LayerNorm.
+
+    ``forward(pixels) -> (B x G x C final group tokens, [B x G_i x S_i soft assignments], (h, w))``."""
+
+    def __init__(self, cfg: GroupViTVisionCfg):
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
+        self.patch_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.width))
+        self.stages = nn.ModuleList(GroupingStage(cfg, i) for i in range(len(cfg.depths)))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
+        """The ``1 x (h*w) x C`` position embedding, bicubically resized when the patch grid differs
+        from the training grid (as NVlabs and transformers do at inference)."""
+        n = self.pos_embed.shape[1]
+        if h * w == n and h == w:
+            return self.pos_embed
+        side = int(round(math.sqrt(n)))
+        pe = self.pos_embed.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        pe = F.interpolate(pe, size=(h, w), mode="bicubic", align_corners=False)
+        return pe.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+
+    def forward(self, pixels: torch.Tensor):
+        x = self.patch_embed(pixels)
+        h, w = x.shape[-2:]
+        x = self.patch_norm(x.flatten(2).transpose(1, 2)) + self.pos_embed_for(h, w)
+        groups, assignments = None, []
+        for stage in self.stages:
+            x, groups, soft = stage(x, groups)
+            if soft is not None:
+                assignments.append(soft)
+        return self.norm(x), assignments, (h, w)
+
+
+class ProjectionMLP(nn.Module):
+    """GroupViT's projector: ``(Linear -> BatchNorm1d -> ReLU) x (layers-1) -> Linear``, applied to
+    the last axis of any ``... x dim_in`` tensor."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, layers: int = 2):
+        super().__init__()
+        mods: list[nn.Module] = []
+        for i in range(layers - 1):
+            mods += [nn.Linear(dim_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        self.hidden = nn.Sequential(*mods)
+        self.out = nn.Linear(dim_in if layers == 1 else hidden, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self.out(self.hidden(x.reshape(-1, shape[-1]))).reshape(*shape[:-1], -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+def soft_group_maps(assignments: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Cumulative products of the stage-wise soft assignments: for each grouping stage ``i`` a
+    ``B x G_i x N_0`` map giving each patch its probability of belonging to each group of stage ``i``
+    (each column sums to 1)."""
+    maps, acc = [], None
+    for a in assignments:  # B x G_i x G_{i-1}
+        acc = a if acc is None else a @ acc
+        maps.append(acc)
+    return maps
+
+
+class GroupViT(DualEncoder):
+    """GroupViT as a :class:`DualEncoder`.
+
+    >>> model = GroupViT(GroupViTCfg())          # the gcc_yfcc_30e architecture
+    >>> model.encode_image(pixels)               # B x 256 (mean of the 8 projected groups)
+    >>> model.forward_intermediates(pixels)      # groups, per-stage assignments, group maps
+    """
+
+    name = "groupvit"
+    dense_modes = ("groups",)
+    default_background_threshold = 0.95  # NVlabs' released VOC / COCO configs (Context: 0.35)
+
+    def __init__(self, cfg: GroupViTCfg | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or GroupViTCfg()
+        self.visual = GroupViTVision(cfg.vision)
+        self.text = TextTransformer(cfg.text, output_dim=None)
+        self.image_proj = ProjectionMLP(cfg.vision.width, cfg.proj_hidden, cfg.embed_dim, cfg.proj_layers)
+        self.text_proj = ProjectionMLP(cfg.text.width, cfg.proj_hidden, cfg.embed_dim, cfg.proj_layers)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        self.preprocess_cfg = PreprocessCfg(cfg.vision.image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+        self.dense_stride = cfg.vision.patch_size
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """NVlabs' initialisation: truncated-normal(0.02) linears and tokens, unit LayerNorms."""
+        for m in self.visual.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.visual.pos_embed, std=0.02)
+        for stage in self.visual.stages:
+            if stage.group_token is not None and stage.group_projector is None:
+                nn.init.trunc_normal_(stage.group_token, std=0.02)
+
+    @property
+    def logit_scale_value(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=100)
+
+    # ---- towers --------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        from textseg.models.tokenizer import tokenize
+
+        return tokenize(list(texts), context_length=self.cfg.text.context_length)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``N x L`` tokens -> ``N x D``."""
+        x = self.text_proj(self.text(tokens))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward_intermediates(self, pixels: torch.Tensor) -> dict:
+        """Everything the image tower computes, for segmentation and visualisation.
+
+        Returns a dict with ``groups`` ``B x G x C`` (final group tokens after the last LayerNorm),
+        ``group_embeds`` ``B x G x D`` (projected groups), ``image_embed`` ``B x D`` (projected mean of
+        the groups), ``assignments`` (per grouping stage ``B x G_i x G_{i-1}`` soft assignments, with
+        ``G_{-1} = N_0`` patches), ``group_maps`` (per grouping stage ``B x G_i x h x w``: the product
+        of the assignments so far, a distribution over that stage's groups for every patch) and
+        ``grid`` ``(h, w)``."""
+        groups, assignments, (h, w) = self.visual(pixels)
+        maps = [m.reshape(m.shape[0], m.shape[1], h, w) for m in soft_group_maps(assignments)]
+        return {
+            "groups": groups,
+            "group_embeds": self.image_proj(groups),
+            "image_embed": self.image_proj(groups.mean(dim=1)),
+            "assignments": assignments,
+            "group_maps": maps,
+            "grid": (h, w),
+        }
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x D``: the projected mean of the final group tokens."""
+        groups, _, _ = self.visual(pixels)
+        x = self.image_proj(groups.mean(dim=1))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    # ---- segmentation --------------------------------------------------------------------------
+
+    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x D x h x w``: every patch gets the soft mixture of the
+        L2-normalised final group embeddings given by the product of the soft assignments. Since
+        this is linear in the assignment, bilinear upsampling of the resulting logits equals
+        upsampling the group maps first (the official evaluation's order)."""
+        if mode not in (None, *self.dense_modes):
+            raise TextsegError(f"groupvit has dense modes {self.dense_modes}, not {mode!r}")
+        out = self.forward_intermediates(pixels)
+        emb = F.normalize(out["group_embeds"], dim=-1)  # B x G x D
+        return torch.einsum("bghw,bgd->bdhw", out["group_maps"][-1], emb)
+
+    def dense_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Group-mixture features (not re-normalised: the mixture weights are probabilities) times
+        normalised text -> ``B x N x h x w`` logits ``sum_g p(g | patch) * scale * cos(group g, text)``."""
+        return self.logit_scale_value * torch.einsum("bdhw,nd->bnhw", dense, F.normalize(text, dim=-1))
+
+    @torch.no_grad()
+    def group_label_probs(self, pixels: torch.Tensor, text: torch.Tensor, top_k: int = 5) -> dict:
+        """The official GroupViT inference (NVlabs ``GroupViTSegInference.encode_decode``).
+
+        ``text``: ``N x D`` class embeddings. Each final group gets class probabilities: softmax of
+        the scaled group-text similarities restricted to the ``top_k`` classes the whole image scores
+        highest, multiplied by the unrestricted softmax. Returns ``probs`` ``B x G x N``,
+        ``group_maps`` ``B x G x h x w`` (soft, patch grid) and ``grid``."""
+        out = self.forward_intermediates(pixels)
+        text = F.normalize(text, dim=-1)
+        scale = self.logit_scale_value
+        group_logits = scale * F.normalize(out["group_embeds"], dim=-1) @ text.t()  # B x G x N
+        image_probs = (scale * F.normalize(out["image_embed"], dim=-1) @ text.t()).softmax(-1)  # B x N
+        keep = torch.zeros_like(image_probs, dtype=torch.bool)
+        keep.scatter_(1, image_probs.topk(min(top_k, text.shape[0]), dim=-1).indices, True)
+        masked = group_logits.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
+        return {"probs": masked * group_logits.softmax(-1), "group_maps": out["group_maps"][-1],
+                "grid": out["grid"]}
+
+    @torch.no_grad()
+    def segment_official(self, pixels: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None = None,
+                         top_k: int = 5) -> torch.Tensor:
+        """Per-pixel class scores ``B x N x H x W`` as NVlabs computes them: upsample the soft group maps
+        bilinearly to the image size, give each pixel its argmax group, and read that group's class
+        probabilities (:meth:`group_label_probs`). Background: max score below a threshold."""
+        res = self.group_label_probs(pixels, text, top_k)
+        size = size or tuple(pixels.shape[-2:])
+        maps = F.interpolate(res["group_maps"], size=size, mode="bilinear", align_corners=False)
+        onehot = F.one_hot(maps.argmax(1), maps.shape[1]).to(res["probs"].dtype)  # B x H x W x G
+        return torch.einsum("bhwg,bgn->bnhw", onehot, res["probs"])
+
+    @torch.no_grad()
+    def segmentation_logits(self, pixels: torch.Tensor, text: torch.Tensor,
+                            size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``B x N x H x W``: soft group maps upsampled to ``size`` (default: the input size) mixing
+        ``scale * cos(group, text)``. ``transformers.GroupViTModel(output_segmentation=True)`` returns
+        this times ``logit_scale`` once more."""
+        dense = self.encode_dense(pixels)
+        logits = self.dense_logits(dense, text)
+        size = size or tuple(pixels.shape[-2:])
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.encode_image(pixels, normalize=True)
+        txt = self.encode_text(tokens, normalize=True)
+        logits = self.logit_scale_value * img @ txt.t()
+        return logits, logits.t()
