@@ -1,0 +1,276 @@
+"""Class activation map (CAM) networks for weakly supervised segmentation (CAM baseline, CLIMS).
+
+A backbone turns ``B x 3 x H x W`` pixels (normalised with the network's ``mean``/``std``) into a
+``B x C x H/s x W/s`` feature map (``s`` = :attr:`CAMNet.stride`, 16 for every backbone here); a bias-free
+1x1 convolution turns it into ``B x K x h x w`` class scores, one map per class. Three views of that
+one map:
+
+* :meth:`CAMNet.classify`   ``B x K`` image logits: the 1x1 classifier of the globally pooled features
+  (equal to pooling the maps, the classifier is linear): the multi-label CAM *baseline* trains these.
+* :meth:`CAMNet.forward`    ``B x K x h x w`` **sigmoid** activation maps with no pooling, what CLIMS
+  trains (Xie et al., CVPR 2022): the maps themselves are judged by an image-text evaluator.
+* :meth:`CAMNet.cam`        ``B x K x h x w`` ReLU'd raw scores for inference (``textseg cam make``).
+
+Backbones (:class:`CAMConfig.backbone`):
+
+* ``"resnet50"``: ResNet-50 as in the paper (torchvision/IRN key layout: ``conv1``, ``bn1``,
+  ``layer1..4``; last stage at stride 1 so the maps have stride 16). Own implementation, random
+  initialisation unless a state dict is given (:func:`resnet50_state_from_torchvision`).
+* ``"efficientnet_lite0"`` (``lite1``, ``lite2``): the offline default model's ImageNet-pretrained
+  EfficientNet-Lite (:mod:`textseg.models.efficientnet`), last stride-2 stage turned to stride 1 so the
+  maps have stride 16. This is the CPU option.
+* ``"tiny"``: four strided convolutions (stride 16); for tests and smoke runs only.
+
+Checkpoints are one safetensors file whose metadata carries the :class:`CAMConfig` as JSON
+(:func:`save_cam` / :func:`load_cam`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textseg.errors import CheckpointError, TextsegError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKBONES = ("resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
+
+
+@dataclass
+class CAMConfig:
+    """Everything needed to rebuild a CAM network (stored in its checkpoint)."""
+
+    class_names: list[str] = field(default_factory=list)  # foreground classes, no "background"
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True  # EfficientNet-Lite: load the installed ImageNet weights
+    image_size: int = 320  # training crop / default inference size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ----------------------------------------------------------------------------------------- ResNet-50
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 residual block with 4x expansion."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        cout = width * 4
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 trunk, ``B x 3 x H x W`` -> ``B x 2048 x H/16 x W/16`` (``strides`` of layer1..4
+    default to (1, 2, 2, 1) as in IRN/CLIMS; pass (1, 2, 2, 2) for the classic stride 32)."""
+
+    out_channels = 2048
+
+    def __init__(self, strides: tuple[int, int, int, int] = (1, 2, 2, 1)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin, layers = 64, []
+        for width, depth, stride in zip((64, 128, 256, 512), (3, 4, 6, 3), strides):
+            blocks = [Bottleneck(cin, width, stride)]
+            blocks += [Bottleneck(width * 4, width) for _ in range(depth - 1)]
+            layers.append(nn.Sequential(*blocks))
+            cin = width * 4
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.stride = 4 * strides[0] * strides[1] * strides[2] * strides[3]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():  # zero-init the last BN of each block: each block starts as identity
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of layer1..layer4 (strides 4, 8, 16, 16)."""
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_intermediates(x)[-1]
+
+
+def resnet50_state_from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision / timm ``resnet50`` state dict -> :class:`ResNet50` keys (drops ``fc.*``)."""
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+# ---------------------------------------------------------------------------------------------- tiny
+class TinyBackbone(nn.Module):
+    """Four stride-2 3x3 conv + BN + ReLU layers (32 -> 64 channels), stride 16. Tests only."""
+
+    out_channels = 64
+    stride = 16
+
+    def __init__(self):
+        super().__init__()
+        chans = (3, 32, 32, 64, 64)
+        self.layers = nn.Sequential(
+            *[
+                nn.Sequential(nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+                for a, b in zip(chans[:-1], chans[1:])
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+# ----------------------------------------------------------------------------------- EfficientNet
+class EfficientNetBackbone(nn.Module):
+    """The offline default's EfficientNet-Lite trunk at output stride 16 -> ``B x 1280 x H/16 x W/16``.
+
+    The last stride-2 depthwise convolution is set to stride 1 (pretrained weights unchanged), the
+    usual way to get denser maps from a classification network (DeepLab's output stride 16).
+    """
+
+    def __init__(self, variant: str = "efficientnet_lite0", pretrained: bool = True):
+        super().__init__()
+        from textseg.models import efficientnet
+
+        self.net = efficientnet.efficientnet_lite(variant.replace("efficientnet_", ""), pretrained=pretrained)
+        self.net.set_output_stride(16)
+        self.net.classifier = nn.Identity()  # the ImageNet head is not part of the trunk
+        self.out_channels = self.net.num_features
+        self.stride = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+
+# -------------------------------------------------------------------------------------------- CAM
+class CAMNet(nn.Module):
+    """Backbone + bias-free 1x1 classifier; see the module docstring for the three views."""
+
+    def __init__(self, config: CAMConfig, backbone: nn.Module | None = None):
+        super().__init__()
+        if config.num_classes < 1:
+            raise TextsegError("a CAM network needs at least one foreground class")
+        if config.backbone not in BACKBONES:
+            raise TextsegError(f"unknown CAM backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        self.config = config
+        if backbone is None:
+            if config.backbone == "resnet50":
+                backbone = ResNet50()
+            elif config.backbone == "tiny":
+                backbone = TinyBackbone()
+            else:
+                backbone = EfficientNetBackbone(config.backbone, pretrained=config.pretrained)
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.out_channels, config.num_classes, 1, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        efficient = config.backbone.startswith("efficientnet")
+        self.mean, self.std = ((0.5,) * 3, (0.5,) * 3) if efficient else (IMAGENET_MEAN, IMAGENET_STD)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.class_names)
+
+    @property
+    def stride(self) -> int:
+        return int(self.backbone.stride)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` pixels in [0, 1] -> the network's input normalisation."""
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw class score maps ``B x K x h x w`` (before any squashing)."""
+        return self.classifier(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIMS maps: ``sigmoid(scores)``, ``B x K x h x w`` in (0, 1)."""
+        return torch.sigmoid(self.scores(x))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-label image logits ``B x K``: classifier of the average-pooled features."""
+        feats = self.backbone(x).mean(dim=(2, 3), keepdim=True)
+        return self.classifier(feats).flatten(1)
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference CAMs ``B x K x h x w``: ``relu(scores)`` (normalise per class afterwards)."""
+        return F.relu(self.scores(x))
+
+    def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list[dict]:
+        """Backbone at ``lr``, the new classifier at ``classifier_lr_mult * lr`` (as IRN/CLIMS)."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        return [
+            {"params": backbone, "lr": lr, "initial_lr": lr},
+            {"params": list(self.classifier.parameters()), "lr": lr * classifier_lr_mult,
+             "initial_lr": lr * classifier_lr_mult},
+        ]
+
+
+def build_cam(config: CAMConfig) -> CAMNet:
+    return CAMNet(config)
+
+
+def save_cam(model: CAMNet, path: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model`` as safetensors with its :class:`CAMConfig` (and ``extra``) in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": "textseg-cam", "config": json.dumps(asdict(model.config))}
+    if extra:
+        meta["extra"] = json.dumps(extra)
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def load_cam(path: str | Path, device: str | torch.device = "cpu") -> CAMNet:
+    """Rebuild a :class:`CAMNet` saved by :func:`save_cam` (strict key match)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such CAM checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for bad files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != "textseg-cam":
+        raise CheckpointError(f"{path}: not a textseg CAM checkpoint (train one with `textseg cam train`)")
+    cfg = CAMConfig(**json.loads(meta["config"]))
+    cfg.pretrained = False  # the weights come from the checkpoint
+    model = CAMNet(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: keys do not match the CAM network (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return model.to(device)

@@ -1,0 +1,454 @@
+"""CLIMS losses (Xie et al., "CLIMS: Cross Language Image Matching for Weakly Supervised Semantic
+Segmentation", CVPR 2022) and the multi-label CAM baseline loss.
+
+A CAM network gives sigmoid activation maps ``P`` (``B x K x h x w``). For every (image ``b``, class
+``k``) pair whose class is in the image label (absent classes contribute nothing), a frozen image-text
+evaluator scores two masked images, resized to ``S x S`` and normalised for the evaluator:
+
+* ``fg = x_b * P_bk`` (the object the map claims) and ``bg = x_b * (1 - P_bk)`` (everything else).
+
+With ``s(v, t)`` the cosine similarity of the evaluator's image embedding of ``v`` and its text
+embedding of prompt ``t``, ``t_k = "a photo of {class k}."`` and ``c(x) = clamp(x, 1e-4, 0.9999)``:
+
+* ``OTM = -mean_pairs log c(s(fg, t_k))``   object-text matching: the mask must contain the object.
+* ``BTM = -mean_pairs log(1 - c(s(bg, t_k)))``  background-text matching: nothing of it outside.
+* ``CBS = -sum_{pairs, m in B(k)} [s(fg, t_m) > tau] log(1 - c(s(fg, t_m)))`` over the co-occurring
+  background prompts ``t_m = "a photo of {word m}."`` that apply to class ``k`` (``B(k)``; see
+  :func:`load_background`): the mask must not grow onto rails, water... . ``tau`` is the official
+  threshold option (0.26 VOC, 0.285 COCO; ``None`` = every prompt counts). A sum, as in the official code.
+* ``REG = mean(P_bk)`` over the present pairs (``reg_over="all"``: over every map, as the official
+  code's ``torch.mean(x)``): keeps the maps from covering everything.
+
+``loss = alpha * OTM + beta * BTM + gamma * CBS + delta * REG`` (official VOC weights 10, 24, 1, 0.2;
+COCO 2, 14, 2, 0.2). The evaluator is frozen (``requires_grad_(False)``, eval mode) and its text
+embeddings are computed once without gradient; gradient reaches the CAM only through the
+evaluator's *input*.
+
+The baseline (IRN / CLIMS' first stage): ``multilabel_soft_margin_loss`` (BCE) of the pooled maps'
+logits. :func:`train_cam` trains either, or both summed, on one process or under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textseg.data.image_labels import canonical, load_image_labels, multi_hot, prompt_name, read_class_list
+from textseg.errors import TextsegError
+from textseg.models.base import DualEncoder
+from textseg.models.cam import CAMConfig, CAMNet, load_cam, save_cam
+
+CLAMP_LO, CLAMP_HI = 1e-4, 0.9999
+PRESET_WEIGHTS = {"voc": (10.0, 24.0, 1.0, 0.2), "coco": (2.0, 14.0, 2.0, 0.2)}
+PRESET_CBS_THRESHOLD = {"voc": 0.26, "coco": 0.285}
+
+
+# ------------------------------------------------------------------------------- background words
+def load_background(spec: str | Path, class_names: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Co-occurring background words and which classes each applies to.
+
+    ``spec``: ``"voc"`` / ``"coco"`` (the lists shipped in ``textseg/data/clims_background``) or a
+    path to a file in that format: one word a line applies to every class, ``class: w1, w2`` applies
+    to that class only, ``#`` starts a comment. Returns ``(words, applies)`` with ``applies`` a
+    ``K x M`` bool tensor (``applies[k, m]``: word ``m`` is a background of class ``k``).
+    """
+    spec = str(spec)
+    if spec in ("voc", "coco"):
+        text = resources.files("textseg.data").joinpath("clims_background", f"{spec}.txt").read_text("utf-8")
+        where = f"built-in {spec} list"
+    else:
+        p = Path(spec)
+        if not p.is_file():
+            raise TextsegError(f"background words {spec!r}: not 'voc', 'coco' or an existing file")
+        text, where = p.read_text("utf-8"), str(p)
+    index = {canonical(c): i for i, c in enumerate(class_names)}
+    words: list[str] = []
+    rows: list[set[int]] = []  # classes per word
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if ":" in line:
+            cls, _, rest = line.partition(":")
+            k = index.get(canonical(cls))
+            if k is None:
+                continue  # a class not in this class list
+            targets, items = {k}, [w.strip() for w in rest.split(",") if w.strip()]
+        else:
+            targets, items = set(range(len(class_names))), [line]
+        for w in items:
+            if w in words:
+                rows[words.index(w)] |= targets
+            else:
+                words.append(w)
+                rows.append(set(targets))
+    if not words:
+        raise TextsegError(f"{where}: no background words")
+    applies = torch.zeros(len(class_names), len(words), dtype=torch.bool)
+    for m, ks in enumerate(rows):
+        applies[sorted(ks), m] = True
+    return words, applies
+
+
+# ------------------------------------------------------------------------------------------ losses
+def otm_loss(sim: torch.Tensor) -> torch.Tensor:
+    """Object-text matching: ``-mean log clamp(sim)`` (maximises the similarity)."""
+    return -torch.log(sim.clamp(CLAMP_LO, CLAMP_HI)).mean()
+
+
+def btm_loss(sim: torch.Tensor) -> torch.Tensor:
+    """Background-text matching: ``-mean log(1 - clamp(sim))`` (minimises the similarity)."""
+    return -torch.log(1 - sim.clamp(CLAMP_LO, CLAMP_HI)).mean()
+
+
+def cbs_loss(sim: torch.Tensor, applies: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Co-occurring background suppression: ``-sum [sim > threshold] * applies * log(1 - clamp(sim))``
+    for ``N x M`` similarities of foreground images to background prompts."""
+    weight = applies.to(sim.dtype)
+    if threshold is not None:
+        weight = weight * (sim > threshold).to(sim.dtype)
+    return -(torch.log(1 - sim.clamp(CLAMP_LO, CLAMP_HI)) * weight).sum()
+
+
+def baseline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The multi-label CAM baseline: mean BCE-with-logits over the ``B x K`` pooled logits."""
+    return F.multilabel_soft_margin_loss(logits, labels)
+
+
+@dataclass
+class CLIMSWeights:
+    alpha: float = 10.0  # OTM
+    beta: float = 24.0  # BTM
+    gamma: float = 1.0  # CBS
+    delta: float = 0.2  # REG
+
+
+class CLIMSLoss(nn.Module):
+    """The four CLIMS terms with a frozen :class:`DualEncoder` evaluator (see the module docstring).
+
+    ``forward(maps, images, labels)``: ``maps`` ``B x K x h x w`` sigmoid activations, ``images``
+    ``B x 3 x H x W`` RGB in [0, 1], ``labels`` ``B x K`` multi-hot -> dict with ``loss`` and the
+    unweighted ``otm``, ``btm``, ``cbs``, ``reg`` and ``pairs`` (number of present pairs).
+    """
+
+    def __init__(self, evaluator: DualEncoder, class_names: list[str], background: str | Path = "voc",
+                 weights: CLIMSWeights | None = None, cbs_threshold: float | None = 0.26,
+                 template: str = "a photo of {}.", eval_size: int | None = None, reg_over: str = "present"):
+        super().__init__()
+        if reg_over not in ("present", "all"):
+            raise TextsegError(f"reg_over must be 'present' or 'all', got {reg_over!r}")
+        evaluator.eval().requires_grad_(False)
+        self.evaluator = evaluator
+        self.weights = weights or CLIMSWeights()
+        self.cbs_threshold = cbs_threshold
+        self.reg_over = reg_over
+        cfg = evaluator.preprocess_cfg
+        self.eval_size = int(eval_size or cfg.image_size)
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        self.class_names = list(class_names)
+        self.prompts = [template.format(prompt_name(c)) for c in class_names]
+        self.background_words, applies = load_background(background, class_names)
+        self.background_prompts = [template.format(w) for w in self.background_words]
+        with torch.no_grad():
+            class_text = F.normalize(evaluator.embed_texts(self.prompts).float(), dim=-1)
+            bg_text = F.normalize(evaluator.embed_texts(self.background_prompts).float(), dim=-1)
+        self.register_buffer("class_text", class_text, persistent=False)  # K x D
+        self.register_buffer("bg_text", bg_text, persistent=False)  # M x D
+        self.register_buffer("applies", applies, persistent=False)  # K x M
+
+    def train(self, mode: bool = True) -> CLIMSLoss:
+        super().train(mode)
+        self.evaluator.eval()  # frozen: batch norm / dropout stay in inference mode
+        return self
+
+    def masked_inputs(self, maps: torch.Tensor, images: torch.Tensor, labels: torch.Tensor):
+        """``(fg, bg, b_idx, k_idx)``: ``N x 3 x S x S`` evaluator inputs of the ``N`` present pairs."""
+        b_idx, k_idx = labels.nonzero(as_tuple=True)
+        size = (self.eval_size, self.eval_size)
+        pixels = F.interpolate(images, size, mode="bilinear", align_corners=False)
+        pixels = ((pixels - self.mean) / self.std)[b_idx]
+        p = F.interpolate(maps, size, mode="bilinear", align_corners=False)[b_idx, k_idx].unsqueeze(1)
+        return pixels * p, pixels * (1 - p), b_idx, k_idx
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.evaluator.encode_image(pixels).float(), dim=-1)
+
+    def forward(self, maps: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if maps.shape[:2] != labels.shape or images.shape[0] != maps.shape[0]:
+            raise TextsegError(f"maps {tuple(maps.shape)}, images {tuple(images.shape)} and labels "
+                               f"{tuple(labels.shape)} disagree")
+        fg, bg, b_idx, k_idx = self.masked_inputs(maps, images, labels)
+        zero = maps.sum() * 0.0  # keeps the graph (and DDP) whole when no class is present
+        if b_idx.numel() == 0:
+            return {"loss": zero, "otm": zero, "btm": zero, "cbs": zero, "reg": zero, "pairs": b_idx.numel()}
+        emb = self.embed(torch.cat([fg, bg]))
+        e_fg, e_bg = emb[: len(b_idx)], emb[len(b_idx):]
+        text = self.class_text[k_idx]
+        otm = otm_loss((e_fg * text).sum(-1))
+        btm = btm_loss((e_bg * text).sum(-1))
+        cbs = cbs_loss(e_fg @ self.bg_text.t(), self.applies[k_idx], self.cbs_threshold)
+        reg = maps[b_idx, k_idx].mean() if self.reg_over == "present" else maps.mean()
+        w = self.weights
+        loss = w.alpha * otm + w.beta * btm + w.gamma * cbs + w.delta * reg
+        return {"loss": loss, "otm": otm, "btm": btm, "cbs": cbs, "reg": reg, "pairs": b_idx.numel()}
+
+
+# ------------------------------------------------------------------------------------------ data
+class CAMTrainDataset(torch.utils.data.Dataset):
+    """Labeled images -> ``(3 x crop x crop`` RGB in [0, 1], ``K`` multi-hot): random rescale (long
+    side ``crop * U(scale)``), horizontal flip, random crop / gray padding."""
+
+    def __init__(self, items, class_names: list[str], crop_size: int = 320,
+                 scale: tuple[float, float] = (0.9, 1.3), augment: bool = True):
+        self.items, self.class_names = list(items), list(class_names)
+        self.crop, self.scale, self.augment = int(crop_size), tuple(scale), augment
+        self.targets = [multi_hot(it.names, self.class_names) for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from textseg.io import load_image
+
+        img = load_image(self.items[i].path)
+        long = self.crop * (random.uniform(*self.scale) if self.augment else 1.0)
+        r = long / max(img.size)
+        w, h = max(1, round(img.width * r)), max(1, round(img.height * r))
+        x = torch.from_numpy(np.asarray(img.resize((w, h), resample=2), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if self.augment and random.random() < 0.5:
+            x = x.flip(-1)
+        out = torch.full((3, self.crop, self.crop), 0.5)
+        ch, cw = min(h, self.crop), min(w, self.crop)
+        y0 = random.randint(0, h - ch) if self.augment else (h - ch) // 2
+        x0 = random.randint(0, w - cw) if self.augment else (w - cw) // 2
+        oy = random.randint(0, self.crop - ch) if self.augment else 0
+        ox = random.randint(0, self.crop - cw) if self.augment else 0
+        out[:, oy:oy + ch, ox:ox + cw] = x[:, y0:y0 + ch, x0:x0 + cw]
+        return out, self.targets[i]
+
+
+# ---------------------------------------------------------------------------------------- config
+@dataclass
+class CAMDataCfg:
+    root: str = ""  # dataset folder (labels.json / VOC root) or labels file
+    labels: str = ""  # explicit labels file (labels.json or COCO instances JSON)
+    images: str = ""  # image folder when not the layout's default
+    classes: str = ""  # classes file or comma list; default: <root>/classes.txt
+    split: str = ""  # optional splits/<split>.txt (folder layout) to train on
+    crop_size: int = 320
+    scale: tuple[float, float] = (0.9, 1.3)
+    workers: int = 0
+
+
+@dataclass
+class CLIMSCfg:
+    evaluator: str = "offline"  # any model textseg loads (name) ...
+    evaluator_weights: str = ""  # ... or weights file / folder
+    background: str = "voc"  # voc | coco | FILE
+    alpha: float = 10.0
+    beta: float = 24.0
+    gamma: float = 1.0
+    delta: float = 0.2
+    cbs_threshold: float | None = 0.26
+    template: str = "a photo of {}."
+    eval_size: int = 0  # 0 = the evaluator's own image size
+    reg_over: str = "present"
+
+
+@dataclass
+class CAMTrainCfg:
+    out: str = "runs/cam"
+    mode: str = "baseline"  # baseline | clims | baseline+clims
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    init: str = ""  # CAM checkpoint to start from (CLIMS starts from the baseline, as the paper does)
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 0.01
+    classifier_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    freeze_bn: bool = True  # keep batch-norm statistics (small CPU batches)
+    seed: int = 0
+    log_every: int = 10
+    threads: int = 0  # torch.set_num_threads per process; 0 = leave
+    data: CAMDataCfg = field(default_factory=CAMDataCfg)
+    clims: CLIMSCfg = field(default_factory=CLIMSCfg)
+
+
+MODES = ("baseline", "clims", "baseline+clims")
+
+
+def load_evaluator(name: str, weights: str = "") -> DualEncoder:
+    """Any model textseg loads (``load_model``), frozen."""
+    from textseg.weights.load import load_model
+
+    model = load_model(name=name or None, weights=weights or None)
+    return model.eval().requires_grad_(False)
+
+
+def resolve_classes(data: CAMDataCfg) -> list[str]:
+    if data.classes:
+        return read_class_list(data.classes)
+    root = Path(data.root)
+    cand = root / "classes.txt" if root.is_dir() else root.parent / "classes.txt"
+    if cand.is_file():
+        return read_class_list(cand)
+    raise TextsegError("no class list: pass --classes FILE or a comma-separated list")
+
+
+class _Scores(nn.Module):
+    """DDP needs one forward: the raw score maps (logits and sigmoid maps both derive from them)."""
+
+    def __init__(self, net: CAMNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.scores(x)
+
+
+def _set_bn_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
+    """Train a CAM network (baseline, CLIMS or both) and write ``<out>/cam.safetensors``,
+    ``<out>/config.yaml`` and ``<out>/log.jsonl``. Works alone or under ``torchrun`` (DDP).
+    Returns a summary dict (first/last logged losses, steps, seconds)."""
+    from textseg.train import dist
+    from textseg.train.config import save_config
+
+    if cfg.mode not in MODES:
+        raise TextsegError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    info = dist.init_distributed("cpu" if not torch.cuda.is_available() else "auto")
+    device = info.device
+    seed = cfg.seed + info.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(cfg.seed)  # same initial classifier on every rank
+
+    class_names = resolve_classes(cfg.data)
+    items = load_image_labels(cfg.data.root, cfg.data.labels or None, cfg.data.images or None)
+    if cfg.data.split:
+        from textseg.data.image_labels import read_split
+
+        keep = read_split(cfg.data.root, cfg.data.split)
+        items = [it for it in items if it.id in keep]
+    dataset = CAMTrainDataset(items, class_names, cfg.data.crop_size, cfg.data.scale)
+    n_pos = sum(int(t.sum() > 0) for t in dataset.targets)
+    if n_pos == 0:
+        raise TextsegError("no training image holds any of the classes; check --classes against the labels")
+
+    if cfg.init:
+        model = load_cam(cfg.init)
+        if [canonical(c) for c in model.class_names] != [canonical(c) for c in class_names]:
+            raise TextsegError(f"{cfg.init}: its classes differ from the class list being trained")
+    else:
+        model = CAMNet(CAMConfig(class_names, cfg.backbone, cfg.pretrained, cfg.data.crop_size))
+    model.to(device).train()
+    if cfg.freeze_bn:
+        _set_bn_eval(model)
+    scorer = _Scores(model)
+    if info.world_size > 1:
+        scorer = nn.parallel.DistributedDataParallel(scorer, device_ids=None if device.type == "cpu" else [device])
+
+    clims = None
+    if "clims" in cfg.mode:
+        c = cfg.clims
+        evaluator = load_evaluator(c.evaluator, c.evaluator_weights).to(device)
+        clims = CLIMSLoss(evaluator, class_names, c.background, CLIMSWeights(c.alpha, c.beta, c.gamma, c.delta),
+                          c.cbs_threshold, c.template, c.eval_size or None, c.reg_over).to(device)
+
+    optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.classifier_lr_mult), lr=cfg.lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=len(dataset) >= info.world_size)
+    per_rank = max(1, cfg.batch_size // info.world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler,
+                                         num_workers=cfg.data.workers, drop_last=len(sampler) > per_rank)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        log_file = (out / "log.jsonl").open("w")
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"cam train ({cfg.mode})", dynamic_ncols=True)
+    history: list[dict] = []
+    step, epoch, t0 = 0, 0, time.time()
+    acc: dict[str, float] = {}
+    while step < cfg.steps:
+        sampler.set_epoch(epoch)
+        epoch += 1
+        for images, labels in loader:
+            if step >= cfg.steps:
+                break
+            images, labels = images.to(device), labels.to(device)
+            for g in optimizer.param_groups:  # poly schedule (power 0.9), as IRN / CLIMS
+                g["lr"] = g["initial_lr"] * (1 - step / cfg.steps) ** 0.9
+            scores = scorer(model.normalize(images))
+            terms: dict[str, torch.Tensor] = {}
+            loss = scores.sum() * 0.0
+            if "baseline" in cfg.mode:
+                terms["cls"] = baseline_loss(scores.mean(dim=(2, 3)), labels)
+                loss = loss + terms["cls"]
+            if clims is not None:
+                parts = clims(torch.sigmoid(scores), images, labels)
+                loss = loss + parts["loss"]
+                terms.update({k: parts[k] for k in ("otm", "btm", "cbs", "reg")})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            vals = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+            for k, v in vals.items():
+                acc[k] = acc.get(k, 0.0) + float(dist.all_reduce_mean(v.float()))
+            acc["n"] = acc.get("n", 0) + 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = acc.pop("n")
+                rec = {"step": step, **{k: round(v / n, 6) for k, v in acc.items()},
+                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
+                acc = {}
+                history.append(rec)
+                if info.is_main:
+                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.flush()
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k not in ("step", "seconds", "lr")})
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary = {"steps": step, "seconds": round(time.time() - t0, 1), "mode": cfg.mode,
+               "first": history[0] if history else None, "last": history[-1] if history else None,
+               "world_size": info.world_size, "checkpoint": str(out / "cam.safetensors")}
+    if info.is_main:
+        log_file.close()
+        save_cam(model, out / "cam.safetensors", extra={"mode": cfg.mode, "steps": step})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    dist.barrier()
+    dist.cleanup()
+    return summary
+
+
+def check_finite(x: float, what: str) -> None:
+    if not math.isfinite(x):
+        raise TextsegError(f"{what} became {x}; lower the learning rate")
