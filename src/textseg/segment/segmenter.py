@@ -1,0 +1,342 @@
+"""The Segmenter: an image and any words in, per-pixel logits and a label map out.
+
+Predictor style (like segment-anything's): ``set_image`` runs the image tower once and caches the
+dense features; ``predict(labels)`` only embeds the labels (cached too) and scores the cached
+features, so trying other words on the same image costs almost nothing::
+
+    from textseg.segment import Segmenter, SegmentCfg
+    seg = Segmenter(model, SegmentCfg(slide=(224, 112), threshold=0.5))
+    seg.set_image("photo.jpg")                 # path, PIL, numpy HxWxC uint8, bytes
+    res = seg.predict("cat, dog; puppy, grass")  # or ["cat", "dog; puppy", "grass"]
+    res.label_map      # H x W (original size) indices into res.labels
+    res.labels         # ["cat", "dog", "grass", "background"] (background added by the threshold)
+    res.logits         # N x H x W at the original size (lazy); res.probs = softmax over labels
+    res.fractions      # {"cat": 0.41, ...} pixel fraction per label
+
+It works through the :class:`~textseg.models.base.DualEncoder` interface only (``encode_dense``,
+``embed_texts``, ``dense_logits``, ``dense_stride``, ``dense_modes``, ``preprocess_cfg``), so CLIP,
+the offline model, LSeg and GroupViT all run unchanged.
+
+Pipeline: resize (short side, capped long side, multiples of the model's dense stride) -> whole
+image or sliding-window crops (optionally also flipped / at several scales) -> dense features
+(cached) -> per-synonym logits, max over each class's synonyms, divided by ``temperature`` ->
+crop logits averaged on the canvas -> optional PAMR -> background (threshold / words) -> dropping
+classes below ``min_area`` -> bilinear upsampling to the original size, band by band.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from textseg.errors import TextsegError
+from textseg.io import load_image
+from textseg.segment.pamr import DEFAULT_DILATIONS, pamr
+from textseg.segment.slide import argmax_bands, crop_boxes, resized_size, stitch, upsample
+from textseg.text import BACKGROUND, LabelClass, TextEmbeddingCache, parse_labels
+
+Labels = str | Sequence[str | Sequence[str] | LabelClass]
+
+
+@dataclass
+class SegmentCfg:
+    """Options of dense segmentation (all have working defaults).
+
+    mode: the model's dense mode (``model.dense_modes``; None = the model's default, its first).
+    short_side: resize so the short side has this many pixels (None = keep the image's scale).
+    max_side: cap on the resized long side (very elongated or huge images are scaled down to it).
+    slide: ``(crop, stride)`` sliding-window inference, None = the whole image in one pass. Crop,
+        stride and the resized size are rounded to multiples of the model's ``dense_stride``.
+    scales: extra short-side multipliers for multi-scale inference (1.0 = ``short_side`` only).
+    flip: also run the horizontally flipped image and average the logits.
+    templates: prompt templates: "imagenet" (80), "simple", "none", or a tuple of "{}" templates.
+    temperature: logits are divided by it before softmax / thresholding / averaging.
+    threshold: pixels whose best class probability is below it become background; "auto" = the
+        model's ``default_background_threshold``; None or 0 = no threshold.
+    background_words: extra words (e.g. ("sky", "wall", "floor")) scored as synonyms of background.
+    min_area: classes covering less than this fraction of the image are dropped (their pixels go to
+        the next best label).
+    pamr: refine the logits with PAMR on the resized image (downsampled by ``pamr_stride``).
+    batch_size: crops per image-tower forward pass.
+    cache_dir: directory for the on-disk text-embedding cache (None = memory only).
+    """
+
+    mode: str | None = None
+    short_side: int | None = 448
+    max_side: int = 1792
+    slide: tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    templates: str | tuple[str, ...] = "imagenet"
+    temperature: float = 1.0
+    threshold: float | str | None = "auto"
+    background_words: tuple[str, ...] = ()
+    min_area: float = 0.0
+    pamr: bool = False
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = DEFAULT_DILATIONS
+    pamr_stride: int = 4
+    batch_size: int = 4
+    cache_dir: str | None = None
+
+
+@dataclass
+class SegmentResult:
+    """Output of :meth:`Segmenter.predict`.
+
+    labels: names in label-map index order (an added ``background`` comes last).
+    logits_lowres: ``N x h x w`` scaled logits (after temperature, background, PAMR) on the canvas.
+    label_map: ``H x W`` numpy array at the original size (uint8 for <= 255 labels, else int32).
+    fractions: pixel fraction of each label in ``label_map``.
+    background_index: index of the background label, or None.
+    dropped: labels removed by ``min_area``.
+    timings: seconds per stage.
+    """
+
+    labels: list[str]
+    logits_lowres: torch.Tensor
+    size: tuple[int, int]
+    label_map: np.ndarray
+    fractions: dict[str, float]
+    background_index: int | None = None
+    dropped: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``N x H x W`` logits at the original image size (bilinear; computed on access)."""
+        return upsample(self.logits_lowres.float().cpu(), self.size)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``N x H x W`` softmax over labels at the original size."""
+        return self.logits.softmax(dim=0)
+
+
+@dataclass
+class _View:
+    feats: torch.Tensor  # K x D x h' x w' dense features of K crops
+    boxes: list[tuple[int, int, int, int]]
+    canvas_hw: tuple[int, int]
+    flipped: bool
+
+
+class Segmenter:
+    """Zero-shot dense segmentation with any :class:`~textseg.models.base.DualEncoder`.
+
+    ``labels`` given here are the default for :meth:`predict`.
+    """
+
+    def __init__(self, model, cfg: SegmentCfg | None = None, labels: Labels | None = None):
+        self.model = model.eval()
+        self.cfg = cfg or SegmentCfg()
+        modes = tuple(getattr(model, "dense_modes", ()) or ())
+        if self.cfg.mode is not None and modes and self.cfg.mode not in modes:
+            raise TextsegError(
+                f"model {getattr(model, 'name', type(model).__name__)!r} has no dense mode {self.cfg.mode!r}; "
+                f"choose one of: {', '.join(modes)}"
+            )
+        self.mode = self.cfg.mode or (modes[0] if modes else None)
+        self.cell = int(getattr(model, "dense_stride", 16))
+        if self.cfg.temperature <= 0:
+            raise TextsegError(f"temperature must be positive, got {self.cfg.temperature}")
+        self.text_cache = TextEmbeddingCache.for_model(model, self.cfg.cache_dir)
+        self.labels = labels
+        self._views: list[_View] = []
+        self._image_small: torch.Tensor | None = None  # 1 x 3 x h x w in [0, 1], for PAMR
+        self.image_size: tuple[int, int] | None = None  # (H, W) of the original image
+        self.timings: dict[str, float] = {}
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # ---------------------------------------------------------------- image side
+    def _to_tensor(self, img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        pcfg = self.model.preprocess_cfg
+        resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(pcfg.interpolation, Image.BICUBIC)
+        if img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), resample, reducing_gap=3.0)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return x[None]
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        pcfg = self.model.preprocess_cfg
+        mean = torch.tensor(pcfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(pcfg.std, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        p = next(self.model.parameters(), None)
+        dtype = p.dtype if p is not None and p.dtype.is_floating_point else torch.float32
+        feats = []
+        for i in range(0, pixels.shape[0], max(1, self.cfg.batch_size)):
+            x = pixels[i : i + self.cfg.batch_size].to(self.device, dtype)
+            feats.append(self.model.encode_dense(x, mode=self.mode))
+        return torch.cat(feats)
+
+    def _crop_geometry(self, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+        if self.cfg.slide is None:
+            return [(0, 0, size[0], size[1])]
+        crop, stride = self.cfg.slide
+        c = self.cell
+        crop, stride = max(c, round(crop / c) * c), max(c, round(stride / c) * c)
+        return crop_boxes(size[0], size[1], crop, stride)
+
+    @torch.no_grad()
+    def set_image(self, image) -> None:
+        """Compute and cache the dense features of ``image`` (path, bytes, PIL, numpy HxW[xC] uint8,
+        or a ``3 x H x W`` uint8 tensor)."""
+        t0 = time.perf_counter()
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 3 or image.shape[0] not in (1, 3) or image.dtype != torch.uint8:
+                raise TextsegError("tensor images must be 3 x H x W (or 1 x H x W) uint8")
+            image = image.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
+        img = load_image(image if not isinstance(image, Path) else str(image))
+        self.image_size = (img.height, img.width)
+        self._views = []
+        scales = tuple(self.cfg.scales) or (1.0,)
+        for si, s in enumerate(scales):
+            short = None if self.cfg.short_side is None else max(1, round(self.cfg.short_side * s))
+            if short is None and s != 1.0:
+                short = max(1, round(min(img.height, img.width) * s))
+            size = resized_size(img.height, img.width, short, self.cfg.max_side, self.cell)
+            x = self._to_tensor(img, size)
+            if si == 0:
+                ps = max(1, self.cfg.pamr_stride)
+                self._image_small = F.interpolate(x, size=(max(1, size[0] // ps), max(1, size[1] // ps)), mode="area")
+            x = self._normalise(x)
+            boxes = self._crop_geometry(size)
+            for flipped in (False, True) if self.cfg.flip else (False,):
+                xi = x.flip(-1) if flipped else x
+                crops = torch.cat([xi[:, :, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
+                self._views.append(_View(self._encode(crops), boxes, size, flipped))
+        self.timings = {"encode_image": time.perf_counter() - t0}
+
+    # ---------------------------------------------------------------- text side
+    def _classes(self, labels: Labels | None) -> tuple[list[LabelClass], int | None, float | None]:
+        if labels is None:
+            labels = self.labels
+        if labels is None:
+            raise TextsegError("no labels: pass labels to predict() or to Segmenter(...)")
+        classes = parse_labels(labels)
+        bg = next((i for i, c in enumerate(classes) if c.name.lower() == BACKGROUND), None)
+        words = tuple(w for w in (self.cfg.background_words or ()) if w.strip())
+        if words:
+            if bg is None:
+                classes.append(LabelClass(BACKGROUND, words))
+                bg = len(classes) - 1
+            else:
+                c = classes[bg]
+                classes[bg] = LabelClass(c.name, c.synonyms + tuple(w for w in words if w not in c.synonyms))
+        t = self.cfg.threshold
+        if t == "auto":
+            t = getattr(self.model, "default_background_threshold", None)
+        if isinstance(t, str):
+            raise TextsegError(f"threshold must be a number, 'auto' or None, got {t!r}")
+        if t is not None and not 0 <= t <= 1:
+            raise TextsegError(f"background threshold must be in [0, 1], got {t}")
+        return classes, bg, (t or None)
+
+    @torch.no_grad()
+    def _class_logits(self, classes: list[LabelClass]) -> torch.Tensor:
+        """Canvas logits ``C x h x w`` for ``classes`` (synonym max, temperature, views averaged)."""
+        texts = list(dict.fromkeys(s for c in classes for s in c.synonyms))
+        index = {t: i for i, t in enumerate(texts)}
+        pairs = [(ci, index[s]) for ci, c in enumerate(classes) for s in c.synonyms]
+        t0 = time.perf_counter()
+        emb = self.text_cache.embed(texts, self.cfg.templates).to(self.device)
+        self.timings["embed_text"] = time.perf_counter() - t0
+        emb = emb[torch.tensor([p[1] for p in pairs], device=self.device)]
+        owner = torch.tensor([p[0] for p in pairs], device=self.device)
+        n_cls = len(classes)
+        total = None
+        ref_hw = None
+        for view in self._views:
+            crops = []
+            for i in range(0, view.feats.shape[0], max(1, self.cfg.batch_size)):
+                feats = view.feats[i : i + self.cfg.batch_size]
+                lg = self.model.dense_logits(feats, emb.to(feats.dtype)).float()  # b x P x h x w
+                idx = owner.view(1, -1, 1, 1).expand_as(lg)
+                out = lg.new_full((lg.shape[0], n_cls, *lg.shape[-2:]), -torch.inf)
+                crops.append(out.scatter_reduce(1, idx, lg, reduce="amax"))
+            canvas = stitch(torch.cat(crops), view.boxes, view.canvas_hw, self.cell)
+            if view.flipped:
+                canvas = canvas.flip(-1)
+            if ref_hw is None:
+                ref_hw = tuple(canvas.shape[-2:])
+            elif tuple(canvas.shape[-2:]) != ref_hw:
+                canvas = F.interpolate(canvas[None], size=ref_hw, mode="bilinear", align_corners=False)[0]
+            total = canvas if total is None else total + canvas
+        return total / len(self._views) / self.cfg.temperature
+
+    # ---------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(self, labels: Labels | None = None) -> SegmentResult:
+        """Score the cached image against ``labels`` -> :class:`SegmentResult` at the original size."""
+        if not self._views:
+            raise TextsegError("no image set: call set_image(image) before predict(labels)")
+        timings = dict(self.timings)
+        classes, bg, threshold = self._classes(labels)
+        t0 = time.perf_counter()
+        z = self._class_logits(classes)
+        timings["embed_text"] = self.timings.pop("embed_text", 0.0)
+        names = [c.name for c in classes]
+        if self.cfg.pamr:
+            t1 = time.perf_counter()
+            img = self._image_small.to(z.device)
+            z = pamr(img, z[None], self.cfg.pamr_iterations, self.cfg.pamr_dilations)[0]
+            timings["pamr"] = time.perf_counter() - t1
+        if threshold is not None:
+            floor = torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
+            if bg is None:
+                z = torch.cat([z, floor])
+                names.append(BACKGROUND)
+                bg = len(names) - 1
+            else:
+                z[bg : bg + 1] = torch.maximum(z[bg : bg + 1], floor)
+        timings["logits"] = time.perf_counter() - t0 - timings["embed_text"] - timings.get("pamr", 0.0)
+        t0 = time.perf_counter()
+        z = z.float().cpu()
+        label_map = argmax_bands(z, self.image_size)
+        dropped: list[str] = []
+        if self.cfg.min_area > 0:
+            frac = self._fractions(label_map, len(names))
+            low = [i for i in range(len(names)) if i != bg and 0 < frac[i] < self.cfg.min_area]
+            if low and len(low) < len(names):
+                z = z.clone()
+                z[low] = z.min() - 100.0
+                dropped = [names[i] for i in low]
+                label_map = argmax_bands(z, self.image_size)
+        frac = self._fractions(label_map, len(names))
+        timings["upsample"] = time.perf_counter() - t0
+        return SegmentResult(
+            labels=names,
+            logits_lowres=z,
+            size=self.image_size,
+            label_map=label_map,
+            fractions={n: float(f) for n, f in zip(names, frac)},
+            background_index=bg,
+            dropped=dropped,
+            timings=timings,
+        )
+
+    @staticmethod
+    def _fractions(label_map: np.ndarray, n: int) -> np.ndarray:
+        counts = np.bincount(label_map.reshape(-1), minlength=n)[:n]
+        return counts / max(1, label_map.size)
+
+    def segment(self, image, labels: Labels | None = None) -> SegmentResult:
+        """``set_image(image)`` then ``predict(labels)``."""
+        self.set_image(image)
+        return self.predict(labels)
