@@ -1,0 +1,123 @@
+"""Training checkpoints: atomic writes, RNG capture, ``weights_only``-safe content.
+
+A training checkpoint is a dict of tensors and plain Python values only, so it loads with
+``torch.load(path, weights_only=True)`` (no arbitrary unpickling)::
+
+    {"format": "textseg-train", "version": 1, "step": int, "epoch": int, "batch_in_epoch": int,
+     "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ..., "ema": state_dict | None,
+     "rng": [per-rank rng dicts], "config": resolved config dict, "world_size": int}
+
+Files are written to a temporary name in the same folder, fsynced, then renamed, so a crash while
+saving never leaves a truncated ``step_*.pt`` behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from textseg.errors import CheckpointError
+
+CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` via a temporary file + fsync + rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training checkpoint with ``weights_only=True``; bad files raise CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated / not a torch file / unsafe content
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "textseg-train":
+        raise CheckpointError(f"{path}: not a textseg training checkpoint")
+    return ckpt
+
+
+def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """``step_*.pt`` files in ``ckpt_dir`` sorted by step (temporaries are ignored)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (``keep_last <= 0`` keeps all)."""
+    if keep_last <= 0:
+        return
+    for p in list_checkpoints(ckpt_dir)[:-keep_last]:
+        p.unlink(missing_ok=True)
+
+
+def capture_rng_state() -> dict:
+    """This process's python / numpy / torch / cuda RNG states as tensors and plain values."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python_version": py_version,
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": py_gauss,
+        "numpy_name": np_name,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    random.setstate(
+        (state["python_version"], tuple(int(x) for x in state["python_state"].tolist()), state["python_gauss"])
+    )
+    np.random.set_state(
+        (
+            state["numpy_name"],
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
