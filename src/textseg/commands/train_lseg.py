@@ -39,6 +39,10 @@ def add_parser(sub) -> None:
     p.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--class-balance", action="store_true", help="median-frequency class weights (SegNet)")
+    p.add_argument("--freeze-stages", type=int, default=d.freeze_stages,
+                   help="keep the stem and this many leading backbone stages frozen")
+    p.add_argument("--light", action="store_true",
+                   help="light CPU decoder: separable convs, dense map at stride 4")
     p.add_argument("--freeze-bn", action="store_true", help="keep the backbone's BN statistics fixed")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
     p.add_argument("--workers", type=int, default=d.workers)
@@ -64,7 +68,8 @@ def run(args) -> int:
         block_depth=args.block_depth, template=args.template, crop=tuple(args.crop), scale=tuple(args.scale),
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
-        class_balance=args.class_balance, freeze_bn=args.freeze_bn, amp=args.amp, workers=args.workers, threads=args.threads, seed=args.seed,
+        class_balance=args.class_balance, freeze_bn=args.freeze_bn, freeze_stages=args.freeze_stages,
+        light=args.light, amp=args.amp, workers=args.workers, threads=args.threads, seed=args.seed,
         save_every=args.save_every, log_every=args.log_every, val_every=args.val_every, out_dir=args.out,
         resume=args.resume, device=args.device,
     )

@@ -55,6 +55,11 @@ class LSegConfig:
     activation: str = "lrelu"
     logit_scale_init: float = 1 / 0.07
     decoder_bn: bool = True
+    # Light CPU decoder: depthwise-separable residual convs, and no final x2 upsampling inside the
+    # decoder (dense map at stride 4 instead of 2; logits are upsampled to the input anyway).
+    separable: bool = False
+    last_upsample: bool = True
+    freeze_stages: int = 0  # leading backbone stages kept frozen (CNN backbone; stem included)
     # ViT backbone only (official ViT-L/16: width 1024, 24 layers, 16 heads, hooks 5/11/17/23).
     vit_patch: int = 16
     vit_width: int = 1024
@@ -202,13 +207,28 @@ class ViTDenseEncoder(nn.Module):
 
 
 class CNNDenseEncoder(nn.Module):
-    """A CNN with ``forward_intermediates`` (EfficientNet-Lite): four stages at strides 4..32."""
+    """A CNN with ``forward_intermediates`` (EfficientNet-Lite): four stages at strides 4..32.
+    ``freeze_stages``: the stem and that many leading stages keep their weights and BN statistics."""
 
-    def __init__(self, cnn: nn.Module, stages: Sequence[int]):
+    def __init__(self, cnn: nn.Module, stages: Sequence[int], freeze_stages: int = 0):
         super().__init__()
         self.cnn = cnn
         self.stages = tuple(stages)
         self.channels = tuple(cnn.stage_channels[i] for i in stages)
+        self.freeze_stages = freeze_stages
+        for m in self.frozen_modules():
+            m.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        if not self.freeze_stages:
+            return []
+        return [self.cnn.stem, *self.cnn.blocks[: self.cnn.stage_ends[self.freeze_stages - 1] + 1]]
+
+    def train(self, mode: bool = True) -> CNNDenseEncoder:
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.cnn.forward_intermediates(x, self.stages, intermediates_only=True)
@@ -219,13 +239,21 @@ class CNNDenseEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class ResidualConvUnit(nn.Module):
-    """``x + conv(act(conv(act(x))))`` with 3x3 convs (+ BN when ``bn``)."""
+def _conv3x3(features: int, bias: bool, separable: bool) -> nn.Module:
+    if not separable:
+        return nn.Conv2d(features, features, 3, padding=1, bias=bias)
+    return nn.Sequential(nn.Conv2d(features, features, 3, padding=1, groups=features, bias=False),
+                         nn.Conv2d(features, features, 1, bias=bias))
 
-    def __init__(self, features: int, bn: bool):
+
+class ResidualConvUnit(nn.Module):
+    """``x + conv(act(conv(act(x))))`` with 3x3 convs (+ BN when ``bn``); ``separable``: each 3x3
+    conv is a depthwise 3x3 followed by a pointwise 1x1 (the light CPU decoder)."""
+
+    def __init__(self, features: int, bn: bool, separable: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(features, features, 3, padding=1, bias=not bn)
-        self.conv2 = nn.Conv2d(features, features, 3, padding=1, bias=not bn)
+        self.conv1 = _conv3x3(features, not bn, separable)
+        self.conv2 = _conv3x3(features, not bn, separable)
         self.bn1 = nn.BatchNorm2d(features) if bn else nn.Identity()
         self.bn2 = nn.BatchNorm2d(features) if bn else nn.Identity()
 
@@ -236,12 +264,14 @@ class ResidualConvUnit(nn.Module):
 
 
 class FusionBlock(nn.Module):
-    """DPT fusion: ``(path, skip)`` -> ``out_conv(up2(rcu2(path + rcu1(skip))))``."""
+    """DPT fusion: ``(path, skip)`` -> ``out_conv(up2(rcu2(path + rcu1(skip))))`` (no ``up2`` when
+    ``upsample`` is off)."""
 
-    def __init__(self, features: int, bn: bool):
+    def __init__(self, features: int, bn: bool, separable: bool = False, upsample: bool = True):
         super().__init__()
-        self.rcu1 = ResidualConvUnit(features, bn)
-        self.rcu2 = ResidualConvUnit(features, bn)
+        self.upsample = upsample
+        self.rcu1 = ResidualConvUnit(features, bn, separable)
+        self.rcu2 = ResidualConvUnit(features, bn, separable)
         self.out_conv = nn.Conv2d(features, features, 1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,17 +280,22 @@ class FusionBlock(nn.Module):
                 x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
             x = x + self.rcu1(skip)
         x = self.rcu2(x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
         return self.out_conv(x)
 
 
 class DPTDecoder(nn.Module):
-    """Four maps (strides 4, 8, 16, 32) -> ``B x embed_dim x H/2 x W/2``."""
+    """Four maps (strides 4, 8, 16, 32) -> ``B x embed_dim x H/2 x W/2`` (``H/4`` without the last
+    upsampling)."""
 
-    def __init__(self, in_channels: Sequence[int], features: int, embed_dim: int, bn: bool):
+    def __init__(self, in_channels: Sequence[int], features: int, embed_dim: int, bn: bool,
+                 separable: bool = False, last_upsample: bool = True):
         super().__init__()
         self.layer_rn = nn.ModuleList(nn.Conv2d(c, features, 3, padding=1, bias=False) for c in in_channels)
-        self.fusion = nn.ModuleList(FusionBlock(features, bn) for _ in in_channels)  # fine -> coarse
+        self.fusion = nn.ModuleList(  # fine -> coarse
+            FusionBlock(features, bn, separable, upsample=i > 0 or last_upsample) for i in range(len(in_channels))
+        )
         self.head = nn.Conv2d(features, embed_dim, 1)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -316,7 +351,8 @@ class LSeg(DualEncoder):
         super().__init__()
         self.cfg = cfg
         self.image_encoder = image_encoder
-        self.decoder = DPTDecoder(image_encoder.channels, cfg.features, cfg.embed_dim, cfg.decoder_bn)
+        self.decoder = DPTDecoder(image_encoder.channels, cfg.features, cfg.embed_dim, cfg.decoder_bn,
+                                  cfg.separable, cfg.last_upsample)
         self.blocks = (
             nn.ModuleList(SpatialRegBlock(cfg.block, cfg.activation) for _ in range(1))
             if cfg.block != "none" and cfg.block_depth > 0 else nn.ModuleList()
@@ -327,7 +363,7 @@ class LSeg(DualEncoder):
         self.text_encoder.requires_grad_(False)
         self.text_encoder.eval()
         self.preprocess_cfg = PreprocessCfg(cfg.image_size, tuple(cfg.mean), tuple(cfg.std), "bilinear")
-        self.dense_stride = 2
+        self.dense_stride = 2 if cfg.last_upsample else 4
 
     def train(self, mode: bool = True) -> LSeg:
         super().train(mode)
@@ -346,14 +382,15 @@ class LSeg(DualEncoder):
 
     # -- image -----------------------------------------------------------------------------------
     def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """``B x 3 x H x W`` -> ``B x C x H/2 x W/2`` per-pixel embeddings (not normalised)."""
+        """``B x 3 x H x W`` -> ``B x C x H/s x W/s`` per-pixel embeddings (not normalised), ``s =
+        dense_stride``. Sizes not divisible by 32 are padded (zeros = the mean) and cropped back."""
         if mode not in (None, "plain"):
             raise TextsegError(f"LSeg has one dense mode, 'plain'; got {mode!r}")
         h, w = pixels.shape[-2:]
         if h % 32 or w % 32:  # the pyramid needs sizes divisible by 32: pad, run, crop
-            ph, pw = -h % 32, -w % 32
-            pixels = F.pad(pixels, (0, pw, 0, ph))
-            return self.decoder(self.image_encoder(pixels))[..., : (h + 1) // 2, : (w + 1) // 2]
+            s = self.dense_stride
+            pixels = F.pad(pixels, (0, -w % 32, 0, -h % 32))
+            return self.decoder(self.image_encoder(pixels))[..., : -(-h // s), : -(-w // s)]
         return self.decoder(self.image_encoder(pixels))
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -376,7 +413,13 @@ class LSeg(DualEncoder):
         """``B x 3 x H x W`` and ``N x C`` label embeddings -> ``B x N x H x W`` logits (bilinear
         upsampling, align_corners as in the official model)."""
         logits = self.dense_logits(self.encode_dense(pixels), text)
-        return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=True)
+        return upsample_logits(logits, pixels.shape[-2:], self.dense_stride)
+
+
+def upsample_logits(logits: torch.Tensor, size: Sequence[int], stride: int) -> torch.Tensor:
+    """``B x N x h x w`` logits at ``stride`` -> ``B x N x H x W``, bilinear with aligned corners (the
+    official model's final x2 step), corner to corner whatever ``stride`` is."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +440,7 @@ def build_image_encoder(cfg: LSegConfig, pretrained: bool = False) -> nn.Module:
         cnn.classifier = nn.Identity()  # unused by dense features; keeps the state dict lean
         cnn.head = nn.Identity()
         # Stages at strides 4, 8, 16, 32 are 1, 2, 4, 6 for every Lite variant.
-        return CNNDenseEncoder(cnn, (1, 2, 4, 6))
+        return CNNDenseEncoder(cnn, (1, 2, 4, 6), cfg.freeze_stages)
     raise TextsegError(f"unknown LSeg backbone {cfg.backbone!r}: use vit, lite0, lite1 or lite2")
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 from torch import nn
 
 from textseg.errors import TextsegError
-from textseg.models.lseg import LSeg, LSegConfig, build_lseg, save_lseg
+from textseg.models.lseg import LSeg, LSegConfig, build_lseg, save_lseg, upsample_logits
 from textseg.train import checkpoint as ckpt_io
 from textseg.train import dist
 
@@ -65,6 +65,8 @@ class LSegTrainConfig:
     poly_power: float = 0.9
     class_balance: bool = False  # median-frequency class weights in the loss (as SegNet)
     freeze_bn: bool = False  # keep the backbone's batch-norm statistics fixed
+    freeze_stages: int = 0  # stem + this many leading backbone stages frozen
+    light: bool = False  # separable decoder convs, dense map at stride 4 (CPU)
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     workers: int = 2
     seed: int = 0
@@ -187,7 +189,7 @@ class LSegLoss(nn.Module):
         for d in ds.unique().tolist():
             sel = ds == d
             logits = self.model.dense_logits(dense[sel], texts[d])
-            logits = F.interpolate(logits.float(), size=pixels.shape[-2:], mode="bilinear", align_corners=True)
+            logits = upsample_logits(logits.float(), pixels.shape[-2:], self.model.dense_stride)
             w = self.weights[d] if d < len(self.weights) else None
             total = total + F.cross_entropy(logits, masks[sel], weight=w, ignore_index=IGNORE, reduction="sum")
         return total / count.clamp_min(1), count
@@ -281,7 +283,8 @@ def train(cfg: LSegTrainConfig) -> dict:
                 for s in cfg.data] if cfg.val_split and cfg.val_every else []
 
     mcfg = LSegConfig(backbone=cfg.backbone, text_encoder=cfg.text_encoder, features=cfg.features,
-                      block=cfg.block, block_depth=cfg.block_depth,
+                      block=cfg.block, block_depth=cfg.block_depth, freeze_stages=cfg.freeze_stages,
+                      separable=cfg.light, last_upsample=not cfg.light,
                       image_size=cfg.image_size or min(cfg.crop))
     model = build_lseg(mcfg, pretrained=True)
     if mcfg.text_encoder == "minilm":  # record the tower's dims so the card rebuilds it exactly
