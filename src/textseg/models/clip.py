@@ -527,6 +527,14 @@ class CLIP(DualEncoder):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.preprocess_cfg = preprocess_cfg or PreprocessCfg(image_size=cfg.vision.image_size)
 
+    @classmethod
+    def from_config_dict(cls, d: dict) -> CLIP:
+        """A randomly initialised CLIP from :meth:`config_dict` output (the native card's config)."""
+        return cls(CLIPConfig.from_dict(d))
+
+    def config_dict(self) -> dict:
+        return self.cfg.to_dict()
+
     @property
     def dense_modes(self) -> tuple[str, ...]:  # type: ignore[override]
         """Dense feature methods available (first = default); defined by :mod:`textseg.segment.dense_clip`."""
