@@ -1,0 +1,37 @@
+"""``textseg serve``: the web page and REST API on one loaded model."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the upload-and-type web page and the REST API (FastAPI + uvicorn)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default=None, help="model name (default: the offline default model)")
+    p.add_argument("--weights", default=None, help="checkpoint file or folder (format detected)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image, in pixels")
+    p.add_argument("--max-labels", type=int, default=100, help="most labels per request")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request time limit in seconds")
+    p.add_argument("--workers", type=int, default=1, help="threads running the model")
+    p.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; more get 503")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from textseg.serve.app import ServeSettings, create_app
+
+    settings = ServeSettings(
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_labels=args.max_labels,
+        timeout_s=args.timeout,
+        workers=args.workers,
+        max_queue=args.max_queue,
+    )
+    app = create_app(model_name=args.model, weights=args.weights, settings=settings)
+    print(f"textseg serving {app.state.service.model.name!r} on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
