@@ -142,7 +142,7 @@ def _draw_legend(img: Image.Image, labels, label_map, background_index, fraction
                      key=lambda i: -fractions[labels[i]])
     if not present or min(w, h) < 24:
         return
-    size = int(np.clip(min(w, h) / 28, 10, 48))
+    size = int(np.clip(min(w, h) / 22, 11, 48))
     font = _font(size)
     pal = palette(labels, background_index)
     rows = [(tuple(int(c) for c in pal[i]), f"{labels[i][:40]}  {100 * fractions[labels[i]]:.1f}%") for i in present]

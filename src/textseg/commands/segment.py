@@ -1,0 +1,202 @@
+"""``textseg segment``: label maps, overlays and JSON for images and any words.
+
+    textseg segment photo.jpg --labels "cat, dog; puppy, grass" --out out/
+    textseg segment photos/ --labels-file classes.txt --weights ViT-B-16.pt --slide 224 112 --json
+
+Per image it writes ``<out>/<stem>_mask.png`` (palette PNG, value = label index, 255 = unlabelled;
+16-bit when there are more than 255 labels), ``<stem>_overlay.png`` (input size, legend) and
+``<stem>.json`` (labels, pixel fraction per label, timings). Commas separate labels, ``;`` separates
+synonyms of one label. With ``--json`` one object per image per line goes to stdout:
+``{"image", "labels", "fractions", "mask", "overlay", "seconds"}`` (``{"image", "error"}`` for an
+image that failed). A bad image is reported and the others are still processed (exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MAX_MEGAPIXELS = 100.0
+
+
+def _threshold(text: str):
+    if text.lower() in ("none", "off"):
+        return 0.0
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threshold must be a number in [0, 1], 'auto' or 'none', got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1], got {value}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("segment", help="segment images into any labels (label map, overlay, JSON)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    lab = p.add_argument_group("labels")
+    lab.add_argument("--labels", default=None, help='comma-separated labels, ";" between synonyms: "cat,dog;puppy"')
+    lab.add_argument("--labels-file", default=None, help="one label per line (';' between synonyms)")
+    lab.add_argument("--templates", default="imagenet",
+                     help="prompt templates: imagenet (80), simple, none, or one template with {}")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="model name or preset (default: the offline model)")
+    m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    m.add_argument("--mode", default=None, help="dense mode of the model (CLIP: naclip, clearclip, sclip, maskclip, plain)")
+    s = p.add_argument_group("inference")
+    s.add_argument("--short-side", type=int, default=448, metavar="S", help="resize the short side to S (0 = keep)")
+    s.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),
+                   help="sliding-window inference (default: the whole image at once)")
+    s.add_argument("--flip", action="store_true", help="also run the flipped image and average")
+    s.add_argument("--threshold", type=_threshold, default="auto",
+                   help="pixels whose best probability is below T become background (number, auto, none)")
+    s.add_argument("--bg-words", default="", help='extra background words, e.g. "sky,wall,floor"')
+    s.add_argument("--min-area", type=float, default=0.0, help="drop labels covering less than this fraction")
+    s.add_argument("--temperature", type=float, default=1.0, help="divide logits by T before softmax")
+    s.add_argument("--pamr", action="store_true", help="refine with PAMR (pixel-adaptive mask refinement)")
+    s.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
+                   help=f"refuse images larger than this (default {DEFAULT_MAX_MEGAPIXELS:g} MP)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="out/segment", help="output folder (default out/segment)")
+    o.add_argument("--json", action="store_true", help="print one JSON object per image per line")
+    o.add_argument("--no-legend", action="store_true", help="overlay without legend")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _classes(args):
+    from textseg.errors import TextsegError
+    from textseg.text import parse_labels, read_labels_file
+
+    if args.labels is not None and args.labels_file is not None:
+        raise TextsegError("give either --labels or --labels-file, not both")
+    if args.labels_file is not None:
+        return read_labels_file(args.labels_file)
+    if args.labels is None:
+        raise TextsegError('no labels: pass --labels "cat,dog;puppy,grass" or --labels-file FILE')
+    return parse_labels(args.labels)
+
+
+def _check_size(path: Path, max_mp: float) -> None:
+    """Refuse huge images from their header, before decoding them."""
+    from PIL import Image
+
+    from textseg.errors import ImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # unreadable: load_image reports it with its reason
+        return
+    if w * h > max_mp * 1e6:
+        raise ImageError(
+            f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} MP), above the {max_mp:g} MP limit; "
+            f"downscale it or pass --max-megapixels {int(w * h / 1e6) + 1} (needs about "
+            f"{w * h * 8 / 2**30:.1f} GiB of memory)"
+        )
+
+
+def _out_stem(path: Path, used: set[str]) -> str:
+    stem, k = path.stem or "image", 1
+    name = stem
+    while name in used:
+        name = f"{stem}_{k}"
+        k += 1
+    used.add(name)
+    return name
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from textseg.errors import TextsegError
+    from textseg.io import list_images
+
+    classes = _classes(args)  # label errors first, before any model loads
+    if args.short_side is not None and args.short_side < 0:
+        raise TextsegError(f"--short-side must be >= 0, got {args.short_side}")
+    if args.temperature <= 0:
+        raise TextsegError(f"--temperature must be positive, got {args.temperature}")
+    paths = list_images(args.images)
+    for given in map(Path, args.images):
+        if given.is_dir() and not any(p.parent == given for p in paths):
+            print(f"textseg segment: warning: no images in {given}", file=sys.stderr)
+    if not paths:
+        raise TextsegError("no images to segment")
+
+    from textseg.io import load_image
+    from textseg.segment import SegmentCfg, Segmenter
+    from textseg.text import resolve_templates
+    from textseg.viz import overlay, save_label_map
+    from textseg.weights.load import load_model
+
+    templates = resolve_templates(args.templates)
+    model = load_model(args.model, args.weights, device=args.device)
+    cfg = SegmentCfg(
+        mode=args.mode,
+        short_side=args.short_side or None,
+        slide=tuple(args.slide) if args.slide else None,
+        flip=args.flip,
+        templates=templates,
+        temperature=args.temperature,
+        threshold=args.threshold,
+        background_words=tuple(w.strip() for w in args.bg_words.split(",") if w.strip()),
+        min_area=args.min_area,
+        pamr=args.pamr,
+    )
+    seg = Segmenter(model, cfg)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    failed = 0
+    bar = tqdm(paths, unit="img", file=sys.stderr, disable=args.no_progress or len(paths) < 2)
+    for path in bar:
+        t0 = time.perf_counter()
+        try:
+            _check_size(path, args.max_megapixels)
+            image = load_image(path)
+            res = seg.segment(image, classes)
+            stem = _out_stem(path, used)
+            mask_path = save_label_map(out_dir / f"{stem}_mask.png", res.label_map, res.labels, res.background_index)
+            t1 = time.perf_counter()
+            ov = overlay(image, res.label_map, res.labels, background_index=res.background_index,
+                         fractions=res.fractions, legend=not args.no_legend)
+            ov_path = out_dir / f"{stem}_overlay.png"
+            ov.save(ov_path)
+            timings = dict(res.timings, write=time.perf_counter() - t1)
+        except TextsegError as e:
+            failed += 1
+            bar.write(f"textseg segment: error: {e}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
+            continue
+        seconds = time.perf_counter() - t0
+        record = {
+            "image": str(path),
+            "labels": res.labels,
+            "fractions": res.fractions,
+            "mask": str(mask_path),
+            "overlay": str(ov_path),
+            "seconds": round(seconds, 4),
+        }
+        detail = dict(record, size=[image.width, image.height], model=getattr(model, "name", type(model).__name__),
+                      mode=seg.mode, background_index=res.background_index, dropped=res.dropped,
+                      timings={k: round(v, 4) for k, v in timings.items()})
+        (out_dir / f"{stem}.json").write_text(json.dumps(detail, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            top = sorted(((f, n) for n, f in res.fractions.items() if f > 0), reverse=True)[:6]
+            shares = ", ".join(f"{n} {100 * f:.1f}%" for f, n in top)
+            bar.write(f"{path}: {shares} -> {ov_path} ({seconds:.2f} s)")
+    if failed:
+        print(f"textseg segment: {failed} of {len(paths)} images failed", file=sys.stderr)
+        return 1
+    return 0
