@@ -1,0 +1,144 @@
+"""GroupViT training: image-text contrastive loss + the multi-label contrastive loss (Xu et al. 2022).
+
+Each image comes with its caption and ``K`` extra positive texts, prompts built from the caption's
+nouns ("a photo of a {noun}.", :mod:`textseg.train.nouns`). The loss is
+
+    InfoNCE(image, caption)  +  w * MultiLabel(image, K noun prompts)
+
+with one learnable temperature each (NVlabs: not shared). Under ``torchrun`` features from every
+rank are gathered with gradient to the local shard (:func:`textseg.train.dist.all_gather_with_grad`)
+so the negatives are the whole global batch. The engine (:mod:`textseg.train.engine`) brings DDP,
+AMP, clipping, schedules, checkpoints and resume.
+
+Batches are dicts ``{"image": B x 3 x H x W, "text": B x (1+K) x L}`` (row 0 = the caption), made
+by :class:`GroupViTCollate` from ``(image tensor, caption)`` samples.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textseg.models.groupvit import GroupViT
+from textseg.train.dist import all_gather_with_grad, get_rank, get_world_size
+from textseg.train.losses import LogitScale, info_nce
+from textseg.train.nouns import noun_prompts
+
+
+def multi_label_loss(image: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor | float,
+                     gather: bool = True) -> torch.Tensor:
+    """GroupViT's multi-label contrastive loss.
+
+    ``image``: ``B x D`` L2-normalised image embeddings; ``texts``: ``B x K x D`` L2-normalised
+    embeddings of each image's ``K`` positive texts. Image -> text: a soft cross-entropy over all
+    ``W*B*K`` texts of the global batch whose target puts ``1/K`` on each of the image's own ``K``
+    texts. Text -> image: cross-entropy of each of the ``B*K`` texts over the ``W*B`` images, target
+    its own image. Returns the mean of the two directions (rows of this rank; under DDP the mean
+    over ranks is the global loss)."""
+    b, k, _ = texts.shape
+    flat = texts.reshape(b * k, -1)
+    distributed = gather and get_world_size() > 1
+    all_img = all_gather_with_grad(image) if distributed else image
+    all_txt = all_gather_with_grad(flat) if distributed else flat
+    offset = b * get_rank() if distributed else 0
+    # image -> its K texts (positions offset*K + i*K .. +K in the gathered text list)
+    logits_i2t = logit_scale * image @ all_txt.t()  # B x (W*B*K)
+    target = torch.zeros_like(logits_i2t)
+    cols = (offset + torch.arange(b, device=image.device))[:, None] * k + torch.arange(k, device=image.device)
+    target.scatter_(1, cols, 1.0 / k)
+    loss_img = -(target * logits_i2t.log_softmax(-1)).sum(-1).mean()
+    # each text -> its image
+    logits_t2i = logit_scale * flat @ all_img.t()  # (B*K) x (W*B)
+    labels = offset + torch.arange(b, device=image.device).repeat_interleave(k)
+    loss_txt = F.cross_entropy(logits_t2i, labels)
+    return 0.5 * (loss_img + loss_txt)
+
+
+class GroupViTTrainModule(nn.Module):
+    """``forward(batch) -> {"loss", "itc", "mlc", "scale", "ml_scale"}`` for the engine.
+
+    Holds the model, the multi-label loss's own temperature and the loss weights. ``batch["text"]``
+    is ``B x (1+K) x L``: column 0 the caption, columns 1.. the noun prompts (``K = 0``: plain
+    image-text contrastive training)."""
+
+    def __init__(self, model: GroupViT, multi_label_weight: float = 1.0, temperature: float = 0.07):
+        super().__init__()
+        self.model = model
+        self.multi_label_weight = multi_label_weight
+        self.ml_scale = LogitScale(1 / temperature)
+
+    def forward(self, batch: dict) -> dict:
+        images, text = batch["image"], batch["text"]
+        b, n, length = text.shape
+        img = F.normalize(self.model.encode_image(images), dim=-1)
+        txt = F.normalize(self.model.encode_text(text.reshape(b * n, length)), dim=-1).reshape(b, n, -1)
+        scale = self.model.logit_scale_value
+        itc = info_nce(img, txt[:, 0], scale)
+        out = {"itc": itc.detach(), "scale": scale.detach()}
+        loss = itc
+        if n > 1 and self.multi_label_weight > 0:
+            ml_scale = self.ml_scale()
+            mlc = multi_label_loss(img, txt[:, 1:], ml_scale)
+            loss = loss + self.multi_label_weight * mlc
+            out.update(mlc=mlc.detach(), ml_scale=ml_scale.detach())
+        out["loss"] = loss
+        return out
+
+
+class GroupViTCollate:
+    """``[(image 3 x H x W, caption str), ...]`` -> ``{"image": B x 3 x H x W, "text": B x (1+K) x L}``.
+
+    The ``K`` extra texts are noun prompts (``template`` or one of ``templates`` at random), drawn with
+    a per-caption seed so a resumed run sees the same texts."""
+
+    def __init__(self, tokenize: Callable[[list[str]], torch.Tensor], k: int = 3,
+                 template: str | Sequence[str] = "a photo of a {}.", seed: int = 0):
+        self.tokenize, self.k, self.template, self.seed = tokenize, k, template, seed
+
+    def texts(self, caption: str) -> list[str]:
+        rng = random.Random(f"{self.seed}:{caption}")
+        return [caption, *noun_prompts(caption, self.k, self.template, rng)] if self.k else [caption]
+
+    def __call__(self, samples: Sequence) -> dict:
+        images = torch.stack([s[0] if isinstance(s, (tuple, list)) else s["image"] for s in samples])
+        captions = [s[1] if isinstance(s, (tuple, list)) else s["caption"] for s in samples]
+        texts = [t for c in captions for t in self.texts(c)]
+        tokens = self.tokenize(texts)
+        return {"image": images, "text": tokens.reshape(len(samples), 1 + self.k, -1)}
+
+
+@dataclass
+class GroupViTModelCfg:
+    """Architecture of a GroupViT trained from scratch (defaults: NVlabs gcc_yfcc_30e)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 384
+    heads: int = 6
+    depths: list[int] = field(default_factory=lambda: [6, 3, 3])
+    num_group_tokens: list[int] = field(default_factory=lambda: [64, 8, 0])
+    num_output_groups: list[int] = field(default_factory=lambda: [64, 8, 0])
+    text_width: int = 256
+    text_heads: int = 4
+    text_layers: int = 12
+    context_length: int = 77
+    embed_dim: int = 256
+    proj_hidden: int = 4096
+
+    def build(self) -> GroupViT:
+        from textseg.models.clip import TextConfig
+        from textseg.models.groupvit import GroupViTCfg, GroupViTVisionCfg
+
+        vision = GroupViTVisionCfg(
+            image_size=self.image_size, patch_size=self.patch_size, width=self.width, heads=self.heads,
+            depths=tuple(self.depths), num_group_tokens=tuple(self.num_group_tokens),
+            num_output_groups=tuple(self.num_output_groups))
+        text = TextConfig(context_length=self.context_length, width=self.text_width, heads=self.text_heads,
+                          layers=self.text_layers)
+        return GroupViT(GroupViTCfg(vision=vision, text=text, embed_dim=self.embed_dim,
+                                    proj_hidden=self.proj_hidden))
