@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,13 @@ from textseg.models.clip import TextConfig, TextTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Background thresholds of the GroupViT paper and of NVlabs' released evaluation configs.
+BACKGROUND_THRESHOLDS = {
+    "paper": {"voc": 0.9, "context": 0.5},
+    "released": {"voc": 0.95, "coco": 0.95, "context": 0.35},
+}
+# The official evaluation: short side 448, sliding 448 x 448 crops with stride 224.
+OFFICIAL_SLIDE = (448, 224)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,8 +357,10 @@ class GroupViT(DualEncoder):
     """
 
     name = "groupvit"
-    dense_modes = ("groups",)
-    default_background_threshold = 0.95  # NVlabs' released VOC / COCO configs (Context: 0.35)
+    dense_modes = ("groups", "soft")
+    # Background when the best label's probability is below this. The paper uses 0.9 (VOC) and 0.5
+    # (Context); NVlabs' released configs 0.95 (VOC, COCO) and 0.35 (Context): BACKGROUND_THRESHOLDS.
+    default_background_threshold = 0.95
 
     def __init__(self, cfg: GroupViTCfg | None = None):
         super().__init__()
@@ -379,7 +388,21 @@ class GroupViT(DualEncoder):
 
     @property
     def logit_scale_value(self) -> torch.Tensor:
+        """``exp(logit_scale)`` clamped at 100 as NVlabs does (transformers does not clamp)."""
         return self.logit_scale.exp().clamp(max=100)
+
+    def config_dict(self) -> dict:
+        """The architecture as plain JSON values (the native checkpoint card's ``config``)."""
+        return asdict(self.cfg)
+
+    @classmethod
+    def from_config_dict(cls, d: dict) -> GroupViT:
+        """A randomly initialised GroupViT of the architecture :meth:`config_dict` describes."""
+        v = dict(d["vision"])
+        for key in ("depths", "num_group_tokens", "num_output_groups", "assign_mlp_ratio"):
+            v[key] = tuple(v[key])
+        rest = {k: d[k] for k in ("embed_dim", "proj_hidden", "proj_layers", "logit_scale_init") if k in d}
+        return cls(GroupViTCfg(vision=GroupViTVisionCfg(**v), text=TextConfig(**d["text"]), **rest))
 
     # ---- towers --------------------------------------------------------------------------------
 
@@ -422,19 +445,27 @@ class GroupViT(DualEncoder):
     # ---- segmentation --------------------------------------------------------------------------
 
     def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """``B x 3 x H x W`` -> ``B x D x h x w``: every patch gets the soft mixture of the
-        L2-normalised final group embeddings given by the product of the soft assignments. Since
-        this is linear in the assignment, bilinear upsampling of the resulting logits equals
-        upsampling the group maps first (the official evaluation's order)."""
-        if mode not in (None, *self.dense_modes):
-            raise TextsegError(f"groupvit has dense modes {self.dense_modes}, not {mode!r}")
+        """``B x 3 x H x W`` -> ``B x D x h x w`` patch features in the joint space.
+
+        ``"groups"`` (default): each patch carries the L2-normalised embedding of its final group,
+        the argmax of the product of the soft assignments (as the official inference, which then
+        labels each group). ``"soft"``: the mixture of the normalised group embeddings weighted by
+        that product; it is linear in the assignment, so bilinear upsampling of its logits equals
+        upsampling the group maps first (the order transformers uses)."""
+        mode = mode or self.dense_modes[0]
+        if mode not in self.dense_modes:
+            raise TextsegError(f"groupvit has dense modes {', '.join(self.dense_modes)}, not {mode!r}")
         out = self.forward_intermediates(pixels)
         emb = F.normalize(out["group_embeds"], dim=-1)  # B x G x D
-        return torch.einsum("bghw,bgd->bdhw", out["group_maps"][-1], emb)
+        maps = out["group_maps"][-1]  # B x G x h x w
+        if mode == "groups":
+            maps = F.one_hot(maps.argmax(1), maps.shape[1]).permute(0, 3, 1, 2).to(emb.dtype)
+        return torch.einsum("bghw,bgd->bdhw", maps, emb)
 
     def dense_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Group-mixture features (not re-normalised: the mixture weights are probabilities) times
-        normalised text -> ``B x N x h x w`` logits ``sum_g p(g | patch) * scale * cos(group g, text)``."""
+        """Patch features from :meth:`encode_dense` (unit group embeddings or their probability
+        mixture: not re-normalised) and text -> ``B x N x h x w`` logits ``scale * cos(group, text)``
+        (mixed over groups in the soft mode)."""
         return self.logit_scale_value * torch.einsum("bdhw,nd->bnhw", dense, F.normalize(text, dim=-1))
 
     @torch.no_grad()
@@ -474,7 +505,7 @@ class GroupViT(DualEncoder):
         """``B x N x H x W``: soft group maps upsampled to ``size`` (default: the input size) mixing
         ``scale * cos(group, text)``. ``transformers.GroupViTModel(output_segmentation=True)`` returns
         this times ``logit_scale`` once more."""
-        dense = self.encode_dense(pixels)
+        dense = self.encode_dense(pixels, mode="soft")
         logits = self.dense_logits(dense, text)
         size = size or tuple(pixels.shape[-2:])
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -37,6 +37,7 @@ FORMATS: list[str] = [
     "textseg.weights.convert.open_clip",
     "textseg.weights.convert.openai",
     "textseg.weights.convert.groupvit_hf",
+    "textseg.weights.convert.groupvit_nvlabs",
 ]
 
 # Models loadable by name without weights: name -> "module:function" returning a DualEncoder.

@@ -18,6 +18,7 @@ NAME = "native"
 
 ARCHITECTURES: dict[str, str] = {
     "clip": "textseg.models.clip:CLIP",
+    "groupvit": "textseg.models.groupvit:GroupViT",
 }
 
 
