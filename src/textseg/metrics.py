@@ -70,7 +70,7 @@ class SegMetrics:
 
 def _as_long_tensor(x, what: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else np.array(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.is_floating_point() or x.is_complex():

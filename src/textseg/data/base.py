@@ -123,7 +123,7 @@ class SegDataset(torch.utils.data.Dataset):
                 f"{sid}: mask holds class id {', '.join(map(str, ids[:5].tolist()))} beyond the "
                 f"{self.num_classes} classes (0..{self.num_classes - 1}, 255 = ignore)"
             )
-        return mask.astype(np.uint8, copy=False)
+        return np.array(mask, dtype=np.uint8)  # a writable copy (PIL arrays are read-only)
 
     def __getitem__(self, index: int) -> dict:
         if index < 0:

@@ -1,0 +1,153 @@
+"""``textseg eval``: mIoU of a model (or the ground truth itself) on a segmentation benchmark.
+
+    textseg eval --dataset folder --root data/coco-mini --masks masks_voc21 --classes classes_voc21.txt
+    textseg eval --dataset voc --root VOCdevkit --weights ViT-B-16.pt --protocol naclip --out voc.json
+    torchrun --nproc_per_node 2 -m textseg.cli eval --dataset ade --root ADEChallengeData2016 ...
+
+Shards images over ``torchrun`` processes (gloo on CPU, nccl on GPU) and reduces the confusion
+matrices, so the numbers equal a single-process run. ``--model oracle`` scores the ground truth
+against itself (100.0: a check of the reader and the metric).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+DATASET_CHOICES = ("voc", "voc20", "context", "context59", "coco-object", "coco-stuff", "ade", "cityscapes", "folder")
+
+
+def _threshold(text: str):
+    if text.lower() in ("none", "off", "0"):
+        return 0.0
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"threshold must be a number, 'auto' or 'none', got {text!r}") from None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate mIoU on a benchmark dataset (torchrun-shardable)",
+                       description=__doc__.split("\n\n")[0])
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", required=True, choices=DATASET_CHOICES, help="benchmark layout of --root")
+    d.add_argument("--root", required=True, help="dataset folder as downloaded (see textseg.data.*)")
+    d.add_argument("--split", default=None, help="split (default: the benchmark's evaluation split; "
+                   "folder: all images, or splits/<split>.txt)")
+    d.add_argument("--masks", default=None, help="folder layout: mask folder (default masks)")
+    d.add_argument("--classes", default=None, help="class-name file overriding the shipped one "
+                   "('name: prompt; prompt' per line) or a shipped list name (voc21, ade150, ...)")
+    d.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N images only")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="model name (default: the offline model); 'oracle' = "
+                   "ground truth as prediction")
+    m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    m.add_argument("--protocol", default=None, help="published settings preset: sclip or naclip "
+                   "(per benchmark short side, crop, stride, threshold, logit scale, PAMR)")
+    m.add_argument("--mode", default=None, help="dense mode of the model (e.g. naclip, sclip, maskclip)")
+    m.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
+                   help="sliding-window crop and stride")
+    m.add_argument("--short-side", type=int, default=None, help="resize short side to S pixels")
+    m.add_argument("--threshold", type=_threshold, default=None,
+                   help="background threshold on the best class probability (number, auto, none)")
+    m.add_argument("--pamr", action="store_true", default=None, help="refine logits with PAMR")
+    m.add_argument("--templates", default=None, help="prompt templates: imagenet, simple, none")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="write the JSON report here")
+    o.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    o.add_argument("--dump-worst", nargs=2, metavar=("K", "DIR"), default=None,
+                   help="write predictions / ground truth / overlays of the K worst images to DIR")
+    o.add_argument("--strict", action="store_true", help="stop at the first per-image error")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _init_distributed(device: str | None):
+    """Join the torchrun group when launched by torchrun; returns (rank, world, device)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = "cpu"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def run(args) -> int:
+    import torch
+
+    from textseg.data.benchmarks import build_dataset
+    from textseg.errors import TextsegError
+    from textseg.evaluate import OraclePredictor, SegmenterPredictor, evaluate, format_table, save_worst
+
+    rank, world, device = _init_distributed(args.device)
+    dataset = build_dataset(args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes)
+    if args.limit is not None and args.limit < 1:
+        raise TextsegError("--limit must be >= 1")
+    if args.model == "oracle":
+        if args.weights:
+            raise TextsegError("--model oracle takes no --weights")
+        predictor = OraclePredictor()
+    else:
+        from textseg.weights.load import load_model
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(args.model, args.weights, device=device)
+        predictor = SegmenterPredictor(
+            model, dataset, protocol=args.protocol, mode=args.mode,
+            slide=tuple(args.slide) if args.slide else None, short_side=args.short_side,
+            threshold=args.threshold, pamr=args.pamr, templates=args.templates,
+        )
+        predictor.config.update(model=getattr(model, "name", type(model).__name__), weights=args.weights,
+                                device=str(device))
+    keep, on_worst = 0, None
+    if args.dump_worst:
+        try:
+            keep = int(args.dump_worst[0])
+        except ValueError:
+            raise TextsegError(f"--dump-worst K DIR: K must be an integer, got {args.dump_worst[0]!r}") from None
+        on_worst = save_worst(args.dump_worst[1], dataset.class_names)
+    result = evaluate(dataset, predictor, limit=args.limit, strict=args.strict,
+                      progress=not args.no_progress, keep_worst=keep, on_worst=on_worst)
+    report = result.report()
+    report["config"].update(dataset=args.dataset, root=str(args.root), split=args.split, masks=args.masks,
+                            classes=args.classes, limit=args.limit)
+    if rank == 0:
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(format_table(result))
+            for e in result.errors[:20]:
+                print(f"error: {e['error']}", file=sys.stderr)
+            if len(result.errors) > 20:
+                print(f"... and {len(result.errors) - 20} more errors (see --out)", file=sys.stderr)
+    _shutdown()
+    return 0 if result.images > 0 else 1
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,394 @@
+"""Benchmark evaluation: a dataset, a predictor, one exact confusion matrix, a report.
+
+>>> from textseg.data.benchmarks import build_dataset
+>>> from textseg.evaluate import SegmenterPredictor, evaluate
+>>> ds = build_dataset("voc", "/data/VOCdevkit")
+>>> pred = SegmenterPredictor(model, ds, protocol="naclip")     # or SegmentCfg(...) options
+>>> result = evaluate(ds, pred)                                 # sharded under torchrun
+>>> result.report()["miou"]                                     # percent
+
+A *predictor* is any callable ``sample -> H x W`` integer array of dataset class ids (a sample is
+the dataset's ``{"image": PIL RGB, "mask", "id"}``);
+:class:`SegmenterPredictor` runs the :class:`~textseg.segment.Segmenter` with the dataset's class
+prompts, :class:`OraclePredictor` returns the ground truth (a self-check that must give 100.0).
+
+Under ``torchrun`` (``torch.distributed`` initialised) each process evaluates images
+``rank, rank + world, ...``; the confusion matrices are summed with ``all_reduce``, so the numbers
+equal a single-process run exactly. Per-image problems (missing / mis-sized masks, unreadable
+files, ids beyond the class list) are recorded in ``errors`` and the run goes on, unless
+``strict=True``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from textseg.data.base import IGNORE_INDEX, SegDataset
+from textseg.errors import TextsegError
+from textseg.metrics import ConfusionMatrix, SegMetrics
+
+Predictor = Callable[[object], np.ndarray]
+
+
+# ------------------------------------------------------------------------------------------------
+# Protocol presets: the settings published training-free numbers were measured with
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Protocol:
+    """Inference settings of one published evaluation (one method x one benchmark).
+
+    ``logit_scale`` is the factor the reference code multiplies cosine similarities by before the
+    softmax (SCLIP / NACLIP ``logit_scale``); it becomes ``SegmentCfg.temperature =
+    model.logit_scale_value / logit_scale``. ``threshold`` is their ``prob_thd`` (max class
+    probability below it -> background). ``reference`` is the mIoU (percent) the reference code
+    reports with OpenAI CLIP ViT-B/16 and ``source`` where that number is published.
+    """
+
+    method: str
+    benchmark: str
+    short_side: int
+    max_side: int = 2048
+    crop: int = 224
+    stride: int = 112
+    threshold: float | None = None
+    logit_scale: float = 40.0
+    pamr: bool = False
+    templates: str = "imagenet"
+    reference: float | None = None
+    source: str = ""
+    note: str = ""
+
+
+_SCLIP = "github.com/wangf3014/SCLIP README 'Results' table and configs/cfg_*.py @ 57fa9aa"
+_NACLIP = "github.com/sinahmr/NACLIP README 'Results' table (test_all.sh reduced naclip 5 on) and configs"
+
+# Benchmark keys follow textseg's dataset names.
+PROTOCOLS: dict[str, dict[str, Protocol]] = {
+    # SCLIP (arXiv 2312.01597): slide 224/112, 80 ImageNet templates, logit scale 40 unless noted,
+    # no PAMR (pamr_steps=0 default).
+    "sclip": {
+        "voc": Protocol("sclip", "voc", 336, threshold=0.1, logit_scale=65, reference=59.63, source=_SCLIP,
+                        note="SCLIP also sets area_thd=0.1 (classes below 10% of the predicted "
+                             "foreground dropped), which textseg does not reproduce exactly"),
+        "voc20": Protocol("sclip", "voc20", 336, reference=81.54, source=_SCLIP),
+        "context": Protocol("sclip", "context", 336, threshold=0.1, logit_scale=50, reference=31.74,
+                            source=_SCLIP),
+        "context59": Protocol("sclip", "context59", 336, reference=34.46, source=_SCLIP),
+        "coco-object": Protocol("sclip", "coco-object", 336, threshold=0.1, logit_scale=50, reference=33.52,
+                                source=_SCLIP),
+        "coco-stuff": Protocol("sclip", "coco-stuff", 448, reference=22.77, source=_SCLIP),
+        "ade": Protocol("sclip", "ade", 336, reference=16.45, source=_SCLIP),
+        "cityscapes": Protocol("sclip", "cityscapes", 560, reference=32.34, source=_SCLIP),
+    },
+    # NACLIP (WACV 2025, arXiv 2404.08181): same geometry as SCLIP, logit scale 40, prob_thd 0.1 on
+    # the sets with background, PAMR (10 steps, dilations 8/16) on for the README numbers.
+    "naclip": {
+        "voc": Protocol("naclip", "voc", 336, threshold=0.1, pamr=True, reference=64.07, source=_NACLIP),
+        "context": Protocol("naclip", "context", 336, threshold=0.1, pamr=True, reference=34.99, source=_NACLIP),
+        "coco-object": Protocol("naclip", "coco-object", 336, threshold=0.1, pamr=True, reference=36.19,
+                                source=_NACLIP),
+        "voc20": Protocol("naclip", "voc20", 336, pamr=True, reference=83.03, source=_NACLIP),
+        "cityscapes": Protocol("naclip", "cityscapes", 560, pamr=True, reference=38.27, source=_NACLIP),
+        "context59": Protocol("naclip", "context59", 336, pamr=True, reference=38.35, source=_NACLIP),
+        "ade": Protocol("naclip", "ade", 336, pamr=True, reference=19.05, source=_NACLIP),
+        "coco-stuff": Protocol("naclip", "coco-stuff", 448, pamr=True, reference=25.69, source=_NACLIP),
+    },
+}
+PROTOCOL_CAVEATS = (
+    "textseg's Segmenter rounds resized sizes and crops to multiples of the patch size, resizes with "
+    "the model's interpolation (mmseg: bilinear) and runs PAMR on a 4x-downsampled image (NACLIP: "
+    "full resolution), so a faithful CLIP re-implementation should land within a few tenths of a point "
+    "of the reference, not bit-exactly on it. The references need OpenAI CLIP ViT-B/16 weights, which "
+    "are not available in this environment: none of them has been reproduced here."
+)
+
+
+def get_protocol(name: str, dataset: str) -> Protocol:
+    """The preset of method ``name`` (``sclip``, ``naclip``) for benchmark ``dataset``."""
+    if name not in PROTOCOLS:
+        raise TextsegError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    table = PROTOCOLS[name]
+    if dataset not in table:
+        raise TextsegError(f"protocol {name!r} has no preset for dataset {dataset!r}; it covers "
+                           f"{', '.join(table)}")
+    return table[dataset]
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictors
+# ------------------------------------------------------------------------------------------------
+class OraclePredictor:
+    """Returns the ground truth (ignore pixels -> class 0): the metric and readers' self-check."""
+
+    config = {"model": "oracle"}
+
+    def __call__(self, sample: dict) -> np.ndarray:
+        out = sample["mask"].copy()
+        out[out == IGNORE_INDEX] = 0
+        return out
+
+
+def has_background(dataset: SegDataset) -> bool:
+    return any(n.lower() == "background" for n in dataset.class_names)
+
+
+class SegmenterPredictor:
+    """Dense zero-shot segmentation of dataset images with the dataset's class prompts.
+
+    ``protocol`` (``"sclip"`` / ``"naclip"``) fills the settings of :func:`get_protocol` for the
+    dataset's benchmark; keyword ``overrides`` (``short_side``, ``slide=(crop, stride)``,
+    ``threshold``, ``pamr``, ``mode``, ``templates``, ``temperature``, ...) replace single fields of
+    the resulting :class:`~textseg.segment.SegmentCfg`.
+    """
+
+    def __init__(self, model, dataset: SegDataset, protocol: str | None = None, **overrides):
+        from textseg.segment import SegmentCfg, Segmenter
+        from textseg.text import LabelClass
+
+        kw: dict = {}
+        self.protocol = None
+        if protocol is not None:
+            p = get_protocol(protocol, dataset.name)
+            self.protocol = p
+            kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride),
+                      threshold=p.threshold, pamr=p.pamr, templates=p.templates,
+                      temperature=float(model.logit_scale_value) / p.logit_scale)
+            modes = tuple(getattr(model, "dense_modes", ()) or ())
+            if p.method in modes:
+                kw["mode"] = p.method
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        kw.setdefault("threshold", "auto")
+        if not has_background(dataset):  # nothing a below-threshold pixel could become
+            if overrides.get("threshold"):
+                raise TextsegError(f"--threshold needs a 'background' class; {dataset.name} has none")
+            kw["threshold"] = None
+        self.cfg = SegmentCfg(**kw)
+        self.segmenter = Segmenter(model, self.cfg)
+        self.labels = [LabelClass(n, tuple(p)) for n, p in zip(dataset.class_names, dataset.class_prompts)]
+        self.num_classes = dataset.num_classes
+        self.config = {"segment": {k: v for k, v in asdict(self.cfg).items()},
+                       "protocol": asdict(self.protocol) if self.protocol else None}
+
+    def __call__(self, sample: dict) -> np.ndarray:
+        res = self.segmenter.segment(sample["image"], self.labels)
+        if len(res.labels) != self.num_classes:  # an appended background class: cannot be scored
+            raise TextsegError("the segmenter added a background label the dataset does not have")
+        return res.label_map
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation loop
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns (identical on every rank after the reduction)."""
+
+    dataset: SegDataset
+    confusion: ConfusionMatrix
+    images: int
+    errors: list[dict]
+    seconds: float
+    worst: list[tuple[float, str]] = field(default_factory=list)  # (per-image mIoU, id), worst first
+    config: dict = field(default_factory=dict)
+
+    def metrics(self, average: str = "union") -> SegMetrics:
+        return self.confusion.compute(average)
+
+    def report(self) -> dict:
+        """The JSON report: ``miou`` / ``per_class_iou`` / accuracies in percent."""
+        m = self.metrics()
+        d = m.to_dict(self.dataset.class_names)
+        miou_gt = self.metrics("gt").miou
+        return {
+            "dataset": self.dataset.name,
+            "miou": d["miou"],
+            "miou_gt_classes": None if math.isnan(miou_gt) else round(100 * miou_gt, 4),
+            "miou_average": "classes present in ground truth or predictions (union > 0)",
+            "pixel_accuracy": d["pixel_accuracy"],
+            "mean_accuracy": d["mean_accuracy"],
+            "fw_iou": d["fw_iou"],
+            "per_class_iou": d["per_class_iou"],
+            "images": self.images,
+            "errors": self.errors,
+            "worst": [{"id": i, "miou": round(100 * s, 4)} for s, i in self.worst],
+            "seconds": round(self.seconds, 3),
+            "config": {**self.config, "versions": versions()},
+        }
+
+
+def versions() -> dict:
+    import textseg
+
+    return {"textseg": textseg.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def image_miou(counts: torch.Tensor) -> float:
+    """mIoU (union convention) of one image's confusion matrix; NaN when it has no valid pixel."""
+    m = counts.double()
+    tp, union = m.diag(), m.sum(0) + m.sum(1) - m.diag()
+    keep = union > 0
+    return float((tp[keep] / union[keep]).mean()) if bool(keep.any()) else float("nan")
+
+
+def evaluate(
+    dataset: SegDataset,
+    predictor: Predictor,
+    limit: int | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    keep_worst: int = 0,
+    on_worst: Callable[[str, object, np.ndarray, np.ndarray], None] | None = None,
+) -> EvalResult:
+    """Run ``predictor`` over ``dataset`` (the first ``limit`` images) and accumulate one exact
+    confusion matrix, sharded over ``torch.distributed`` ranks when initialised.
+
+    ``keep_worst``: remember the K images with the lowest per-image mIoU; ``on_worst(id, image,
+    pred, mask)`` is then called (on the rank that evaluated it) for each of the global worst K.
+    """
+    dist, rank, world = _dist()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = range(rank, n, world)
+    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+    errors: list[dict] = []
+    worst: list[tuple[float, int, str, object]] = []  # max-heap on score via negation
+    done = 0
+    t0 = time.perf_counter()
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), desc=f"eval {dataset.name}", unit="img", file=sys.stderr,
+                   dynamic_ncols=True)
+    for i in indices:
+        sid = dataset.ids[i]
+        try:
+            sample = dataset[i]
+            pred = np.asarray(predictor(sample))
+            if pred.shape != sample["mask"].shape:
+                raise TextsegError(f"{sid}: prediction is {pred.shape}, mask is {sample['mask'].shape}")
+            counts = ConfusionMatrix.counts(torch.from_numpy(pred.astype(np.int64)),
+                                            torch.from_numpy(sample["mask"]), cm.num_classes, cm.ignore_index)
+        except TextsegError as e:
+            msg = str(e) if str(e).startswith(sid) else f"{sid}: {e}"
+            if strict:
+                raise TextsegError(f"{msg} (--strict: stopping)") from None
+            errors.append({"id": sid, "error": msg})
+        else:
+            cm.merge(counts)
+            done += 1
+            if keep_worst > 0:
+                score = image_miou(counts)
+                if not math.isnan(score):
+                    item = (-score, i, sid, (sample["image"], pred, sample["mask"]) if on_worst else None)
+                    if len(worst) < keep_worst:
+                        heapq.heappush(worst, item)
+                    elif item > worst[0]:
+                        heapq.heapreplace(worst, item)
+        if bar is not None:
+            bar.update(1)
+            miou = cm.compute().miou
+            bar.set_postfix(mIoU=f"{100 * miou:.2f}" if not math.isnan(miou) else "-", errors=len(errors))
+    if bar is not None:
+        bar.close()
+    local_worst = [(-s, sid) for s, _, sid, _ in worst]
+    if dist is not None and world > 1:
+        cm.all_reduce()
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (done, errors, local_worst))
+        done = sum(g[0] for g in gathered)
+        order = {sid: k for k, sid in enumerate(dataset.ids)}
+        errors = sorted((e for g in gathered for e in g[1]), key=lambda e: order.get(e["id"], -1))
+        all_worst = [w for g in gathered for w in g[2]]
+    else:
+        all_worst = local_worst
+    global_worst = sorted(all_worst)[:keep_worst] if keep_worst > 0 else []
+    if on_worst is not None and global_worst:
+        chosen = {sid for _, sid in global_worst}
+        for _, _, sid, payload in worst:
+            if sid in chosen and payload is not None:
+                on_worst(sid, *payload)
+    seconds = time.perf_counter() - t0
+    if dist is not None and world > 1:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        seconds = float(t.item())
+    config = dict(getattr(predictor, "config", {}) or {})
+    config["world_size"] = world
+    return EvalResult(dataset, cm, done, errors, seconds, global_worst, config)
+
+
+def format_table(result: EvalResult, top: int | None = None) -> str:
+    """Per-class IoU sorted best first, then mIoU / accuracies, as a plain-text table."""
+    m = result.metrics()
+    rows = [(n, v) for n, v in zip(result.dataset.class_names, m.iou)]
+    rows.sort(key=lambda r: (-1.0 if math.isnan(r[1]) else r[1]), reverse=True)
+    width = max(8, *(len(n) for n, _ in rows))
+    lines = [f"{'class':<{width}}  IoU (%)", f"{'-' * width}  -------"]
+    for n, v in rows[:top] if top else rows:
+        lines.append(f"{n:<{width}}  {'  n/a' if math.isnan(v) else f'{100 * v:7.2f}'}")
+    lines.append(f"{'-' * width}  -------")
+
+    def pct(x: float) -> str:
+        return "n/a" if math.isnan(x) else f"{100 * x:.2f}"
+
+    lines.append(f"{'mIoU':<{width}}  {pct(m.miou):>7}   ({result.images} images, {len(result.errors)} errors, "
+                 f"{result.seconds:.1f} s)")
+    lines.append(f"pixel accuracy {pct(m.pixel_accuracy)}  mean accuracy {pct(m.mean_accuracy)}  "
+                 f"fwIoU {pct(m.fw_iou)}  mIoU over GT classes {pct(result.metrics('gt').miou)}")
+    return "\n".join(lines)
+
+
+def save_worst(out_dir: str | Path, class_names: list[str]) -> Callable:
+    """An ``on_worst`` callback writing ``<id>_pred.png`` / ``<id>_gt.png`` (palette PNGs) and, when
+    :mod:`textseg.viz` is available, ``<id>_overlay.jpg``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def palette() -> list[int]:
+        rng = np.random.default_rng(0)
+        pal = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+        pal[0] = 0
+        pal[255] = 255
+        return pal.reshape(-1).tolist()
+
+    pal = palette()
+
+    def write(sid: str, image, pred: np.ndarray, mask: np.ndarray) -> None:
+        from PIL import Image
+
+        stem = sid.replace("/", "__")
+        for arr, tag in ((pred, "pred"), (mask, "gt")):
+            a = np.ascontiguousarray(arr, dtype=np.uint8)
+            img = Image.frombytes("P", (a.shape[1], a.shape[0]), a.tobytes())
+            img.putpalette(pal)
+            img.save(out / f"{stem}_{tag}.png")
+        try:
+            from textseg import viz
+
+            overlay = viz.overlay(image, pred, class_names)
+            overlay.convert("RGB").save(out / f"{stem}_overlay.jpg", quality=90)
+        except Exception:  # noqa: BLE001 - the overlay is a convenience; the PNGs are the record
+            pass
+
+    return write

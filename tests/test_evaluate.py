@@ -1,0 +1,168 @@
+"""Evaluation loop, predictors, protocol presets, the `textseg eval` CLI and torchrun sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from textseg.cli import main as cli
+from textseg.data.folder import FolderDataset
+from textseg.errors import TextsegError
+from textseg.evaluate import (
+    PROTOCOLS,
+    OraclePredictor,
+    SegmenterPredictor,
+    evaluate,
+    format_table,
+    get_protocol,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_worker import ColourModel, make_folder  # noqa: E402
+from eval_worker import main as worker_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_oracle_is_100_and_bad_images_are_reported(tmp_path):
+    root = make_folder(tmp_path / "set", n=5)
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(root / "masks" / "im01.png")  # wrong size
+    h, w = np.asarray(Image.open(root / "masks" / "im02.png")).shape
+    Image.fromarray(np.full((h, w), 9, np.uint8)).save(root / "masks" / "im02.png")  # id 9 of 3
+    (root / "masks" / "im03.png").unlink()
+    ds = FolderDataset(root)
+    res = evaluate(ds, OraclePredictor(), progress=False)
+    rep = res.report()
+    assert rep["miou"] == 100.0 and rep["pixel_accuracy"] == 100.0 and rep["images"] == 2
+    assert [e["id"] for e in rep["errors"]] == ["im01", "im02", "im03"]
+    assert "mask is 3x3 but image is" in rep["errors"][0]["error"]
+    assert "class id 9 beyond the 3 classes" in rep["errors"][1]["error"]
+    assert "is missing" in rep["errors"][2]["error"]
+    with pytest.raises(TextsegError, match="im01: .*--strict"):
+        evaluate(ds, OraclePredictor(), progress=False, strict=True)
+    assert evaluate(ds, OraclePredictor(), progress=False, limit=1).images == 1
+
+
+def test_segmenter_predictor_scores_the_colour_model(tmp_path):
+    ds = FolderDataset(make_folder(tmp_path / "set", n=4))
+    pred = SegmenterPredictor(ColourModel(), ds, short_side=None, templates="none")
+    res = evaluate(ds, pred, progress=False, keep_worst=2)
+    m = res.metrics()
+    # the model sees colour through 8x8 cells: right in block interiors, wrong on some borders
+    assert 0.6 < m.miou < 1.0 and 0.8 < m.pixel_accuracy < 1.0
+    assert res.images == 4 and len(res.worst) == 2 and res.worst[0][0] <= res.worst[1][0]
+    table = format_table(res)
+    assert "mIoU" in table and table.index("red") > 0
+    with pytest.raises(TextsegError, match="needs a 'background' class"):
+        SegmenterPredictor(ColourModel(), ds, threshold=0.5)
+
+
+def test_protocol_presets_are_complete_and_cited():
+    benchmarks = {"voc", "voc20", "context", "context59", "coco-object", "coco-stuff", "ade", "cityscapes"}
+    for method, table in PROTOCOLS.items():
+        assert set(table) == benchmarks, method
+        for name, p in table.items():
+            assert p.reference is not None and p.source and p.benchmark == name
+            assert (p.threshold is not None) == (name in ("voc", "context", "coco-object"))
+    p = get_protocol("naclip", "cityscapes")
+    assert (p.short_side, p.crop, p.stride, p.pamr, p.reference) == (560, 224, 112, True, 38.27)
+    with pytest.raises(TextsegError, match="unknown protocol"):
+        get_protocol("maskclip2", "voc")
+
+
+def test_protocol_sets_segmenter_config(tmp_path):
+    root = make_folder(tmp_path / "set", n=1)
+    ds = FolderDataset(root)
+    ds.name = "ade"  # borrow the ADE preset (no background class)
+    pred = SegmenterPredictor(ColourModel(), ds, protocol="sclip")
+    cfg = pred.cfg
+    assert (cfg.short_side, cfg.max_side, cfg.slide, cfg.threshold, cfg.pamr) == (336, 2048, (224, 112), None, False)
+    assert cfg.temperature == pytest.approx(100.0 / 40.0)  # logit scale 40 on a model scaling by 100
+    assert pred.config["protocol"]["reference"] == 16.45
+
+
+def test_cli_eval_json_report_and_dump(tmp_path, capsys):
+    root = make_folder(tmp_path / "set", n=3)
+    (root / "splits").mkdir()
+    (root / "splits" / "test.txt").write_text("im00\nim02\n")
+    out = tmp_path / "r.json"
+    code = cli(["eval", "--dataset", "folder", "--root", str(root), "--split", "test", "--model", "oracle",
+                "--out", str(out), "--no-progress", "--dump-worst", "1", str(tmp_path / "worst")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "100.00" in printed
+    rep = json.loads(out.read_text())
+    assert rep["miou"] == 100.0 and rep["images"] == 2 and rep["errors"] == []
+    assert set(rep["per_class_iou"]) == {"red", "green", "blue"}
+    assert rep["config"]["versions"]["torch"] and rep["config"]["split"] == "test"
+    assert len(list((tmp_path / "worst").glob("*_pred.png"))) == 1
+    # a bad root is a one-line error (exit 2), not a traceback
+    assert cli(["eval", "--dataset", "voc", "--root", str(tmp_path / "nope"), "--model", "oracle"]) == 2
+    assert "no VOC2012/JPEGImages" in capsys.readouterr().err
+
+
+def test_dataset_choices_match_registry():
+    from textseg.commands.eval import DATASET_CHOICES
+    from textseg.data.benchmarks import DATASETS
+
+    assert DATASET_CHOICES == DATASETS
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(cmd: list[str], timeout: float = 90) -> None:
+    """Run ``cmd`` in its own session; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, out.decode()[-3000:]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_torchrun_two_processes_equal_one_process_exactly(tmp_path):
+    root = make_folder(tmp_path / "set", n=5)  # odd count: ranks get 3 and 2 images
+    worker = str(Path(__file__).parent / "eval_worker.py")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    threads = torch.get_num_threads()
+    try:
+        worker_main(str(root), str(one))  # one process, here
+    finally:
+        torch.set_num_threads(threads)
+    _run([*TORCHRUN, worker, str(root), str(two)])
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["matrix"] == b["matrix"] and sum(map(sum, a["matrix"])) > 0
+    assert a["report"]["miou"] == b["report"]["miou"] and 0 < a["report"]["miou"] < 100
+    assert b["report"]["images"] == 5 and b["report"]["config"]["world_size"] == 2
+    assert a["report"]["worst"] == b["report"]["worst"]
+
+
+def test_torchrun_cli_gathers_errors(tmp_path):
+    root = make_folder(tmp_path / "set", n=4)
+    (root / "masks" / "im01.png").unlink()
+    out = tmp_path / "r.json"
+    _run([*TORCHRUN, "-m", "textseg.cli", "eval", "--dataset", "folder", "--root", str(root), "--model", "oracle",
+          "--no-progress", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["images"] == 3 and [e["id"] for e in rep["errors"]] == ["im01"] and rep["miou"] == 100.0
+    assert rep["config"]["world_size"] == 2
