@@ -173,11 +173,11 @@ class SegmentService:
         return out
 
     def classify(self, data: bytes, labels: list[str]) -> dict:
-        from textseg.classify import ZeroShotClassifier
+        from textseg.classify import classify
 
+        image = load_image(data)
         with self.model_lock:
-            clf = ZeroShotClassifier(self.model, labels)
-            probs = clf.predict_proba([data])[0]
+            probs = classify(self.model, [image], labels)[0]
         return {"labels": labels, "probs": [float(p) for p in probs]}
 
 
