@@ -38,6 +38,7 @@ FORMATS: list[str] = [
     "textseg.weights.convert.openai",
     "textseg.weights.convert.groupvit_hf",
     "textseg.weights.convert.groupvit_nvlabs",
+    "textseg.weights.convert.lseg",
 ]
 
 # Models loadable by name without weights: name -> "module:function" returning a DualEncoder.
@@ -268,7 +269,7 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
 
     if weights is not None:
         model = build_from_raw(read_checkpoint(weights))
-        if name is not None and name not in (model.name, DEFAULT_MODEL) and presets.find(name) is None:
+        if name is not None and name != model.name and presets.find(name) is None:
             raise CheckpointError(f"{weights}: is a {model.name!r} checkpoint, not {name!r}")
         if name is not None and presets.find(name) is not None and model.name != "clip":
             raise CheckpointError(f"{weights}: is a {model.name!r} checkpoint, not CLIP {name!r}")
