@@ -510,6 +510,15 @@ class GroupViT(DualEncoder):
         size = size or tuple(pixels.shape[-2:])
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
+    @torch.no_grad()
+    def group_label_maps(self, pixels: torch.Tensor, size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """Which group each pixel belongs to, at every grouping stage (the official demo's
+        ``all_groups`` view): per stage a ``B x H x W`` LongTensor of group indices, the argmax of
+        that stage's soft group map bilinearly upsampled to ``size`` (default: the input size)."""
+        size = size or tuple(pixels.shape[-2:])
+        maps = self.forward_intermediates(pixels)["group_maps"]
+        return [F.interpolate(m, size=size, mode="bilinear", align_corners=False).argmax(1) for m in maps]
+
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.encode_image(pixels, normalize=True)
         txt = self.encode_text(tokens, normalize=True)

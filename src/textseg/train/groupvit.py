@@ -26,6 +26,7 @@ from torch import nn
 
 from textseg.models.groupvit import GroupViT
 from textseg.train.dist import all_gather_with_grad, get_rank, get_world_size
+from textseg.train.engine import TrainConfig
 from textseg.train.losses import LogitScale, info_nce
 from textseg.train.nouns import noun_prompts
 
@@ -91,7 +92,8 @@ class GroupViTTrainModule(nn.Module):
 
 
 class GroupViTCollate:
-    """``[(image 3 x H x W, caption str), ...]`` -> ``{"image": B x 3 x H x W, "text": B x (1+K) x L}``.
+    """``[(image 3 x H x W, caption str), ...]`` (or the ``{"image", "text"}`` dicts of
+    :mod:`textseg.data.imagetext`) -> ``{"image": B x 3 x H x W, "text": B x (1+K) x L}``.
 
     The ``K`` extra texts are noun prompts (``template`` or one of ``templates`` at random), drawn with
     a per-caption seed so a resumed run sees the same texts."""
@@ -106,7 +108,7 @@ class GroupViTCollate:
 
     def __call__(self, samples: Sequence) -> dict:
         images = torch.stack([s[0] if isinstance(s, (tuple, list)) else s["image"] for s in samples])
-        captions = [s[1] if isinstance(s, (tuple, list)) else s["caption"] for s in samples]
+        captions = [s[1] if isinstance(s, (tuple, list)) else s.get("text", s.get("caption")) for s in samples]
         texts = [t for c in captions for t in self.texts(c)]
         tokens = self.tokenize(texts)
         return {"image": images, "text": tokens.reshape(len(samples), 1 + self.k, -1)}
@@ -142,3 +144,90 @@ class GroupViTModelCfg:
                           layers=self.text_layers)
         return GroupViT(GroupViTCfg(vision=vision, text=text, embed_dim=self.embed_dim,
                                     proj_hidden=self.proj_hidden))
+
+
+# ------------------------------------------------------------------------------------------ recipe
+@dataclass
+class GroupViTDataSection:
+    train: str = ""  # folder with a caption file, or tar shards ("shards/{0000..0099}.tar", globs)
+    captions: str = "captions.jsonl"  # folder sources: JSONL or CSV relative to the folder
+    train_split: str = ""
+    shuffle_buffer: int = 1000  # tar shards
+
+
+@dataclass
+class GroupViTLossSection:
+    multi_label: int = 3  # K noun prompts per image (0: image-text contrastive only)
+    multi_label_weight: float = 1.0
+    template: str = "a photo of a {}."  # noun prompt; "imagenet" = one of the 80 at random (NVlabs)
+    temperature: float = 0.07  # initial temperature of both losses (learnable)
+
+
+@dataclass
+class GroupViTRecipeConfig:
+    model: GroupViTModelCfg = field(default_factory=GroupViTModelCfg)
+    init: str = ""  # start from a checkpoint (any GroupViT format) instead of random weights
+    data: GroupViTDataSection = field(default_factory=GroupViTDataSection)
+    loss: GroupViTLossSection = field(default_factory=GroupViTLossSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        out_dir="runs/groupvit", lr=1.6e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
+        clip_grad=5.0, warmup_steps=100, min_lr_ratio=0.025))
+
+
+def build_trainer(cfg: GroupViTRecipeConfig):
+    """Model, data and engine for ``cfg`` (call ``.fit()`` on the result)."""
+    from pathlib import Path
+
+    from textseg.data.imagetext import CaptionDataset, TarShardDataset
+    from textseg.errors import TextsegError
+    from textseg.prompts import resolve_templates
+    from textseg.train.clip import ImageTransform
+    from textseg.train.dist import init_distributed
+    from textseg.train.engine import Trainer, seed_everything
+
+    info = init_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    if cfg.init:
+        from textseg.weights.load import load_model
+
+        model = load_model(weights=cfg.init)
+        if not isinstance(model, GroupViT):
+            raise TextsegError(f"{cfg.init}: is a {model.name!r} checkpoint, not a GroupViT")
+    else:
+        model = cfg.model.build()
+    if info.world_size > 1 and info.device.type == "cuda":  # NVlabs syncs the projector BatchNorms
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    d = cfg.data
+    if not d.train:
+        raise TextsegError("set data.train to a caption folder or tar shards (--set data.train=PATH)")
+    transform = ImageTransform(model.preprocess_cfg)
+    if d.train.endswith(".tar") or ".tar," in d.train or Path(d.train).suffix == ".tar":
+        dataset = TarShardDataset(d.train, transform, shuffle=cfg.train.shuffle, shuffle_buffer=d.shuffle_buffer,
+                                  seed=cfg.train.seed)
+    else:
+        dataset = CaptionDataset(d.train, d.captions, d.train_split or None, transform, seed=cfg.train.seed)
+    template = cfg.loss.template
+    templates = resolve_templates(template) if "{}" not in template else template
+    collate = GroupViTCollate(model.tokenize, cfg.loss.multi_label, templates, cfg.train.seed)
+    module = GroupViTTrainModule(model, cfg.loss.multi_label_weight, cfg.loss.temperature)
+    return Trainer(cfg.train, module, dataset, collate_fn=collate, config=cfg)
+
+
+def train_groupvit(cfg: GroupViTRecipeConfig) -> dict:
+    """Train, then (rank 0) export the weights as ``<out_dir>/groupvit.safetensors`` (native format,
+    loadable with ``--weights``). Returns the final metrics."""
+    from pathlib import Path
+
+    from textseg.train.dist import is_main
+    from textseg.weights.load import save_model
+
+    trainer = build_trainer(cfg)
+    result = trainer.fit()
+    if is_main():
+        model = trainer.module.model
+        if trainer.ema is not None:
+            model = trainer.ema.module.model
+        path = Path(cfg.train.out_dir) / "groupvit.safetensors"
+        save_model(model, path, {"source": "textseg train groupvit", "steps": trainer.step})
+        result["weights"] = str(path)
+    return result
