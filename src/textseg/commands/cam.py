@@ -55,8 +55,10 @@ def add_parser(sub) -> None:
 
     m = cmds.add_parser("make", help="multi-scale + flip CAMs of every image, saved as compressed .npz")
     data_args(m, "unused (the checkpoint holds the classes)")
-    m.add_argument("--checkpoint", required=True, help="CAM checkpoint (RUN/cam.safetensors)")
-    m.add_argument("--out", required=True, help="folder for <id>.npz")
+    m.add_argument("--checkpoint", required=True, action="append",
+                   help="CAM checkpoint (RUN/cam.safetensors); repeat with one --out each to make several runs' "
+                   "CAMs at once (runs sharing a frozen backbone compute its features once)")
+    m.add_argument("--out", required=True, action="append", help="folder for <id>.npz (one per --checkpoint)")
     m.add_argument("--scales", default="1.0,0.5,1.5,2.0", help="comma list of scales (default as IRN/CLIMS)")
     m.add_argument("--no-flip", action="store_true")
     m.add_argument("--long-side", type=int, default=0, help="resize images so the long side is this first (0: as is)")
@@ -161,7 +163,7 @@ def run_make(args) -> int:
     from textseg.errors import TextsegError
     from textseg.io import load_image
     from textseg.models.cam import load_cam
-    from textseg.segment.cam_maps import image_tensor, multiscale_cam, save_cam_file
+    from textseg.segment.cam_maps import SharedBackbone, image_tensor, multiscale_cam, save_cam_file
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,10 +171,14 @@ def run_make(args) -> int:
         scales = [float(s) for s in args.scales.split(",")]
     except ValueError:
         raise TextsegError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
-    model = load_cam(args.checkpoint).eval()
+    if len(args.checkpoint) != len(args.out):
+        raise TextsegError(f"give one --out per --checkpoint ({len(args.checkpoint)} vs {len(args.out)})")
+    models = [load_cam(c).eval() for c in args.checkpoint]
+    models = SharedBackbone.group(models)
     items = _items(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    outs = [Path(o) for o in args.out]
+    for o in outs:
+        o.mkdir(parents=True, exist_ok=True)
     it = items
     if not args.no_progress:
         from tqdm import tqdm
@@ -181,13 +187,16 @@ def run_make(args) -> int:
     for item in it:
         img = load_image(item.path)
         x = image_tensor(img, args.long_side or None)
-        keys = None
-        if args.keys == "labels":
-            keys = torch.nonzero(multi_hot(item.names, model.class_names)).flatten().tolist()
-        keys, maps = multiscale_cam(model, x, keys, scales, flip=not args.no_flip)
-        save_cam_file(out / f"{item.id}.npz", keys, maps.half(), (img.height, img.width), model.class_names)
-    (out / "classes.txt").write_text("\n".join(model.class_names) + "\n")
-    print(f"wrote {len(items)} CAM files to {out}", file=sys.stderr)
+        for model, out in zip(models, outs):
+            keys = None
+            if args.keys == "labels":
+                keys = torch.nonzero(multi_hot(item.names, model.class_names)).flatten().tolist()
+            keys, maps = multiscale_cam(model, x, keys, scales, flip=not args.no_flip)
+            save_cam_file(out / f"{item.id}.npz", keys, maps.half(), (img.height, img.width), model.class_names)
+        SharedBackbone.clear(models)
+    for model, out in zip(models, outs):
+        (out / "classes.txt").write_text("\n".join(model.class_names) + "\n")
+    print(f"wrote {len(items)} CAM files to {', '.join(map(str, outs))}", file=sys.stderr)
     return 0
 
 
@@ -233,6 +242,7 @@ def run_eval(args) -> int:
     import torch
     from PIL import Image
 
+    from textseg.data.image_labels import class_file_names
     from textseg.errors import TextsegError
     from textseg.segment.cam_maps import ThresholdSweep, load_cam_file
 
@@ -248,7 +258,7 @@ def run_eval(args) -> int:
     cls_file = _mask_classes_file(root, args.masks, args.mask_classes)
     if not cls_file.is_file():
         raise TextsegError(f"{cls_file}: no class list for the masks (pass --mask-classes)")
-    mask_classes = [ln.strip() for ln in cls_file.read_text().splitlines() if ln.strip()]
+    mask_classes = class_file_names(cls_file)
     thresholds = parse_thresholds(args.thresholds)
     sweep = ThresholdSweep(thresholds, len(mask_classes))
     ids = None
@@ -332,13 +342,10 @@ def run_labels(args) -> int:
 
 
 def _refine(maps, image):
-    """PAMR (pixel-adaptive mask refinement) of ``K' x H x W`` maps with the image's colours, with
-    a zero background map appended so the refinement does not renormalise the foreground away."""
-    import torch
-
+    """PAMR (pixel-adaptive mask refinement) of ``K' x H x W`` maps with the image's colours, then
+    each map re-normalised to a maximum of 1."""
     from textseg.segment.cam_maps import image_tensor
-    from textseg.segment.pamr import PAMR
+    from textseg.segment.pamr import pamr
 
-    x = image_tensor(image)[None]
-    refined = PAMR()(x, maps[None])[0]
-    return refined / (refined.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5) if len(maps) else torch.zeros_like(maps)
+    refined = pamr(image_tensor(image)[None], maps[None])[0]
+    return refined / (refined.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5)

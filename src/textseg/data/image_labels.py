@@ -70,15 +70,27 @@ class LabeledImage:
     names: list[str]
 
 
+def class_file_names(path: str | Path) -> list[str]:
+    """Class names of a ``classes.txt``, one a line, in order (the first synonym of a
+    ``name: a; b`` / ``a; b`` / ``a, b`` line; blank lines and ``#`` comments skipped)."""
+    names = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        names.append((line.split(":")[0] if ":" in line else line.split(";")[0].split(",")[0]).strip())
+    return names
+
+
 def read_class_list(source: str | Path | list[str]) -> list[str]:
-    """Foreground class names from a ``classes.txt`` (one a line) or a list/comma string; a leading
-    ``background`` entry is dropped."""
+    """Foreground class names from a ``classes.txt`` (:func:`class_file_names`) or a list / comma
+    string; a leading ``background`` entry is dropped."""
     if isinstance(source, (list, tuple)):
         names = [str(n).strip() for n in source]
     else:
         p = Path(source)
         if p.is_file():
-            names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+            names = class_file_names(p)
         elif "," in str(source) or not p.suffix:
             names = [n.strip() for n in str(source).split(",")]
         else:

@@ -62,6 +62,48 @@ def multiscale_cam(model, image: torch.Tensor, keys: Sequence[int] | None = None
     return keys, maps
 
 
+class SharedBackbone(torch.nn.Module):
+    """Wraps a backbone so CAM networks with *identical* backbone weights (e.g. runs that trained only
+    the classifier on one frozen backbone) compute features once per input: the first call's output
+    is reused for the same input tensor until :meth:`clear`."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.inner = backbone
+        self.stride = backbone.stride
+        self.out_channels = backbone.out_channels
+        self._memo: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for inp, out in self._memo:
+            if inp.shape == x.shape and torch.equal(inp, x):
+                return out
+        out = self.inner(x)
+        self._memo.append((x, out))
+        return out
+
+    @staticmethod
+    def group(models: list) -> list:
+        """Make models whose backbone state dicts are equal share one memoising backbone."""
+        for i, m in enumerate(models):
+            for prev in models[:i]:
+                raw = prev.backbone.inner if isinstance(prev.backbone, SharedBackbone) else prev.backbone
+                a, b = m.backbone.state_dict(), raw.state_dict()
+                same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                if same:
+                    if not isinstance(prev.backbone, SharedBackbone):
+                        prev.backbone = SharedBackbone(prev.backbone)
+                    m.backbone = prev.backbone
+                    break
+        return models
+
+    @staticmethod
+    def clear(models: list) -> None:
+        for m in models:
+            if isinstance(m.backbone, SharedBackbone):
+                m.backbone._memo.clear()
+
+
 def save_cam_file(path: str | Path, keys: np.ndarray, maps: torch.Tensor, size: tuple[int, int],
                   class_names: Sequence[str]) -> None:
     """Compressed ``.npz``: ``keys`` (int64), ``cams`` (float16 ``K' x h x w``), ``size`` (original

@@ -133,17 +133,40 @@ class CLIMSWeights:
     delta: float = 0.2  # REG
 
 
+def similarity(evaluator: DualEncoder, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """``N x D`` image and ``M x D`` text embeddings of ``evaluator`` -> ``N x M`` image-text
+    similarities. CLIP-like models: cosine similarity (what CLIMS uses). The offline model's
+    embeddings are ImageNet class probabilities and bridge weights, not a cosine space: its
+    similarity is the label's probability mass (:meth:`~textseg.models.offline.OfflineModel.scores`),
+    in [0, 1] like CLIP's cosines in practice."""
+    from textseg.models.offline import OfflineModel
+
+    if isinstance(evaluator, OfflineModel):
+        return evaluator.scores(image_emb.float(), text_emb.float())
+    return F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
+
+
+def default_template(evaluator: DualEncoder) -> str:
+    """CLIMS' ``"a photo of {}."`` for CLIP-like models; the bare word for the offline model, whose
+    bridge matches label words to concept names (a sentence would only blur the match)."""
+    from textseg.models.offline import OfflineModel
+
+    return "{}" if isinstance(evaluator, OfflineModel) else "a photo of {}."
+
+
 class CLIMSLoss(nn.Module):
     """The four CLIMS terms with a frozen :class:`DualEncoder` evaluator (see the module docstring).
 
     ``forward(maps, images, labels)``: ``maps`` ``B x K x h x w`` sigmoid activations, ``images``
     ``B x 3 x H x W`` RGB in [0, 1], ``labels`` ``B x K`` multi-hot -> dict with ``loss`` and the
     unweighted ``otm``, ``btm``, ``cbs``, ``reg`` and ``pairs`` (number of present pairs).
+    ``template``: ``None`` picks :func:`default_template`. ``eval_size``: side of the square
+    evaluator input (``None``: the evaluator's own image size).
     """
 
     def __init__(self, evaluator: DualEncoder, class_names: list[str], background: str | Path = "voc",
                  weights: CLIMSWeights | None = None, cbs_threshold: float | None = 0.26,
-                 template: str = "a photo of {}.", eval_size: int | None = None, reg_over: str = "present"):
+                 template: str | None = None, eval_size: int | None = None, reg_over: str = "present"):
         super().__init__()
         if reg_over not in ("present", "all"):
             raise TextsegError(f"reg_over must be 'present' or 'all', got {reg_over!r}")
@@ -157,12 +180,13 @@ class CLIMSLoss(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
         self.class_names = list(class_names)
+        template = template or default_template(evaluator)
         self.prompts = [template.format(prompt_name(c)) for c in class_names]
         self.background_words, applies = load_background(background, class_names)
         self.background_prompts = [template.format(w) for w in self.background_words]
         with torch.no_grad():
-            class_text = F.normalize(evaluator.embed_texts(self.prompts).float(), dim=-1)
-            bg_text = F.normalize(evaluator.embed_texts(self.background_prompts).float(), dim=-1)
+            class_text = evaluator.embed_texts(self.prompts).float()
+            bg_text = evaluator.embed_texts(self.background_prompts).float()
         self.register_buffer("class_text", class_text, persistent=False)  # K x D
         self.register_buffer("bg_text", bg_text, persistent=False)  # M x D
         self.register_buffer("applies", applies, persistent=False)  # K x M
@@ -173,7 +197,9 @@ class CLIMSLoss(nn.Module):
         return self
 
     def masked_inputs(self, maps: torch.Tensor, images: torch.Tensor, labels: torch.Tensor):
-        """``(fg, bg, b_idx, k_idx)``: ``N x 3 x S x S`` evaluator inputs of the ``N`` present pairs."""
+        """``(fg, bg, b_idx, k_idx)``: ``N x 3 x S x S`` evaluator inputs of the ``N`` present pairs,
+        ``fg = x * P`` and ``bg = x * (1 - P)`` with ``x`` normalised for the evaluator (so a masked
+        pixel is the evaluator's mean colour)."""
         b_idx, k_idx = labels.nonzero(as_tuple=True)
         size = (self.eval_size, self.eval_size)
         pixels = F.interpolate(images, size, mode="bilinear", align_corners=False)
@@ -181,8 +207,9 @@ class CLIMSLoss(nn.Module):
         p = F.interpolate(maps, size, mode="bilinear", align_corners=False)[b_idx, k_idx].unsqueeze(1)
         return pixels * p, pixels * (1 - p), b_idx, k_idx
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.evaluator.encode_image(pixels).float(), dim=-1)
+    def similarity(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``N x 3 x S x S`` evaluator inputs, ``M x D`` text embeddings -> ``N x M`` similarities."""
+        return similarity(self.evaluator, self.evaluator.encode_image(pixels), text)
 
     def forward(self, maps: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if maps.shape[:2] != labels.shape or images.shape[0] != maps.shape[0]:
@@ -190,18 +217,20 @@ class CLIMSLoss(nn.Module):
                                f"{tuple(labels.shape)} disagree")
         fg, bg, b_idx, k_idx = self.masked_inputs(maps, images, labels)
         zero = maps.sum() * 0.0  # keeps the graph (and DDP) whole when no class is present
-        if b_idx.numel() == 0:
-            return {"loss": zero, "otm": zero, "btm": zero, "cbs": zero, "reg": zero, "pairs": b_idx.numel()}
-        emb = self.embed(torch.cat([fg, bg]))
-        e_fg, e_bg = emb[: len(b_idx)], emb[len(b_idx):]
-        text = self.class_text[k_idx]
-        otm = otm_loss((e_fg * text).sum(-1))
-        btm = btm_loss((e_bg * text).sum(-1))
-        cbs = cbs_loss(e_fg @ self.bg_text.t(), self.applies[k_idx], self.cbs_threshold)
+        n = b_idx.numel()
+        if n == 0:
+            return {"loss": zero, "otm": zero, "btm": zero, "cbs": zero, "reg": zero, "pairs": 0}
+        text = torch.cat([self.class_text, self.bg_text])
+        sim = self.similarity(torch.cat([fg, bg]), text)  # 2N x (K + M)
+        rows = torch.arange(n, device=sim.device)
+        k = self.class_text.shape[0]
+        otm = otm_loss(sim[rows, k_idx])
+        btm = btm_loss(sim[n + rows, k_idx])
+        cbs = cbs_loss(sim[:n, k:], self.applies[k_idx], self.cbs_threshold)
         reg = maps[b_idx, k_idx].mean() if self.reg_over == "present" else maps.mean()
         w = self.weights
         loss = w.alpha * otm + w.beta * btm + w.gamma * cbs + w.delta * reg
-        return {"loss": loss, "otm": otm, "btm": btm, "cbs": cbs, "reg": reg, "pairs": b_idx.numel()}
+        return {"loss": loss, "otm": otm, "btm": btm, "cbs": cbs, "reg": reg, "pairs": n}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -261,7 +290,7 @@ class CLIMSCfg:
     gamma: float = 1.0
     delta: float = 0.2
     cbs_threshold: float | None = 0.26
-    template: str = "a photo of {}."
+    template: str = ""  # "" = "a photo of {}." (CLIP-like) / "{}" (offline), see default_template
     eval_size: int = 0  # 0 = the evaluator's own image size
     reg_over: str = "present"
 
@@ -280,6 +309,9 @@ class CAMTrainCfg:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     freeze_bn: bool = True  # keep batch-norm statistics (small CPU batches)
+    freeze_backbone: bool = False  # train only the 1x1 classifier
+    cache_features: bool = False  # with freeze_backbone: compute backbone features once (no augmentation
+    #                               but mirroring); the fast CPU setting
     seed: int = 0
     log_every: int = 10
     threads: int = 0  # torch.set_num_threads per process; 0 = leave
@@ -309,14 +341,43 @@ def resolve_classes(data: CAMDataCfg) -> list[str]:
 
 
 class _Scores(nn.Module):
-    """DDP needs one forward: the raw score maps (logits and sigmoid maps both derive from them)."""
+    """DDP needs one forward: the raw score maps (logits and sigmoid maps both derive from them),
+    from pixels or, with a frozen backbone, from cached backbone features."""
 
     def __init__(self, net: CAMNet):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.scores(x)
+    def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor:
+        return self.net.classifier(x) if features else self.net.scores(x)
+
+
+class FeatureCache(torch.utils.data.Dataset):
+    """Frozen-backbone training: every image (long side ``crop``, gray-padded square) and its mirror,
+    with the backbone features computed once. Items: ``(image uint8 3 x S x S, features, target)``."""
+
+    def __init__(self, dataset: CAMTrainDataset, model: CAMNet, batch_size: int = 8, progress: bool = False):
+        base = CAMTrainDataset(dataset.items, dataset.class_names, dataset.crop, augment=False)
+        self.targets = base.targets
+        images, feats = [], []
+        idx = range(0, len(base), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            idx = tqdm(idx, desc="caching backbone features", dynamic_ncols=True)
+        with torch.no_grad():
+            for i in idx:
+                x = torch.stack([base[j][0] for j in range(i, min(i + batch_size, len(base)))])
+                x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)  # image, mirror, image, mirror...
+                feats.append(model.backbone(model.normalize(x)).to(torch.float16))
+                images.append((x * 255).round().to(torch.uint8))
+        self.images, self.feats = torch.cat(images), torch.cat(feats)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.feats[i], self.targets[i // 2]
 
 
 def _set_bn_eval(model: nn.Module) -> None:
@@ -364,6 +425,10 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
     model.to(device).train()
     if cfg.freeze_bn:
         _set_bn_eval(model)
+    if cfg.cache_features and not cfg.freeze_backbone:
+        raise TextsegError("cache_features needs freeze_backbone (features of a trained backbone change)")
+    if cfg.freeze_backbone:
+        model.backbone.requires_grad_(False).eval()
     scorer = _Scores(model)
     if info.world_size > 1:
         scorer = nn.parallel.DistributedDataParallel(scorer, device_ids=None if device.type == "cpu" else [device])
@@ -373,10 +438,12 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
         c = cfg.clims
         evaluator = load_evaluator(c.evaluator, c.evaluator_weights).to(device)
         clims = CLIMSLoss(evaluator, class_names, c.background, CLIMSWeights(c.alpha, c.beta, c.gamma, c.delta),
-                          c.cbs_threshold, c.template, c.eval_size or None, c.reg_over).to(device)
+                          c.cbs_threshold, c.template or None, c.eval_size or None, c.reg_over).to(device)
 
-    optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.classifier_lr_mult), lr=cfg.lr,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    groups = [g for g in model.param_groups(cfg.lr, cfg.classifier_lr_mult) if g["params"]]
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.cache_features:
+        dataset = FeatureCache(dataset, model, progress=progress and info.is_main)
     sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
                                                   seed=cfg.seed, drop_last=len(dataset) >= info.world_size)
     per_rank = max(1, cfg.batch_size // info.world_size)
@@ -398,13 +465,18 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
     while step < cfg.steps:
         sampler.set_epoch(epoch)
         epoch += 1
-        for images, labels in loader:
+        for batch in loader:
             if step >= cfg.steps:
                 break
-            images, labels = images.to(device), labels.to(device)
             for g in optimizer.param_groups:  # poly schedule (power 0.9), as IRN / CLIMS
                 g["lr"] = g["initial_lr"] * (1 - step / cfg.steps) ** 0.9
-            scores = scorer(model.normalize(images))
+            if cfg.cache_features:
+                images, feats, labels = batch
+                images, labels = images.to(device).float() / 255, labels.to(device)
+                scores = scorer(feats.to(device).float(), features=True)
+            else:
+                images, labels = batch[0].to(device), batch[1].to(device)
+                scores = scorer(model.normalize(images))
             terms: dict[str, torch.Tensor] = {}
             loss = scores.sum() * 0.0
             if "baseline" in cfg.mode:
@@ -414,6 +486,7 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
                 parts = clims(torch.sigmoid(scores), images, labels)
                 loss = loss + parts["loss"]
                 terms.update({k: parts[k] for k in ("otm", "btm", "cbs", "reg")})
+            check_finite(float(loss.detach()), "the training loss")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
