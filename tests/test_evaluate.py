@@ -104,7 +104,8 @@ def test_cli_eval_json_report_and_dump(tmp_path, capsys):
     assert rep["miou"] == 100.0 and rep["images"] == 2 and rep["errors"] == []
     assert set(rep["per_class_iou"]) == {"red", "green", "blue"}
     assert rep["config"]["versions"]["torch"] and rep["config"]["split"] == "test"
-    assert len(list((tmp_path / "worst").glob("*_pred.png"))) == 1
+    dumped = sorted(p.name.split("_", 1)[1] for p in (tmp_path / "worst").iterdir())
+    assert dumped == ["gt.png", "overlay.jpg", "pred.png"]
     # a bad root is a one-line error (exit 2), not a traceback
     assert cli(["eval", "--dataset", "voc", "--root", str(tmp_path / "nope"), "--model", "oracle"]) == 2
     assert "no VOC2012/JPEGImages" in capsys.readouterr().err

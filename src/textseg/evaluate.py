@@ -360,35 +360,25 @@ def format_table(result: EvalResult, top: int | None = None) -> str:
 
 
 def save_worst(out_dir: str | Path, class_names: list[str]) -> Callable:
-    """An ``on_worst`` callback writing ``<id>_pred.png`` / ``<id>_gt.png`` (palette PNGs) and, when
-    :mod:`textseg.viz` is available, ``<id>_overlay.jpg``."""
+    """An ``on_worst`` callback writing, per image, ``<id>_pred.png`` and ``<id>_gt.png`` (palette
+    PNGs whose pixel values are class ids, 255 = ignore) and ``<id>_overlay.jpg`` (ground truth left,
+    prediction right). ``/`` in ids (Cityscapes) becomes ``__``."""
+    from PIL import Image
+
+    from textseg import viz
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    def palette() -> list[int]:
-        rng = np.random.default_rng(0)
-        pal = rng.integers(0, 256, (256, 3)).astype(np.uint8)
-        pal[0] = 0
-        pal[255] = 255
-        return pal.reshape(-1).tolist()
-
-    pal = palette()
-
     def write(sid: str, image, pred: np.ndarray, mask: np.ndarray) -> None:
-        from PIL import Image
-
         stem = sid.replace("/", "__")
-        for arr, tag in ((pred, "pred"), (mask, "gt")):
-            a = np.ascontiguousarray(arr, dtype=np.uint8)
-            img = Image.frombytes("P", (a.shape[1], a.shape[0]), a.tobytes())
-            img.putpalette(pal)
-            img.save(out / f"{stem}_{tag}.png")
-        try:
-            from textseg import viz
-
-            overlay = viz.overlay(image, pred, class_names)
-            overlay.convert("RGB").save(out / f"{stem}_overlay.jpg", quality=90)
-        except Exception:  # noqa: BLE001 - the overlay is a convenience; the PNGs are the record
-            pass
+        viz.save_label_map(out / f"{stem}_pred.png", pred, class_names)
+        viz.save_label_map(out / f"{stem}_gt.png", mask, class_names)
+        left = viz.overlay(image, mask, class_names)
+        right = viz.overlay(image, pred, class_names)
+        both = Image.new("RGB", (left.width * 2, left.height))
+        both.paste(left, (0, 0))
+        both.paste(right, (left.width, 0))
+        both.save(out / f"{stem}_overlay.jpg", quality=90)
 
     return write

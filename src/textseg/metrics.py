@@ -68,14 +68,16 @@ class SegMetrics:
         }
 
 
-def _as_long_tensor(x, what: str) -> torch.Tensor:
+def _as_int_tensor(x, what: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else np.array(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.is_floating_point() or x.is_complex():
         raise TypeError(f"{what} must hold integer class ids, got dtype {x.dtype}")
-    return x.long()
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)
+    return x
 
 
 class ConfusionMatrix:
@@ -95,31 +97,37 @@ class ConfusionMatrix:
 
     @staticmethod
     def counts(pred, target, num_classes: int, ignore_index: int | None = 255) -> torch.Tensor:
-        """The ``C x C`` confusion matrix of one prediction / ground-truth pair (no accumulation)."""
-        pred = _as_long_tensor(pred, "pred")
-        target = _as_long_tensor(target, "target")
+        """The ``C x C`` confusion matrix of one prediction / ground-truth pair (no accumulation).
+
+        Ignore pixels are dropped, ids range-checked (min / max), then one ``bincount`` of
+        ``target * C + pred`` in int32 (numpy's on CPU, torch's on GPU)."""
+        pred = _as_int_tensor(pred, "pred")
+        target = _as_int_tensor(target, "target")
         if pred.shape != target.shape:
             raise TextsegError(
                 f"prediction shape {tuple(pred.shape)} differs from ground-truth shape {tuple(target.shape)}"
             )
-        pred, target = pred.reshape(-1), target.reshape(-1).to(pred.device)
-        keep = torch.ones_like(target, dtype=torch.bool)
-        if ignore_index is not None and not (0 <= ignore_index < num_classes):
-            keep = target != ignore_index
-        pred, target = pred[keep], target[keep]
         n = num_classes
-        if target.numel():
-            lo, hi = int(target.min()), int(target.max())
+        t = target.reshape(-1)
+        p = pred.reshape(-1).to(t.device)
+        ignoring = ignore_index is not None and not (0 <= ignore_index < n)
+        if t.device.type == "cpu":  # numpy: the faster bincount / compaction on CPU
+            t, p = t.numpy(), p.numpy()
+        if ignoring:
+            keep = t != ignore_index
+            t, p = t[keep], p[keep]
+        if t.shape[0] == 0:
+            return torch.zeros(n, n, dtype=torch.int64, device=target.device)
+        for arr, what in ((t, "ground truth"), (p, "prediction")):
+            lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi >= n:
-                bad = hi if hi >= n else lo
-                raise TextsegError(
-                    f"ground truth holds class id {bad}, outside 0..{n - 1} (and not ignore {ignore_index})"
-                )
-            lo, hi = int(pred.min()), int(pred.max())
-            if lo < 0 or hi >= n:
-                bad = hi if hi >= n else lo
-                raise TextsegError(f"prediction holds class id {bad}, outside 0..{n - 1}")
-        return torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+                extra = f" (and not ignore {ignore_index})" if what == "ground truth" and ignoring else ""
+                raise TextsegError(f"{what} holds class id {hi if hi >= n else lo}, outside 0..{n - 1}{extra}")
+        if isinstance(t, np.ndarray):
+            hist = torch.from_numpy(np.bincount(t.astype(np.int32) * n + p, minlength=n * n))
+        else:
+            hist = torch.bincount(t.to(torch.int32) * n + p.to(torch.int32), minlength=n * n)
+        return hist.reshape(n, n).to(torch.int64)
 
     def update(self, pred, target) -> ConfusionMatrix:
         """Add the pixels of ``pred`` vs ``target`` (same shape, integer ids). Returns ``self``."""
