@@ -77,6 +77,9 @@ def test_protocol_presets_are_complete_and_cited():
     assert (p.short_side, p.crop, p.stride, p.pamr, p.reference) == (560, 224, 112, True, 38.27)
     with pytest.raises(TextsegError, match="unknown protocol"):
         get_protocol("maskclip2", "voc")
+    with pytest.raises(TextsegError, match="borrow one with --protocol sclip:BENCHMARK"):
+        get_protocol("sclip", "folder")
+    assert get_protocol("sclip:voc", "folder").reference == 59.63
 
 
 def test_protocol_sets_segmenter_config(tmp_path):
@@ -88,6 +91,7 @@ def test_protocol_sets_segmenter_config(tmp_path):
     assert (cfg.short_side, cfg.max_side, cfg.slide, cfg.threshold, cfg.pamr) == (336, 2048, (224, 112), None, False)
     assert cfg.temperature == pytest.approx(100.0 / 40.0)  # logit scale 40 on a model scaling by 100
     assert pred.config["protocol"]["reference"] == 16.45
+    assert "has no 'sclip' dense mode" in pred.warnings[0]  # the colour model is no CLIP
 
 
 def test_cli_eval_json_report_and_dump(tmp_path, capsys):

@@ -114,13 +114,18 @@ PROTOCOL_CAVEATS = (
 
 
 def get_protocol(name: str, dataset: str) -> Protocol:
-    """The preset of method ``name`` (``sclip``, ``naclip``) for benchmark ``dataset``."""
+    """The preset of method ``name`` (``sclip``, ``naclip``) for benchmark ``dataset``.
+
+    ``name`` may carry the benchmark as ``"naclip:voc"``: e.g. a folder dataset holding a VOC-21
+    view borrows the VOC preset."""
+    if ":" in name:
+        name, dataset = name.split(":", 1)
     if name not in PROTOCOLS:
         raise TextsegError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
     table = PROTOCOLS[name]
     if dataset not in table:
         raise TextsegError(f"protocol {name!r} has no preset for dataset {dataset!r}; it covers "
-                           f"{', '.join(table)}")
+                           f"{', '.join(table)} (borrow one with --protocol {name}:BENCHMARK)")
     return table[dataset]
 
 
@@ -157,6 +162,7 @@ class SegmenterPredictor:
 
         kw: dict = {}
         self.protocol = None
+        self.warnings: list[str] = []
         if protocol is not None:
             p = get_protocol(protocol, dataset.name)
             self.protocol = p
@@ -166,6 +172,11 @@ class SegmenterPredictor:
             modes = tuple(getattr(model, "dense_modes", ()) or ())
             if p.method in modes:
                 kw["mode"] = p.method
+            elif overrides.get("mode") is None:
+                self.warnings.append(
+                    f"model {getattr(model, 'name', '?')!r} has no {p.method!r} dense mode (it has "
+                    f"{', '.join(modes) or 'none'}); the protocol's reference mIoU {p.reference} does not apply"
+                )
         kw.update({k: v for k, v in overrides.items() if v is not None})
         kw.setdefault("threshold", "auto")
         if not has_background(dataset):  # nothing a below-threshold pixel could become
@@ -176,8 +187,8 @@ class SegmenterPredictor:
         self.segmenter = Segmenter(model, self.cfg)
         self.labels = [LabelClass(n, tuple(p)) for n, p in zip(dataset.class_names, dataset.class_prompts)]
         self.num_classes = dataset.num_classes
-        self.config = {"segment": {k: v for k, v in asdict(self.cfg).items()},
-                       "protocol": asdict(self.protocol) if self.protocol else None}
+        self.config = {"segment": asdict(self.cfg), "protocol": asdict(self.protocol) if self.protocol else None,
+                       "warnings": self.warnings}
 
     def __call__(self, sample: dict) -> np.ndarray:
         res = self.segmenter.segment(sample["image"], self.labels)

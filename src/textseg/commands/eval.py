@@ -48,8 +48,9 @@ def add_parser(sub) -> None:
                    "ground truth as prediction")
     m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    m.add_argument("--protocol", default=None, help="published settings preset: sclip or naclip "
-                   "(per benchmark short side, crop, stride, threshold, logit scale, PAMR)")
+    m.add_argument("--protocol", default=None, metavar="NAME[:BENCHMARK]",
+                   help="published settings preset: sclip or naclip (per benchmark short side, crop, stride, "
+                   "threshold, logit scale, PAMR); folder datasets borrow one, e.g. naclip:voc")
     m.add_argument("--mode", default=None, help="dense mode of the model (e.g. naclip, sclip, maskclip)")
     m.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
                    help="sliding-window crop and stride")
@@ -117,6 +118,9 @@ def run(args) -> int:
         )
         predictor.config.update(model=getattr(model, "name", type(model).__name__), weights=args.weights,
                                 device=str(device))
+        if rank == 0:
+            for w in predictor.warnings:
+                print(f"textseg eval: warning: {w}", file=sys.stderr)
     keep, on_worst = 0, None
     if args.dump_worst:
         try:
