@@ -4,6 +4,8 @@ at two sizes and two patch sizes."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from clip_layouts import hf_to_openai, random_hf_clip, save_torchscript
@@ -66,7 +68,11 @@ def _check(model: CLIP, ref) -> None:
 @pytest.mark.parametrize("reference", ["small", "larger", "gelu"], indirect=True)
 def test_hf_folder(reference, tmp_path):
     reference["hf"].save_pretrained(tmp_path / "hf")
+    size = reference["pixels"].shape[-1]
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": size, "width": size}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 0.5]}))
     model = load_model(weights=tmp_path / "hf")
+    assert model.preprocess_cfg.std == (0.25, 0.5, 0.5) and model.preprocess_cfg.image_size == size
     assert model.cfg.vision.patch_size == reference["hf"].config.vision_config.patch_size
     _check(model, reference)
 

@@ -492,8 +492,11 @@ class TextTransformer(nn.Module):
         return self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.forward_tokens(tokens)
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        eot = tokens.argmax(dim=-1)
+        # Causal attention: positions after the last EOT cannot affect any pooled feature, so the
+        # padding tail is not computed at all (same result, several times faster for short prompts).
+        x = self.forward_tokens(tokens[:, : int(eot.max()) + 1])
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
         return x @ self.text_projection if self.text_projection is not None else x
 
 

@@ -129,4 +129,25 @@ def build(raw) -> CLIP:
     model = CLIP(config_from_hf(raw.config, sd))
     state = {k: v.float() if v.is_floating_point() else v for k, v in to_native(sd).items()}
     check_state_dict(model, state, f"{raw.path}: CLIP (Hugging Face)")
+    pp = _preprocessor_config(raw)
+    if pp:
+        model.preprocess_cfg = pp
     return model.eval()
+
+
+def _preprocessor_config(raw):
+    """Mean/std/size from a folder's ``preprocessor_config.json`` (CLIPImageProcessor), if any."""
+    import json
+
+    from textseg.models.base import PreprocessCfg
+
+    path = raw.path / "preprocessor_config.json" if raw.path is not None and raw.path.is_dir() else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        c = json.loads(path.read_text())
+        crop = c.get("crop_size", c.get("size"))
+        size = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
+        return PreprocessCfg(image_size=int(size), mean=tuple(c["image_mean"]), std=tuple(c["image_std"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
