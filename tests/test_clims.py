@@ -425,3 +425,26 @@ def test_torchrun_two_processes_loss_falls(tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.6 * log[0]["loss"], log
     assert load_cam(run / "cam.safetensors").class_names == ["red", "blue"]
+
+
+def test_feature_cache_reuse_and_frozen_backbone_training(tmp_path):
+    from textseg.train.clims import CAMTrainCfg, CAMTrainDataset, FeatureCache, train_cam
+
+    data = make_synthetic(tmp_path / "synth", n=6)
+    net = CAMNet(CAMConfig(["red", "blue"], "tiny")).eval()
+    ds = CAMTrainDataset(load_image_labels(data), ["red", "blue"], crop_size=32)
+    cache = FeatureCache(ds, net, cache_file=tmp_path / "c.pt")
+    assert len(cache) == 12 and cache.feats.shape == (12, 64, 2, 2)
+    img, feat, target = cache[3]  # the mirror of image 1
+    assert torch.equal(img, cache.images[2].flip(-1)) and torch.equal(target, ds.targets[1])
+    again = FeatureCache(ds, net, cache_file=tmp_path / "c.pt")
+    assert torch.equal(again.feats, cache.feats)
+    cfg = CAMTrainCfg(out=str(tmp_path / "run"), backbone="tiny", steps=4, batch_size=4, freeze_backbone=True,
+                      cache_features=True, cache_file=str(tmp_path / "c2.pt"), log_every=2)
+    cfg.data.root, cfg.data.crop_size = str(data), 32
+    train_cam(cfg, progress=False)
+    trained = load_cam(tmp_path / "run" / "cam.safetensors")
+    torch.manual_seed(0)  # train_cam seeds 0 before building the net: same random backbone
+    fresh = CAMNet(CAMConfig(["red", "blue"], "tiny"))
+    assert torch.equal(trained.backbone.layers[0][0].weight, fresh.backbone.layers[0][0].weight)
+    assert not torch.equal(trained.classifier.weight, fresh.classifier.weight)

@@ -312,6 +312,7 @@ class CAMTrainCfg:
     freeze_backbone: bool = False  # train only the 1x1 classifier
     cache_features: bool = False  # with freeze_backbone: compute backbone features once (no augmentation
     #                               but mirroring); the fast CPU setting
+    cache_file: str = ""  # reuse / store that feature cache here (checked against ids, crop, backbone)
     seed: int = 0
     log_every: int = 10
     threads: int = 0  # torch.set_num_threads per process; 0 = leave
@@ -356,9 +357,17 @@ class FeatureCache(torch.utils.data.Dataset):
     """Frozen-backbone training: every image (long side ``crop``, gray-padded square) and its mirror,
     with the backbone features computed once. Items: ``(image uint8 3 x S x S, features, target)``."""
 
-    def __init__(self, dataset: CAMTrainDataset, model: CAMNet, batch_size: int = 8, progress: bool = False):
+    def __init__(self, dataset: CAMTrainDataset, model: CAMNet, batch_size: int = 8, progress: bool = False,
+                 cache_file: str | Path | None = None):
         base = CAMTrainDataset(dataset.items, dataset.class_names, dataset.crop, augment=False)
         self.targets = base.targets
+        key = {"ids": [it.id for it in base.items], "crop": base.crop,
+               "backbone": float(sum(p.double().sum() for p in model.backbone.state_dict().values()))}
+        if cache_file and Path(cache_file).is_file():
+            saved = torch.load(cache_file, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                self.images, self.feats = saved["images"], saved["feats"]
+                return
         images, feats = [], []
         idx = range(0, len(base), batch_size)
         if progress:
@@ -372,6 +381,9 @@ class FeatureCache(torch.utils.data.Dataset):
                 feats.append(model.backbone(model.normalize(x)).to(torch.float16))
                 images.append((x * 255).round().to(torch.uint8))
         self.images, self.feats = torch.cat(images), torch.cat(feats)
+        if cache_file:
+            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "images": self.images, "feats": self.feats}, cache_file)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -443,7 +455,8 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
     groups = [g for g in model.param_groups(cfg.lr, cfg.classifier_lr_mult) if g["params"]]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.cache_features:
-        dataset = FeatureCache(dataset, model, progress=progress and info.is_main)
+        dataset = FeatureCache(dataset, model, progress=progress and info.is_main,
+                               cache_file=cfg.cache_file if info.is_main or info.world_size == 1 else None)
     sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
                                                   seed=cfg.seed, drop_last=len(dataset) >= info.world_size)
     per_rank = max(1, cfg.batch_size // info.world_size)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# CAM baseline vs CLIMS on COCO-MINI, VOC-21 view, CPU (frozen EfficientNet-Lite0 backbone, cached
+# features; only the 1x1 CAM classifier trains, so both runs share one backbone and one budget).
+#
+#   1. baseA:  multi-label BCE baseline, STEPS_A steps from the ImageNet backbone
+#   2. base:   baseA + STEPS_B more BCE steps             } same backbone, same steps, same lr schedule
+#   3. clims:  baseA + STEPS_B CLIMS steps (VOC preset)   } (CLIMS starts from the baseline, as the paper)
+#   4. ablations: clims without BTM / CBS / REG, and OTM only (ABLATE=1)
+#   5. cam make (multi-scale + flip, GT image labels as keys) and cam eval (threshold sweep) on the
+#      same 159 training images, against masks_voc21 (WSSS protocol: CAM quality on the train set).
+#   6. the evaluator probe: offline model's accuracy at telling GT-masked foreground from background.
+#
+# Usage: bash scripts/clims_coco_mini.sh [OUT]   (env: STEPS_A STEPS_B EVAL_SIZE SCALES LONG ABLATE)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${DATA:-../shared/data/coco-mini}
+OUT=${1:-runs/clims_coco_mini}
+STEPS_A=${STEPS_A:-300}
+STEPS_B=${STEPS_B:-60}
+EVAL_SIZE=${EVAL_SIZE:-128}
+SCALES=${SCALES:-1.0,0.5,1.5,2.0}
+LONG=${LONG:-320}
+T=${THREADS:-2}
+PY=".venv/bin/python -m textseg.cli"
+COMMON=(--classes "$D/classes_voc21.txt" --backbone efficientnet_lite0 --batch-size 8 --crop-size 320
+        --threads "$T" --no-progress --set freeze_backbone=true --set cache_features=true
+        --set cache_file="$OUT/cache320.pt" --set log_every=10)
+mkdir -p "$OUT"
+
+$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_A" --lr 0.01 --out "$OUT/baseA"
+$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.001 --init "$OUT/baseA/cam.safetensors" --out "$OUT/base"
+$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.001 --init "$OUT/baseA/cam.safetensors" \
+    --mode clims --preset voc --set clims.eval_size="$EVAL_SIZE" --out "$OUT/clims"
+RUNS=(base clims)
+if [ "${ABLATE:-0}" = 1 ]; then
+  for spec in "no_btm 10,0,1,0.2" "no_cbs 10,24,0,0.2" "no_reg 10,24,1,0" "otm_only 10,0,0,0"; do
+    set -- $spec
+    $PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.001 --init "$OUT/baseA/cam.safetensors" \
+        --mode clims --preset voc --hyper "$2" --set clims.eval_size="$EVAL_SIZE" --out "$OUT/clims_$1"
+    RUNS+=("clims_$1")
+  done
+fi
+MAKE=()
+for r in "${RUNS[@]}"; do MAKE+=(--checkpoint "$OUT/$r/cam.safetensors" --out "$OUT/cams_$r"); done
+$PY cam make "$D" "${MAKE[@]}" --scales "$SCALES" --long-side "$LONG" --threads "$T" --no-progress
+for r in "${RUNS[@]}"; do
+  $PY cam eval "$D" --cams "$OUT/cams_$r" --masks masks_voc21 --json > "$OUT/eval_$r.json"
+  echo "$r: $(.venv/bin/python -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['best']['miou'], 'at', d['best_threshold'])" "$OUT/eval_$r.json")"
+done
+.venv/bin/python scripts/clims_evaluator_probe.py "$D" --threads "$T" --json "$OUT/probe_offline.json" > /dev/null
