@@ -187,8 +187,10 @@ class SegmenterPredictor:
         self.segmenter = Segmenter(model, self.cfg)
         self.labels = [LabelClass(n, tuple(p)) for n, p in zip(dataset.class_names, dataset.class_prompts)]
         self.num_classes = dataset.num_classes
-        self.config = {"segment": asdict(self.cfg), "protocol": asdict(self.protocol) if self.protocol else None,
-                       "warnings": self.warnings}
+        thr = self.cfg.threshold
+        self.config = {"segment": {**asdict(self.cfg), "threshold_value": getattr(
+                           model, "default_background_threshold", None) if thr == "auto" else thr},
+                       "protocol": asdict(self.protocol) if self.protocol else None, "warnings": self.warnings}
 
     def __call__(self, sample: dict) -> np.ndarray:
         res = self.segmenter.segment(sample["image"], self.labels)
