@@ -121,7 +121,7 @@ def run(args) -> int:
         if rank == 0:
             for w in predictor.warnings:
                 print(f"textseg eval: warning: {w}", file=sys.stderr)
-    keep, on_worst = 0, None
+    keep, on_worst = 5, None  # the report always names the 5 worst images
     if args.dump_worst:
         try:
             keep = int(args.dump_worst[0])
