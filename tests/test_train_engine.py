@@ -189,3 +189,17 @@ def test_config_yaml_and_overrides(tmp_path):
     path.write_text("train:\n  warmup: 3\n")
     with pytest.raises(TextsegError, match="train.warmup"):
         load_config(Cfg, path)
+
+
+def test_amp_bf16_on_cpu_and_fp16_refused(tmp_path):
+    cfg = _cfg(tmp_path, steps=2, amp="bf16", ema_decay=None, ckpt_every=0, eval_every=0)
+    assert torch.isfinite(torch.tensor(_trainer(cfg, 0).fit()["loss"]))
+    with pytest.raises(TextsegError, match="fp16 needs a GPU"):
+        _trainer(_cfg(tmp_path / "b", amp="fp16"), 0)
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
+    _trainer(_cfg(tmp_path, steps=4, warmup_steps=0, ema_decay=None), 0).fit()
+    longer = _trainer(_cfg(tmp_path, steps=8, warmup_steps=0, ema_decay=None), 0)
+    assert longer.step == 4
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * LRSchedule(8)(4))

@@ -439,7 +439,11 @@ class Trainer:
         except RuntimeError as e:
             raise TextsegError(f"checkpoint does not match the model: {str(e).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule's shape comes from the current config (so train.steps can be extended on resume).
+        sched = dict(state["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups))
+        self.scheduler.load_state_dict(sched)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if state.get("ema") is None:
@@ -449,7 +453,7 @@ class Trainer:
         rng = state.get("rng") or []
         if len(rng) == self.info.world_size:
             ckpt_lib.restore_rng_state(rng[self.info.rank])
-        else:  # different world size: data order stays exact, per-rank randomness is reseeded
+        else:  # another world size: same step and epoch, fresh per-rank randomness (not bit-exact)
             seed_everything(self.cfg.seed + 7919 * self.step + self.info.rank)
 
     def _resume(self) -> None:
@@ -494,6 +498,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        self._stop = False
         show = self.info.is_main and cfg.progress
         pbar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
         if show:
