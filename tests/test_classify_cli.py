@@ -135,3 +135,35 @@ def test_bad_inputs_one_line_errors(tiny, tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
     proc = _cli("classify", CAT, "--labels", "a,b", "--weights", str(truncated))  # the real process too
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_convert_trust_checkpoint_only_when_asked(tmp_path, capsys, monkeypatch):
+    """When the safe TorchScript reader cannot read an archive, convert refuses unless
+    --trust-checkpoint is given (then torch.jit.load extracts the weights once)."""
+    from clip_layouts import save_torchscript
+
+    from textseg.errors import CheckpointError
+    from textseg.weights import torchscript
+    from textseg.weights.convert import openai
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=1, width=64, patch_size=16),
+                     text=TextConfig(width=64, heads=1, layers=1))
+    model = CLIP(cfg).eval()
+    sd = {(k[5:] if k.startswith("text.") else k): v for k, v in model.state_dict().items()}
+    assert openai.is_openai_layout(sd)
+    save_torchscript(sd, tmp_path / "jit.pt")
+
+    def unreadable(path):
+        raise CheckpointError(f"{path}: cannot read the TorchScript archive's tensors safely (simulated)")
+
+    monkeypatch.setattr(torchscript, "read_torchscript_tensors", unreadable)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp_path / "jit.pt"), str(out)]) == 2
+    assert "safely" in capsys.readouterr().err and not out.exists()
+    assert main(["convert", str(tmp_path / "jit.pt"), str(out), "--trust-checkpoint"]) == 0
+    loaded = load_model(weights=out)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(x), model.encode_image(x))
