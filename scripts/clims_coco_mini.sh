@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 D=${DATA:-../shared/data/coco-mini}
 OUT=${1:-runs/clims_coco_mini}
 STEPS_A=${STEPS_A:-300}
-STEPS_B=${STEPS_B:-60}
+STEPS_B=${STEPS_B:-100}
 EVAL_SIZE=${EVAL_SIZE:-128}
 SCALES=${SCALES:-1.0,0.5,1.5,2.0}
 LONG=${LONG:-320}
@@ -28,14 +28,14 @@ COMMON=(--classes "$D/classes_voc21.txt" --backbone efficientnet_lite0 --batch-s
 mkdir -p "$OUT"
 
 $PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_A" --lr 0.01 --out "$OUT/baseA"
-$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.001 --init "$OUT/baseA/cam.safetensors" --out "$OUT/base"
-$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.001 --init "$OUT/baseA/cam.safetensors" \
+$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.003 --init "$OUT/baseA/cam.safetensors" --out "$OUT/base"
+$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.003 --init "$OUT/baseA/cam.safetensors" \
     --mode clims --preset voc --set clims.eval_size="$EVAL_SIZE" --out "$OUT/clims"
 RUNS=(base clims)
 if [ "${ABLATE:-0}" = 1 ]; then
-  for spec in "no_btm 10,0,1,0.2" "no_cbs 10,24,0,0.2" "no_reg 10,24,1,0" "otm_only 10,0,0,0"; do
+  for spec in "no_btm 10,0,1,0.2" "no_cbs 10,24,0,0.2" "no_reg 10,24,1,0" "otm_only 10,0,0,0" "no_otm 0,24,1,0.2"; do
     set -- $spec
-    $PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.001 --init "$OUT/baseA/cam.safetensors" \
+    $PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.003 --init "$OUT/baseA/cam.safetensors" \
         --mode clims --preset voc --hyper "$2" --set clims.eval_size="$EVAL_SIZE" --out "$OUT/clims_$1"
     RUNS+=("clims_$1")
   done

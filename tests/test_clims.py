@@ -448,3 +448,22 @@ def test_feature_cache_reuse_and_frozen_backbone_training(tmp_path):
     fresh = CAMNet(CAMConfig(["red", "blue"], "tiny"))
     assert torch.equal(trained.backbone.layers[0][0].weight, fresh.backbone.layers[0][0].weight)
     assert not torch.equal(trained.classifier.weight, fresh.classifier.weight)
+
+
+def test_backbone_weights_loading(tmp_path):
+    from safetensors.torch import save_file
+
+    from textseg.errors import CheckpointError
+    from textseg.models.cam import load_backbone_weights
+
+    torch.manual_seed(1)
+    src = CAMNet(CAMConfig(["a"], "tiny"))
+    state = {f"module.{k}": v for k, v in src.backbone.state_dict().items()}
+    state["fc.weight"] = torch.zeros(2, 2)  # dropped only for ResNet-50; tiny must match exactly
+    save_file({k: v for k, v in state.items() if k != "fc.weight"}, str(tmp_path / "w.safetensors"))
+    torch.manual_seed(2)
+    dst = load_backbone_weights(CAMNet(CAMConfig(["a"], "tiny")), tmp_path / "w.safetensors")
+    assert torch.equal(dst.backbone.layers[0][0].weight, src.backbone.layers[0][0].weight)
+    torch.save({"state_dict": state}, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_backbone_weights(CAMNet(CAMConfig(["a"], "tiny")), tmp_path / "w.pth")

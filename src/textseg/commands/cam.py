@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     t.add_argument("--out", default="runs/cam", help="run folder (cam.safetensors, config.yaml, log.jsonl)")
     t.add_argument("--mode", default=None, choices=("baseline", "clims", "baseline+clims"))
     t.add_argument("--backbone", default=None, help="efficientnet_lite0 (default, pretrained) | resnet50 | tiny")
+    t.add_argument("--backbone-weights", default=None,
+                   help="backbone weights file (e.g. torchvision resnet50 ImageNet .pth/.safetensors)")
     t.add_argument("--init", default=None, help="start from this CAM checkpoint (CLIMS: the baseline's)")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
@@ -109,7 +111,8 @@ def run_train(args) -> int:
         c.cbs_threshold, c.background = PRESET_CBS_THRESHOLD[args.preset], args.preset
     simple = {"out": args.out, "mode": args.mode, "backbone": args.backbone, "init": args.init,
               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-              "threads": args.threads}
+              "threads": args.threads,
+              "backbone_weights": args.backbone_weights}
     for k, v in simple.items():
         if v is not None:
             setattr(cfg, k, v)

@@ -236,6 +236,39 @@ def build_cam(config: CAMConfig) -> CAMNet:
     return CAMNet(config)
 
 
+def load_backbone_weights(model: CAMNet, path: str | Path) -> CAMNet:
+    """Load ImageNet (or any) weights into ``model.backbone`` strictly: a safetensors file or a
+    ``torch.load(weights_only=True)`` state dict, e.g. torchvision's ``resnet50`` (``fc.*`` and a
+    ``module.`` prefix are dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such backbone weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except Exception as e:  # many reader errors
+        raise CheckpointError(f"{path}: cannot read backbone weights ({e})") from None
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if isinstance(model.backbone, ResNet50):
+        state = resnet50_state_from_torchvision(state)
+    elif isinstance(model.backbone, EfficientNetBackbone):
+        from textseg.models.efficientnet import map_efficientnet_pytorch_keys
+
+        if any(k.startswith("_blocks.") for k in state):
+            state = map_efficientnet_pytorch_keys(state)
+        state = {f"net.{k}": v for k, v in state.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the {model.config.backbone} backbone "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return model
+
+
 def save_cam(model: CAMNet, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``model`` as safetensors with its :class:`CAMConfig` (and ``extra``) in the metadata."""
     from safetensors.torch import save_file

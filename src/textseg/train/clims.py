@@ -301,6 +301,7 @@ class CAMTrainCfg:
     mode: str = "baseline"  # baseline | clims | baseline+clims
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
+    backbone_weights: str = ""  # e.g. torchvision resnet50 ImageNet weights (ResNet-50 is random otherwise)
     init: str = ""  # CAM checkpoint to start from (CLIMS starts from the baseline, as the paper does)
     steps: int = 500
     batch_size: int = 8
@@ -434,6 +435,10 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
             raise TextsegError(f"{cfg.init}: its classes differ from the class list being trained")
     else:
         model = CAMNet(CAMConfig(class_names, cfg.backbone, cfg.pretrained, cfg.data.crop_size))
+        if cfg.backbone_weights:
+            from textseg.models.cam import load_backbone_weights
+
+            load_backbone_weights(model, cfg.backbone_weights)
     model.to(device).train()
     if cfg.freeze_bn:
         _set_bn_eval(model)
