@@ -220,3 +220,38 @@ def test_resnet_matches_functional_reference(tmp_path):
         ours = model.encode_image(pixels)
         ref = _reference_resnet(sd, pixels, heads=TINY["width"] * 32 // 64)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+
+
+class _OpenAIStyle(torch.nn.Module):
+    """A traced module tree with OpenAI's attribute names (text tower at the top level), as the
+    official TorchScript archives have, with real layers (BatchNorm buffers included)."""
+
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.visual = model.visual
+        self.token_embedding = model.text.token_embedding
+        self.positional_embedding = model.text.positional_embedding
+        self.transformer = model.text.transformer
+        self.ln_final = model.text.ln_final
+        self.text_projection = model.text.text_projection
+        self.logit_scale = model.logit_scale
+        self.register_buffer("input_resolution", torch.tensor(64))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels) * self.logit_scale.exp()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_traced_openai_archive_reads_without_code(tmp_path):
+    sd = _tiny_state(seed=3)
+    save_file(sd, str(tmp_path / "rn.safetensors"))
+    model = load_model(weights=tmp_path / "rn.safetensors")
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        traced = torch.jit.trace(_OpenAIStyle(model).eval(), pixels)
+    traced.save(str(tmp_path / "RN-tiny.pt"))
+    again = load_model(weights=tmp_path / "RN-tiny.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(pixels), model.encode_image(pixels))
