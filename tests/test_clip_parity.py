@@ -140,3 +140,16 @@ def test_torchscript_reader_refuses_code(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load global"):
         load_model(weights=tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("reference", ["small"], indirect=True)
+def test_position_interpolation_matches_hf(reference, tmp_path):
+    """Other input sizes: bicubic position-embedding interpolation as HF's interpolate_pos_encoding."""
+    reference["hf"].save_pretrained(tmp_path / "hf")
+    model = load_model(weights=tmp_path / "hf")
+    pixels = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = reference["hf"].get_image_features(pixel_values=pixels, interpolate_pos_encoding=True)
+        ref = getattr(ref, "pooler_output", ref)
+        ours = model.encode_image(pixels)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
