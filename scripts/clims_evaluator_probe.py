@@ -10,7 +10,11 @@ prompt with :func:`textseg.train.clims.similarity`. Reported:
 * ``fg_top1``: fraction where class ``k`` has the highest similarity of all classes for ``fg``;
 * mean ``s(fg)``, ``s(bg)``, ``s(whole image)`` and the fraction of pairs where the full image scores
   at least as high as the masked object (then OTM alone does not reward a tight mask);
-* per-class fg-vs-bg accuracy.
+* per-class fg-vs-bg accuracy;
+* with ``--checkpoint`` (repeatable): the CLIMS loss terms (unweighted, VOC preset unless --hyper)
+  computed with the ground-truth masks as ``P`` and with each CAM network's sigmoid maps: an
+  objective that scores the ground truth *worse* than a network's maps cannot pull the maps
+  towards it.
 
     .venv/bin/python scripts/clims_evaluator_probe.py ../shared/data/coco-mini --masks masks_voc21 \\
         --classes classes_voc21.txt [--evaluator offline] [--json out.json]
@@ -47,6 +51,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default="")
+    ap.add_argument("--checkpoint", action="append", default=[], help="CAM checkpoint(s) to score with CLIMS")
+    ap.add_argument("--crop", type=int, default=320, help="CAM network input side for --checkpoint")
+    ap.add_argument("--background", default="voc")
+    ap.add_argument("--cbs-threshold", type=float, default=0.26)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,9 +112,46 @@ def main() -> None:
         "full_ge_fg": round(float((s_full >= s_fg).float().mean()) * 100, 2),
         "seconds": round(time.time() - t0, 1), "per_class": per_class,
     }
+    if args.checkpoint:
+        out["clims_terms"] = clims_terms(args, ev, root, fg_names, size)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def clims_terms(args, ev, root: Path, fg_names: list[str], size: int) -> dict:
+    """Unweighted CLIMS terms (pair-weighted means over the set; CBS per pair) with P = ground truth
+    and P = each checkpoint's sigmoid maps."""
+    from textseg.models.cam import load_cam
+    from textseg.train.clims import CLIMSLoss
+
+    loss = CLIMSLoss(ev, fg_names, args.background, cbs_threshold=args.cbs_threshold,
+                     template=args.template or None, eval_size=size)
+    nets = {Path(c).parent.name or c: load_cam(c).eval() for c in args.checkpoint}
+    sums = {name: dict.fromkeys(("otm", "btm", "cbs", "reg", "pairs"), 0.0) for name in ["ground_truth", *nets]}
+    files = sorted((root / args.masks).glob("*.png"))
+    with torch.no_grad():
+        for i in range(0, len(files), args.batch):
+            xs, gts, labels = [], [], []
+            for mpath in files[i : i + args.batch]:
+                mask = torch.from_numpy(np.asarray(Image.open(mpath), dtype=np.int64))
+                img_path = next((root / "images").glob(f"{mpath.stem}.*"))
+                x = image_tensor(load_image(img_path))[None]
+                xs.append(F.interpolate(x, (args.crop, args.crop), mode="bilinear", align_corners=False)[0])
+                onehot = torch.stack([(mask == k + 1).float() for k in range(len(fg_names))])
+                gts.append(F.interpolate(onehot[None], (size, size), mode="nearest")[0])
+                labels.append((onehot.flatten(1).sum(1) >= args.min_pixels).float())
+            x, gt, lab = torch.stack(xs), torch.stack(gts), torch.stack(labels)
+            maps = {"ground_truth": gt, **{n: net(net.normalize(x)) for n, net in nets.items()}}
+            for name, p in maps.items():
+                o = loss(p, x, lab)
+                n = o["pairs"]
+                for k in ("otm", "btm", "reg"):
+                    sums[name][k] += float(o[k]) * n
+                sums[name]["cbs"] += float(o["cbs"])
+                sums[name]["pairs"] += n
+    return {name: {k: round(v / max(s["pairs"], 1), 4) for k, v in s.items() if k != "pairs"} | {"pairs": int(s["pairs"])}
+            for name, s in sums.items()}
 
 
 if __name__ == "__main__":
