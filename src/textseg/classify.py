@@ -54,17 +54,28 @@ def image_logits(model: DualEncoder, pixels: torch.Tensor, classifier: torch.Ten
 
 
 @torch.no_grad()
-def classify(model: DualEncoder, images: Sequence, labels: Sequence[str],
-             templates: str | Sequence[str] | None = DEFAULT_TEMPLATES, batch_size: int = 16) -> torch.Tensor:
-    """Images (paths, PIL, arrays, tensors) -> ``B x N`` probabilities over ``labels`` (label order)."""
+def classify_batches(model: DualEncoder, images: Sequence, labels: Sequence[str],
+                     templates: str | Sequence[str] | None = DEFAULT_TEMPLATES, batch_size: int = 16,
+                     progress: bool = False):
+    """Yield ``b x N`` probability tensors for consecutive batches of ``images`` (read lazily, so
+    memory stays bounded for long lists); labels are embedded once."""
     from textseg.preprocess import preprocess
 
     classifier = text_classifier(model, labels, templates)
-    device = classifier.device
-    out = []
-    for i in range(0, len(images), batch_size):
-        pixels = torch.stack([preprocess(im, model.preprocess_cfg) for im in images[i : i + batch_size]])
-        out.append(image_logits(model, pixels.to(device), classifier).float().softmax(dim=-1).cpu())
-    if not out:
+    if not len(images):
         raise TextsegError("no images to classify")
-    return torch.cat(out)
+    device = classifier.device
+    starts = range(0, len(images), batch_size)
+    if progress and len(images) > batch_size:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="classify", unit="batch")
+    for i in starts:
+        pixels = torch.stack([preprocess(im, model.preprocess_cfg) for im in images[i : i + batch_size]])
+        yield image_logits(model, pixels.to(device), classifier).float().softmax(dim=-1).cpu()
+
+
+def classify(model: DualEncoder, images: Sequence, labels: Sequence[str],
+             templates: str | Sequence[str] | None = DEFAULT_TEMPLATES, batch_size: int = 16) -> torch.Tensor:
+    """Images (paths, PIL, arrays, tensors) -> ``B x N`` probabilities over ``labels`` (label order)."""
+    return torch.cat(list(classify_batches(model, images, labels, templates, batch_size)))

@@ -1,7 +1,8 @@
 """``textseg classify IMAGE... --labels "a,b,c"``: zero-shot classification, top-k per image.
 
 With ``--json`` each image gives one line ``{"image": ..., "labels": [...], "probs": [...]}``
-(probabilities in label order, full float precision)."""
+(probabilities in label order, full float precision). Images are read batch by batch (bounded
+memory); an unreadable image stops the run with a one-line error."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", metavar="M", help="model name (see `textseg models`); default: offline")
     p.add_argument("--top-k", type=int, default=5, help="labels shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
@@ -48,29 +50,32 @@ def run(args) -> int:
     from textseg.errors import TextsegError
 
     labels = read_labels(args)
-    if args.top_k < 1:
-        raise TextsegError("--top-k must be at least 1")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise TextsegError("--top-k and --batch-size must be at least 1")
     from textseg.io import list_images, load_image
 
     paths = list_images(args.images)
     if not paths:
         raise TextsegError("no images found")
-    images = [load_image(p) for p in paths]  # every image is checked before any work
+    if len(paths) == 1:
+        load_image(paths[0])  # fail on a bad image before loading the model
 
-    from textseg.classify import DEFAULT_TEMPLATES, classify
+    from textseg.classify import DEFAULT_TEMPLATES, classify_batches
     from textseg.weights.load import load_model
 
     model = load_model(name=args.model, weights=args.weights, device=args.device)
     templates = args.template if args.template is not None else DEFAULT_TEMPLATES
-    probs = classify(model, images, labels, templates)
-    for path, row in zip(paths, probs.tolist()):
-        if args.json:
-            print(json.dumps({"image": str(path), "labels": labels, "probs": row}))
-            continue
-        order = sorted(range(len(labels)), key=lambda i: -row[i])[: args.top_k]
-        width = max(len(labels[i]) for i in order)
-        print(str(path))
-        for i in order:
-            print(f"  {labels[i]:<{width}}  {row[i]:7.2%}")
-    sys.stdout.flush()
+    done = 0
+    for probs in classify_batches(model, paths, labels, templates, args.batch_size, progress=True):
+        for path, row in zip(paths[done:], probs.tolist()):
+            if args.json:
+                print(json.dumps({"image": str(path), "labels": labels, "probs": row}))
+                continue
+            order = sorted(range(len(labels)), key=lambda i: -row[i])[: args.top_k]
+            width = max(len(labels[i]) for i in order)
+            print(str(path))
+            for i in order:
+                print(f"  {labels[i]:<{width}}  {row[i]:7.2%}")
+        done += len(probs)
+        sys.stdout.flush()
     return 0
