@@ -467,3 +467,21 @@ def test_backbone_weights_loading(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "w.pth")
     with pytest.raises(CheckpointError, match="does not match"):
         load_backbone_weights(CAMNet(CAMConfig(["a"], "tiny")), tmp_path / "w.pth")
+
+
+def test_train_cam_clims_mode_logs_every_term(tmp_path, monkeypatch):
+    import textseg.train.clims as clims_mod
+
+    data = make_synthetic(tmp_path / "synth", n=8)
+    (tmp_path / "bg.txt").write_text("tree\nsea\n")
+    monkeypatch.setattr(clims_mod, "load_evaluator", lambda name, weights="": ColourEvaluator())
+    cfg = clims_mod.CAMTrainCfg(out=str(tmp_path / "run"), mode="baseline+clims", backbone="tiny", steps=4,
+                                batch_size=4, log_every=2, freeze_bn=False)
+    cfg.data.root, cfg.data.crop_size = str(data), 32
+    cfg.clims.background, cfg.clims.template = str(tmp_path / "bg.txt"), "{}"
+    summary = clims_mod.train_cam(cfg, progress=False)
+    assert set(summary["last"]) >= {"loss", "cls", "otm", "btm", "cbs", "reg"}
+    first = summary["first"]
+    w = clims_mod.CLIMSCfg()
+    parts = first["cls"] + w.alpha * first["otm"] + w.beta * first["btm"] + w.gamma * first["cbs"] + w.delta * first["reg"]
+    assert first["loss"] == pytest.approx(parts, rel=1e-4)
