@@ -93,6 +93,19 @@ def test_matches_huggingface_bpe(tok, tmp_path):
     texts = [t for t in KNOWN if clean_text(t) == " ".join(t.split()).lower()] + [
         "Ελληνικά русский עברית العربية हिन्दी", "x" * 300, "don't stop-believing 4ever_and_ever",
         "👨‍👩‍👧 family", "tab\tand\u3000ideographic space", "MiXeD CaSe ÅÄÖ"]
+    # seeded fuzz over mixed scripts, digits, punctuation, emoji and odd whitespace
+    import random
+    import unicodedata
+
+    rng = random.Random(0)
+    alphabet = ("abcxyzABCXYZ0123456789 ,.;:!?'-_/()[]{}#@&%$*+=~`^|\\\"\t\n"
+                "éèüßøåÆŒçñ" "αβγΩЖжשלוםمرحبا" "中文字東京かなカナ한국어" "😀🐱🚀👍🏽✨" "\u00a0\u2009\u3000")
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        if clean_text(text) != " ".join(unicodedata.normalize("NFC", text).split()).lower():
+            continue  # ftfy / HTML cleanup changes it: HF does not do that step
+        texts.append(text)
+    assert len(texts) > 150
     for text in texts:
         assert list(tok.encode(text)) == hf(text, add_special_tokens=False)["input_ids"], text
 
