@@ -51,6 +51,12 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--val-every", type=int, default=d.val_every, help="epochs between validations")
+    p.add_argument("--eval-scale", type=float, default=d.eval_scale,
+                   help="validate on images resized by this factor (e.g. 0.5 for a model trained at half size)")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="short side the model expects at inference (saved in the card; default: the crop's)")
+    p.add_argument("--time-limit", type=float, default=d.time_limit,
+                   help="seconds: after each epoch, shorten the run (and its LR decay) to end in time")
     p.add_argument("--out", default=d.out_dir)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--device", default=d.device, help="auto / cpu / cuda")
@@ -71,7 +77,7 @@ def run(args) -> int:
         class_balance=args.class_balance, freeze_bn=args.freeze_bn, freeze_stages=args.freeze_stages,
         light=args.light, amp=args.amp, workers=args.workers, threads=args.threads, seed=args.seed,
         save_every=args.save_every, log_every=args.log_every, val_every=args.val_every, out_dir=args.out,
-        resume=args.resume, device=args.device,
+        resume=args.resume, device=args.device, eval_scale=args.eval_scale, time_limit=args.time_limit, image_size=args.image_size,
     )
     result = train(cfg)
     from textseg.train import dist

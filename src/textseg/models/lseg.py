@@ -202,7 +202,8 @@ class ViTDenseEncoder(nn.Module):
         self.reassemble = nn.ModuleList(Reassemble(width, c, f, readout) for c, f in zip(channels, factors))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        tokens, grid = self.vit.forward_intermediates(x, self.hooks)
+        out = self.vit.forward_intermediates(x, self.hooks)
+        tokens, grid = (out["tokens"], out["grid"]) if isinstance(out, dict) else out
         return [r(t, grid) for r, t in zip(self.reassemble, tokens)]
 
 
@@ -365,6 +366,14 @@ class LSeg(DualEncoder):
         self.preprocess_cfg = PreprocessCfg(cfg.image_size, tuple(cfg.mean), tuple(cfg.std), "bilinear")
         self.dense_stride = 2 if cfg.last_upsample else 4
 
+    @classmethod
+    def from_config_dict(cls, d: dict) -> LSeg:
+        """An LSeg with random weights (text tower included) for the native card's config."""
+        return build_lseg(LSegConfig.from_dict(d), pretrained=False)
+
+    def config_dict(self) -> dict:
+        return self.cfg.to_dict()
+
     def train(self, mode: bool = True) -> LSeg:
         super().train(mode)
         self.text_encoder.eval()  # frozen: never in training mode (dropout off, BN stats fixed)
@@ -458,13 +467,14 @@ def build_text_encoder(cfg: LSegConfig, pretrained: bool = False) -> tuple[nn.Mo
             tower.tokenizer = mm.load_tokenizer(mm.model_dir(), tower.cfg.max_tokens)
         return tower, tower.tokenize
     if cfg.text_encoder == "clip":
-        from textseg.models.clip import TextCfg, TextTransformer
+        from textseg.models.clip import TextConfig, TextTransformer
         from textseg.models.tokenizer import tokenize
 
-        tower = TextTransformer(TextCfg(**cfg.text_cfg))
         if pretrained:
-            raise TextsegError("no CLIP text weights ship with textseg; load an LSeg or CLIP checkpoint")
-        return tower, tokenize
+            raise TextsegError("no CLIP text weights ship with textseg; start from an LSeg or CLIP checkpoint")
+        tcfg = TextConfig(**cfg.text_cfg)
+        tower = TextTransformer(tcfg, cfg.embed_dim)
+        return tower, lambda texts: tokenize(texts, context_length=tcfg.context_length)
     raise TextsegError(f"unknown LSeg text encoder {cfg.text_encoder!r}: use minilm or clip")
 
 
@@ -475,29 +485,9 @@ def build_lseg(cfg: LSegConfig, pretrained: bool = False) -> LSeg:
     return LSeg(cfg, build_image_encoder(cfg, pretrained), text, tokenizer)
 
 
-CARD_KEY = "textseg_lseg"  # safetensors metadata key holding the JSON config
+def save_lseg(model: LSeg, path: str, card: dict | None = None) -> dict:
+    """Write ``model`` (every weight, the text tower included) in textseg's native safetensors
+    format; ``load_model(weights=path)`` rebuilds it exactly from the card's config."""
+    from textseg.weights.load import save_model
 
-
-def save_lseg(model: LSeg, path: str, extra: dict | None = None) -> None:
-    """Write ``model`` (all weights, text tower included) as safetensors; the metadata holds
-    ``{"model": "lseg", "config": ...}`` so :func:`load_lseg` rebuilds it exactly."""
-    import json
-
-    from safetensors.torch import save_file
-
-    card = {"model": "lseg", "config": model.cfg.to_dict(), **(extra or {})}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, path, metadata={CARD_KEY: json.dumps(card)})
-
-
-def lseg_from_state(card: dict, state: dict[str, torch.Tensor]) -> LSeg:
-    """Rebuild an LSeg from its card and a state dict whose key set must match exactly."""
-    from textseg.errors import CheckpointError
-
-    model = build_lseg(LSegConfig.from_dict(card["config"]), pretrained=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"LSeg weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-    return model.eval()
+    return save_model(model, path, card)

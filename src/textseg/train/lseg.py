@@ -79,6 +79,8 @@ class LSegTrainConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0: torch's default)
     image_size: int = 0  # card's preprocess image size (0: min of the crop)
+    time_limit: float = 0  # seconds; after each epoch the step total shrinks to fit it (0: none)
+    eval_scale: float = 1.0  # validation runs on images resized by this factor (logits scored at full size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +127,7 @@ class LabelledSegData(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, i])
             image, mask, origin = self._augment(image, mask, rng)
         img = (np.asarray(image, np.float32) / 255.0 - self.mean) / self.std
-        mask = np.asarray(mask, np.uint8)
+        mask = np.array(mask, np.uint8)  # a writable copy
         if self.train:  # pad to the crop (image 0 = mean, mask = ignore)
             ch, cw = self.crop
             h, w = mask.shape
@@ -241,7 +243,8 @@ def label_embeddings(model: LSeg, names: Sequence[str], template: str) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model: LSeg, data: LabelledSegData, texts: Sequence[torch.Tensor], device, amp: bool) -> list:
+def evaluate(model: LSeg, data: LabelledSegData, texts: Sequence[torch.Tensor], device, amp: bool,
+             scale: float = 1.0) -> list:
     """Whole-image validation, sharded over ranks; returns one :class:`SegMetrics` per dataset."""
     from textseg.metrics import ConfusionMatrix
 
@@ -251,8 +254,14 @@ def evaluate(model: LSeg, data: LabelledSegData, texts: Sequence[torch.Tensor], 
     rank, world = dist.get_rank(), dist.get_world_size()
     for i in range(rank, len(data), world):
         img, mask, d = data[i]
+        x = img[None].to(device)
+        if scale != 1.0:
+            size = (max(32, round(x.shape[-2] * scale)), max(32, round(x.shape[-1] * scale)))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            logits = model.forward_logits(img[None].to(device), texts[d])
+            logits = model.forward_logits(x, texts[d])
+        if scale != 1.0:
+            logits = F.interpolate(logits.float(), size=mask.shape, mode="bilinear", align_corners=False)
         cms[d].update(logits.argmax(1)[0].cpu(), mask)
     model.train(was)
     return [cm.all_reduce().compute() for cm in cms]
@@ -269,8 +278,16 @@ def train(cfg: LSegTrainConfig) -> dict:
         raise TextsegError("no training data: pass --data ROOT[:split] (repeatable)")
     if cfg.crop[0] % 32 or cfg.crop[1] % 32:
         raise TextsegError(f"crop {cfg.crop} must be multiples of 32")
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: LSegTrainConfig) -> dict:
     info = dist.init_distributed(cfg.device)
     device = info.device
     out = Path(cfg.out_dir)
@@ -290,6 +307,7 @@ def train(cfg: LSegTrainConfig) -> dict:
     if mcfg.text_encoder == "minilm":  # record the tower's dims so the card rebuilds it exactly
         mcfg = dataclasses.replace(mcfg, text_cfg=asdict(model.text_encoder.cfg))
         model.cfg = mcfg
+    model.decoder.fusion[3].rcu1.requires_grad_(False)  # the coarsest level has no skip input: unused
     model.to(device)
     texts = [label_embeddings(model, ds.class_names, cfg.template).to(device) for ds in train_sets]
     if cfg.freeze_bn:
@@ -358,13 +376,16 @@ def train(cfg: LSegTrainConfig) -> dict:
     if cfg.freeze_bn:
         set_backbone_bn_eval(model)
     use_amp = cfg.amp and device.type == "cuda"
-    t0, last_loss, val = time.time(), math.nan, []
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    t0, last_loss, val, val_step = time.time(), math.nan, [], -1
     run_loss, run_n = 0.0, 0
     while step < total:
         start = step - epoch * steps_per_epoch  # batches of this epoch already done (resume)
         if start >= steps_per_epoch:
             epoch, start = epoch + 1, 0
         train_data.epoch = epoch
+        epoch_start, epoch_t0 = step, time.time()
         batches = epoch_order(len(train_data), epoch, cfg.seed, info.rank, info.world_size, cfg.batch_size)[start:]
         loader = torch.utils.data.DataLoader(train_data, batch_sampler=batches, collate_fn=collate,
                                              num_workers=cfg.workers, persistent_workers=False)
@@ -395,17 +416,19 @@ def train(cfg: LSegTrainConfig) -> dict:
         else:
             epoch += 1
             save(step, epoch)
+            total = _fit_time_limit(cfg, total, step, epoch_start, time.time() - t0, time.time() - epoch_t0)
             if val_data is not None and cfg.val_every and epoch % cfg.val_every == 0:
-                val = _validate(model, val_data, texts, device, use_amp, val_sets, step, epoch, record)
+                val = _validate(model, val_data, texts, device, use_amp, val_sets, step, epoch, record, cfg.eval_scale)
+                val_step = step
             continue
         break
     if saved != step:  # stopped by max_steps
         save(step, epoch)
-    if val_data is not None and cfg.val_every and not val:
-        val = _validate(model, val_data, texts, device, use_amp, val_sets, step, epoch, record)
+    if val_data is not None and cfg.val_every and val_step != step:  # the final model, once
+        val = _validate(model, val_data, texts, device, use_amp, val_sets, step, epoch, record, cfg.eval_scale)
     if info.is_main:
         save_lseg(model, str(out / "model.safetensors"),
-                  extra={"trained_on": [str(s) for s in cfg.data], "classes": [ds.class_names for ds in train_sets]})
+                  card={"trained_on": [str(s) for s in cfg.data], "classes": [ds.class_names for ds in train_sets]})
     seconds = time.time() - t0
     record({"done": True, "step": step, "seconds": seconds})
     if log is not None:
@@ -414,8 +437,22 @@ def train(cfg: LSegTrainConfig) -> dict:
     return {"step": step, "loss": last_loss, "val": val, "seconds": seconds}
 
 
-def _validate(model, val_data, texts, device, amp, val_sets, step, epoch, record) -> list[dict]:
-    metrics = evaluate(model, val_data, texts, device, amp)
+def _fit_time_limit(cfg: LSegTrainConfig, total: int, step: int, epoch_start: int, elapsed: float,
+                    epoch_seconds: float) -> int:
+    """With ``time_limit``, cut the step total to what the speed of the epoch just finished allows
+    in the time left (the poly schedule then decays to zero at the new end). The first epoch, which
+    pays for start-up, is not used. Every rank computes the same value."""
+    if not cfg.time_limit or step <= epoch_start or epoch_start == 0 and elapsed < cfg.time_limit:
+        return total
+    per_step = float(dist.all_reduce_mean(torch.tensor(epoch_seconds / (step - epoch_start))))
+    fit = step + max(0, int((cfg.time_limit - elapsed) / per_step))
+    if fit < total:
+        dist.print0(f"time limit {cfg.time_limit:.0f}s: training stops at step {fit} instead of {total}")
+    return min(total, fit)
+
+
+def _validate(model, val_data, texts, device, amp, val_sets, step, epoch, record, scale=1.0) -> list[dict]:
+    metrics = evaluate(model, val_data, texts, device, amp, scale)
     out = []
     for ds, m in zip(val_sets, metrics):
         d = {"dataset": str(ds.root), "miou": m.miou * 100}

@@ -19,6 +19,7 @@ NAME = "native"
 ARCHITECTURES: dict[str, str] = {
     "clip": "textseg.models.clip:CLIP",
     "groupvit": "textseg.models.groupvit:GroupViT",
+    "lseg": "textseg.models.lseg:LSeg",
 }
 
 
