@@ -277,6 +277,30 @@ def test_official_checkpoint_layout_loads_exactly(tmp_path):
         load_model(weights=tmp_path / "fewer.ckpt")
 
 
+def test_lightning_checkpoint_with_objects_needs_explicit_trust(tmp_path):
+    """A Lightning file whose hyper_parameters pickle a class is refused by the safe reader; the
+    explicit ``convert --trust-checkpoint`` turns it into safetensors once, which then load safely."""
+    import argparse
+
+    from textseg.cli import main
+    from textseg.weights.load import load_model
+
+    state = official_state(seed=1)
+    path = tmp_path / "fold0.ckpt"
+    torch.save({"state_dict": {"net." + k: v for k, v in state.items()},
+                "hyper_parameters": argparse.Namespace(backbone="clip_vitb32_384")}, path)
+    with pytest.raises(CheckpointError, match="safe torch checkpoint"):
+        load_model(weights=path)
+    assert main(["convert", str(path), str(tmp_path / "fold0.safetensors")]) == 2  # not without the flag
+    assert main(["convert", "--trust-checkpoint", str(path), str(tmp_path / "fold0.safetensors")]) == 0
+    model = load_model("lseg", weights=tmp_path / "fold0.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_dense(x),
+                                   reference_image_features({k: v.float() for k, v in state.items()}, x),
+                                   rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,21 @@ def _trusted_torchscript(path):
     return RawCheckpoint(tensors=dict(module.state_dict()), kind="torchscript", path=path)
 
 
+def _trusted_pickle(path):
+    """Full unpickling (runs code from the file: only behind ``--trust-checkpoint``), for checkpoints
+    such as lang-seg's Lightning ``.ckpt`` whose ``hyper_parameters`` hold non-plain classes."""
+    import torch
+
+    from textseg.errors import CheckpointError
+    from textseg.weights.load import RawCheckpoint, _unwrap
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: torch.load failed too ({type(e).__name__}: {e})") from None
+    return RawCheckpoint(kind="torch", path=path, **_unwrap(obj, path))
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -45,7 +60,10 @@ def run(args) -> int:
     except CheckpointError:
         if not (args.trust_checkpoint and src.is_file()):
             raise
-        raw = _trusted_torchscript(src)
+        try:
+            raw = _trusted_torchscript(src)
+        except CheckpointError:  # not TorchScript: a pickled checkpoint (e.g. a Lightning .ckpt)
+            raw = _trusted_pickle(src)
     fmt = detect_format(raw)
     if fmt.NAME == "open_clip" and args.act:
         model = fmt.build(raw, act=args.act)

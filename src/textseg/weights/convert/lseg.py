@@ -21,8 +21,8 @@ clear message.
 
 Reading stays safe: :func:`textseg.weights.load.read_checkpoint` uses ``torch.load(weights_only=True)``.
 A Lightning file whose extra entries (``hyper_parameters``) need classes that are not plain containers
-fails there; ``textseg convert --trust-checkpoint`` then converts it once to safetensors (see
-:func:`convert_trusted`).
+fails there; ``textseg convert --trust-checkpoint demo_e200.ckpt lseg.safetensors`` then unpickles it
+once (explicitly trusted) and writes native safetensors that load safely from then on.
 """
 
 from __future__ import annotations
@@ -156,20 +156,3 @@ def build(raw):
     model.card = {"format": "lang-seg", "source": str(raw.path)}
     return model.eval()
 
-
-def convert_trusted(src: str, dst: str) -> dict:
-    """Convert a lang-seg Lightning checkpoint that ``weights_only`` cannot read (its
-    ``hyper_parameters`` pickles Lightning classes) into native safetensors, ONCE, by full
-    unpickling. Only call this for files you trust: unpickling can run code from the file. The
-    result loads safely from then on (``load_model(weights=dst)``)."""
-    from textseg.weights.load import RawCheckpoint, save_model
-
-    obj = torch.load(src, map_location="cpu", weights_only=False)  # trusted by the caller's explicit flag
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{src}: no state_dict inside")
-    raw = RawCheckpoint(tensors={k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, path=None)
-    if not detect(raw):
-        raise CheckpointError(f"{src}: not a lang-seg checkpoint")
-    model = build(raw)
-    return save_model(model, dst, {"source": str(src), "converted_from": "lang-seg (trusted unpickling)"})
