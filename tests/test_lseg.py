@@ -365,6 +365,31 @@ def test_training_learns_and_keeps_the_text_encoder_bit_identical(tmp_path):
     assert all(torch.equal(trained[k], fresh[k]) for k in fresh)
 
 
+def test_training_from_a_clip_checkpoint_keeps_its_text_tower(tmp_path):
+    """backbone + text encoder from a (tiny, random) CLIP checkpoint: the ViT is trained through the DPT
+    head, CLIP's text tower is frozen and saved bit-identical."""
+    from textseg.cli import main
+    from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+    from textseg.weights.load import load_model, save_model
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(embed_dim=32, vision=VisionConfig(image_size=64, layers=4, width=64, patch_size=16),
+                           text=TextConfig(width=64, heads=1, layers=1)))
+    save_model(clip, tmp_path / "clip.safetensors")
+    data = make_folder_dataset(tmp_path / "scenes", n=4)
+    out = tmp_path / "run"
+    args = train_args(data, out, "--max-steps", "2", "--val-split", "none", "--backbone", "clip",
+                      "--text-encoder", "clip", "--init-from", str(tmp_path / "clip.safetensors"))
+    args.remove("--light")
+    assert main(args) == 0
+    model = load_model("lseg", weights=out / "model.safetensors")
+    assert model.cfg.backbone == "clip" and model.cfg.embed_dim == 32 and model.image_encoder.hooks == (0, 1, 2, 3)
+    assert all(torch.equal(v, clip.text.state_dict()[k]) for k, v in model.text_encoder.state_dict().items())
+    moved = model.image_encoder.vit.blocks[0].mlp.c_fc.weight
+    assert not torch.equal(moved, clip.visual.blocks[0].mlp.c_fc.weight)  # the image side did train
+    assert model.forward_logits(torch.randn(1, 3, 64, 96), model.embed_texts(["a", "b"])).shape == (1, 2, 64, 96)
+
+
 def test_two_datasets_each_scored_against_its_own_labels(tmp_path):
     from textseg.models.lseg import LSegConfig, build_lseg
     from textseg.train.lseg import LabelledSegData, LSegLoss, open_dataset

@@ -22,7 +22,10 @@ def add_parser(sub) -> None:
                    help="a dataset folder (images/, masks/, classes.txt, splits/); repeatable")
     p.add_argument("--train-split", default=d.train_split)
     p.add_argument("--val-split", default=d.val_split, help="validated after each epoch ('none' to skip)")
-    p.add_argument("--backbone", default=d.backbone, help="lite0 / lite1 / lite2 (EfficientNet-Lite)")
+    p.add_argument("--backbone", default=d.backbone,
+                   help="lite0 / lite1 / lite2 (EfficientNet-Lite, ImageNet weights) or clip (CLIP's ViT, --init-from)")
+    p.add_argument("--init-from", default=None, metavar="CLIP_CKPT",
+                   help="CLIP checkpoint (any supported format) for backbone clip and/or text encoder clip")
     p.add_argument("--text-encoder", default=d.text_encoder, choices=["minilm", "clip"])
     p.add_argument("--features", type=int, default=d.features, help="DPT decoder width")
     p.add_argument("--block", default=d.block, choices=["none", "bottleneck", "depthwise"],
@@ -70,7 +73,7 @@ def run(args) -> int:
     cfg = LSegTrainConfig(
         data=args.data, train_split=args.train_split,
         val_split=None if str(args.val_split).lower() == "none" else args.val_split,
-        backbone=args.backbone, text_encoder=args.text_encoder, features=args.features, block=args.block,
+        backbone=args.backbone, text_encoder=args.text_encoder, init_from=args.init_from, features=args.features, block=args.block,
         block_depth=args.block_depth, template=args.template, crop=tuple(args.crop), scale=tuple(args.scale),
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,

@@ -40,7 +40,9 @@ from textseg.models.base import DualEncoder, PreprocessCfg
 class LSegConfig:
     """Everything that fixes an LSeg architecture; saved in the checkpoint card.
 
-    ``backbone``: ``"vit"`` or an EfficientNet-Lite variant (``"lite0"``, ``"lite1"``, ``"lite2"``).
+    ``backbone``: ``"vit"`` (timm-layout ViT, the official model), ``"clip"`` (CLIP's ViT image tower,
+    ``vision_cfg`` holds its :class:`~textseg.models.clip.VisionConfig`) or an EfficientNet-Lite
+    variant (``"lite0"``, ``"lite1"``, ``"lite2"``).
     ``text_encoder``: ``"clip"`` (CLIP text transformer, ``text_cfg`` holds its dims) or ``"minilm"``.
     ``block``: spatial regularisation, ``"none"`` / ``"bottleneck"`` / ``"depthwise"`` (paper's
     arch options 0 / 1 / 2) applied ``block_depth`` times with ``activation`` between.
@@ -70,6 +72,7 @@ class LSegConfig:
     vit_reassemble: tuple[int, ...] = (256, 512, 1024, 1024)
     readout: str = "project"  # "project" / "ignore" / "add"
     text_cfg: dict = field(default_factory=dict)
+    vision_cfg: dict = field(default_factory=dict)
     image_size: int = 384
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -80,6 +83,8 @@ class LSegConfig:
     @classmethod
     def from_dict(cls, d: dict) -> LSegConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if isinstance(known.get("vision_cfg", {}).get("layers"), list):  # a ResNet's per-stage depths
+            known["vision_cfg"] = {**known["vision_cfg"], "layers": tuple(known["vision_cfg"]["layers"])}
         for k in ("vit_hooks", "vit_reassemble", "mean", "std"):
             if k in known:
                 known[k] = tuple(known[k])
@@ -436,12 +441,30 @@ def upsample_logits(logits: torch.Tensor, size: Sequence[int], stride: int) -> t
 # ---------------------------------------------------------------------------------------------
 
 
+def clip_vit_hooks(layers: int) -> tuple[int, ...]:
+    """Blocks whose tokens the DPT head reads: the official choice for 12 / 24 blocks, else evenly
+    spaced quarters."""
+    return {12: (2, 5, 8, 11), 24: (5, 11, 17, 23)}.get(layers, tuple(layers * (i + 1) // 4 - 1 for i in range(4)))
+
+
 def build_image_encoder(cfg: LSegConfig, pretrained: bool = False) -> nn.Module:
     """The dense image encoder ``cfg.backbone`` names; ``pretrained`` loads the ImageNet weights the
     EfficientNet-Lite package ships (ViT weights come from a converted LSeg checkpoint)."""
     if cfg.backbone == "vit":
         vit = TimmViT(cfg.vit_width, cfg.vit_layers, cfg.vit_heads, cfg.vit_patch, cfg.vit_image_size)
         return ViTDenseEncoder(vit, cfg.vit_width, cfg.vit_hooks, cfg.vit_reassemble, cfg.vit_patch, cfg.readout)
+    if cfg.backbone == "clip":
+        from textseg.models.clip import VisionConfig, VisionTransformer
+
+        vc = VisionConfig(**cfg.vision_cfg)
+        if vc.is_resnet:
+            raise TextsegError("LSeg's CLIP backbone must be a ViT (B/32, B/16, L/14, L/16 ...), not a ResNet")
+        vit = VisionTransformer(vc, output_dim=None)
+        vit.ln_post.requires_grad_(False)  # the dense path reads block outputs: ln_post is unused
+        hooks = clip_vit_hooks(vc.layers)
+        w = vc.width
+        channels = (256, 512, 1024, 1024) if w == 1024 else (w // 8, w // 4, w // 2, w)
+        return ViTDenseEncoder(vit, w, hooks, channels, vc.patch_size, cfg.readout)
     if cfg.backbone.startswith("lite"):
         from textseg.models.efficientnet import efficientnet_lite
 
@@ -450,7 +473,7 @@ def build_image_encoder(cfg: LSegConfig, pretrained: bool = False) -> nn.Module:
         cnn.head = nn.Identity()
         # Stages at strides 4, 8, 16, 32 are 1, 2, 4, 6 for every Lite variant.
         return CNNDenseEncoder(cnn, (1, 2, 4, 6), cfg.freeze_stages)
-    raise TextsegError(f"unknown LSeg backbone {cfg.backbone!r}: use vit, lite0, lite1 or lite2")
+    raise TextsegError(f"unknown LSeg backbone {cfg.backbone!r}: use clip, vit, lite0, lite1 or lite2")
 
 
 def build_text_encoder(cfg: LSegConfig, pretrained: bool = False) -> tuple[nn.Module, Callable]:
@@ -470,8 +493,6 @@ def build_text_encoder(cfg: LSegConfig, pretrained: bool = False) -> tuple[nn.Mo
         from textseg.models.clip import TextConfig, TextTransformer
         from textseg.models.tokenizer import tokenize
 
-        if pretrained:
-            raise TextsegError("no CLIP text weights ship with textseg; start from an LSeg or CLIP checkpoint")
         tcfg = TextConfig(**cfg.text_cfg)
         tower = TextTransformer(tcfg, cfg.embed_dim)
         return tower, lambda texts: tokenize(texts, context_length=tcfg.context_length)
@@ -479,8 +500,9 @@ def build_text_encoder(cfg: LSegConfig, pretrained: bool = False) -> tuple[nn.Mo
 
 
 def build_lseg(cfg: LSegConfig, pretrained: bool = False) -> LSeg:
-    """An LSeg for ``cfg``. ``pretrained``: ImageNet EfficientNet-Lite + packaged MiniLM weights (the
-    starting point of training); otherwise random weights for a checkpoint to fill."""
+    """An LSeg for ``cfg``. ``pretrained``: the packaged weights where they exist (ImageNet
+    EfficientNet-Lite, MiniLM), the starting point of training; CLIP / timm ViT parts stay random
+    (filled from a checkpoint). Otherwise all random, for a checkpoint to fill."""
     text, tokenizer = build_text_encoder(cfg, pretrained)
     return LSeg(cfg, build_image_encoder(cfg, pretrained), text, tokenizer)
 

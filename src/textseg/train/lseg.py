@@ -49,6 +49,7 @@ class LSegTrainConfig:
     val_split: str | None = "val"
     backbone: str = "lite0"
     text_encoder: str = "minilm"
+    init_from: str | None = None  # a CLIP checkpoint: its ViT (backbone "clip") and/or text tower (text "clip")
     features: int = 64
     block: str = "none"
     block_depth: int = 0
@@ -197,6 +198,35 @@ class LSegLoss(nn.Module):
         return total / count.clamp_min(1), count
 
 
+def build_from_clip(mcfg: LSegConfig, path: str | None) -> LSeg:
+    """LSeg whose CLIP parts (the ViT image tower for backbone ``clip``, the text tower for text
+    encoder ``clip``) start from the CLIP checkpoint at ``path`` (any format ``load_model`` reads)."""
+    from textseg.models.base import OPENAI_MEAN, OPENAI_STD
+    from textseg.weights.load import load_model
+
+    if not path:
+        raise TextsegError("backbone / text encoder 'clip' needs --init-from CLIP_CHECKPOINT (no CLIP weights ship)")
+    clip = load_model(weights=path)
+    if clip.name != "clip":
+        raise TextsegError(f"--init-from {path} is a {clip.name!r} checkpoint, not CLIP")
+    changes: dict = {}
+    if mcfg.text_encoder == "clip":
+        changes.update(text_cfg=dataclasses.asdict(clip.cfg.text), embed_dim=clip.cfg.embed_dim)
+    if mcfg.backbone == "clip":
+        vision = dataclasses.asdict(clip.cfg.vision)
+        changes.update(vision_cfg=vision, mean=tuple(clip.preprocess_cfg.mean or OPENAI_MEAN),
+                       std=tuple(clip.preprocess_cfg.std or OPENAI_STD))
+    mcfg = dataclasses.replace(mcfg, **changes)
+    model = build_lseg(mcfg, pretrained=True)  # packaged weights for the non-CLIP parts
+    if mcfg.backbone == "clip":
+        visual = {k: v for k, v in clip.visual.state_dict().items() if k != "proj"}
+        model.image_encoder.vit.load_state_dict(visual, strict=True)
+    if mcfg.text_encoder == "clip":
+        model.text_encoder.load_state_dict(clip.text.state_dict(), strict=True)
+        model.text_encoder.requires_grad_(False)
+    return model
+
+
 def set_backbone_bn_eval(model: LSeg) -> None:
     for m in model.image_encoder.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -303,7 +333,9 @@ def _train(cfg: LSegTrainConfig) -> dict:
                       block=cfg.block, block_depth=cfg.block_depth, freeze_stages=cfg.freeze_stages,
                       separable=cfg.light, last_upsample=not cfg.light,
                       image_size=cfg.image_size or min(cfg.crop))
-    model = build_lseg(mcfg, pretrained=True)
+    model = build_from_clip(mcfg, cfg.init_from) if "clip" in (cfg.backbone, cfg.text_encoder) else \
+        build_lseg(mcfg, pretrained=True)
+    mcfg = model.cfg
     if mcfg.text_encoder == "minilm":  # record the tower's dims so the card rebuilds it exactly
         mcfg = dataclasses.replace(mcfg, text_cfg=asdict(model.text_encoder.cfg))
         model.cfg = mcfg
