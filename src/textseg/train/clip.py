@@ -27,17 +27,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
 from textseg.data.imagetext import CaptionDataset, ImageTextCollate, TarShardDataset, pick_caption
 from textseg.errors import TextsegError
-from textseg.models.base import PreprocessCfg
 from textseg.models.clip import CLIPConfig
+from textseg.preprocess import Preprocess
 from textseg.prompts import resolve_templates
 from textseg.train.dist import print0
 from textseg.train.engine import TrainConfig, Trainer, seed_everything
@@ -147,21 +145,8 @@ class ClipTrainModule(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- data
-class ImageTransform:
-    """PIL RGB -> normalised ``3 x S x S`` tensor: bicubic resize of the short side, centre crop."""
-
-    def __init__(self, cfg: PreprocessCfg):
-        self.size, self.mean, self.std = cfg.image_size, torch.tensor(cfg.mean), torch.tensor(cfg.std)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        w, h = img.size
-        s = self.size / min(w, h)
-        img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean[:, None, None]) / self.std[:, None, None]
+# The model's own preprocessing (OpenAI-identical resize + centre crop); name kept for recipes importing it.
+ImageTransform = Preprocess
 
 
 class CachedPairs(Dataset):
@@ -297,7 +282,7 @@ def build_trainer(cfg: ClipRecipeConfig) -> Trainer:
     info = init_distributed(cfg.train.device)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(info.device)
-    transform = ImageTransform(model.preprocess_cfg)
+    transform = Preprocess(model.preprocess_cfg)
     d = cfg.data
     if not d.train:
         raise TextsegError("set data.train to a caption folder or tar shards (--set data.train=PATH)")
