@@ -23,8 +23,7 @@ LONG=${LONG:-320}
 T=${THREADS:-2}
 PY=".venv/bin/python -m textseg.cli"
 COMMON=(--classes "$D/classes_voc21.txt" --backbone efficientnet_lite0 --batch-size 8 --crop-size 320
-        --threads "$T" --no-progress --set freeze_backbone=true --set cache_features=true
-        --set cache_file="$OUT/cache320.pt" --set log_every=10)
+        --threads "$T" --no-progress --freeze-backbone --cache-features "$OUT/cache320.pt" --set log_every=5)
 mkdir -p "$OUT"
 
 $PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_A" --lr 0.01 --out "$OUT/baseA"

@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
     t.add_argument("--backbone-weights", default=None,
                    help="backbone weights file (e.g. torchvision resnet50 ImageNet .pth/.safetensors)")
     t.add_argument("--init", default=None, help="start from this CAM checkpoint (CLIMS: the baseline's)")
+    t.add_argument("--freeze-backbone", action="store_true", help="train only the 1x1 classifier")
+    t.add_argument("--cache-features", nargs="?", const="", default=None, metavar="FILE",
+                   help="with --freeze-backbone: compute backbone features once (mirroring is the only "
+                   "augmentation), optionally stored in / reused from FILE: the fast CPU setting")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
@@ -118,6 +122,10 @@ def run_train(args) -> int:
             setattr(cfg, k, v)
     if args.crop_size is not None:
         d.crop_size = args.crop_size
+    if args.freeze_backbone:
+        cfg.freeze_backbone = True
+    if args.cache_features is not None:
+        cfg.cache_features, cfg.cache_file = True, args.cache_features
     for k, v in {"evaluator": args.evaluator, "evaluator_weights": args.evaluator_weights,
                  "background": args.background}.items():
         if v is not None:
