@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from textseg.cli import main
+from textseg.data.imagetext import TarShardDataset, read_captions, write_tar_shard
 from textseg.train.clip import ClipRecipeConfig, build_trainer
 from textseg.train.config import load_config
 
@@ -74,13 +75,19 @@ def test_tiny_clip_learns_zero_shot_and_retrieval(folders, tmp_path):
     assert after["loss"] < 1.5 and after["logit_scale"] <= 100
 
 
-def test_locked_image_tower_stays_fixed(folders, tmp_path):
+def test_locked_image_tower_stays_fixed_with_tar_shards(folders, tmp_path):
     train, _ = folders
+    records = read_captions(train / "captions.jsonl")
+    for k in range(2):  # the same data as webdataset shards
+        write_tar_shard(tmp_path / f"shard-{k}.tar",
+                        [(r.key, r.image.read_bytes(), r.captions[0]) for r in records[k::2]])
     cfg = load_config(ClipRecipeConfig, None, TINY + [
-        f"data.train={train}", f"train.out_dir={tmp_path}", "train.steps=3", "model.lock_image=true",
+        f"data.train={tmp_path}/shard-{{0..1}}.tar", f"train.out_dir={tmp_path}", "train.steps=3",
+        "model.lock_image=true",
         "loss.local_loss=true",
     ])
     trainer = build_trainer(cfg)
+    assert isinstance(trainer.dataset, TarShardDataset)
     visual0 = {k: v.clone() for k, v in trainer.module.model.visual.state_dict().items()}
     text0 = trainer.module.model.text.token_embedding.weight.clone()
     trainer.fit()
