@@ -566,7 +566,7 @@ class Trainer:
                 loss = out["loss"]
                 self.scaler.scale(loss.float() / cfg.grad_accum).backward()
             for k, v in out.items():
-                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=self.device)
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
         if cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
