@@ -116,3 +116,21 @@ def test_cli_train_clip_yaml_set_and_resume(folders, tmp_path, capsys):
     assert "resumed from" in captured and json.loads(captured.strip().splitlines()[-1])["step"] == 3
     assert main(["train", "clip", "--set", "train.stepz=3"]) == 2
     assert "unknown config key 'train.stepz'" in capsys.readouterr().err
+
+
+def test_lit_heads_on_cached_frozen_towers(folders, tmp_path):
+    """LiT: pretrained EfficientNet-Lite + MiniLM locked, features cached to disk, only the heads train."""
+    train, val = folders
+    sets = [f"data.train={train}", f"data.val={val}", "model.arch=lit", "model.embed_dim=64",
+            f"model.feature_cache={tmp_path}/cache", "eval.templates=identity", "train.batch_size=12",
+            "train.steps=25", "train.lr=3e-3", "train.warmup_steps=2", "train.progress=false",
+            "train.tensorboard=false", "train.device=cpu", "train.resume=none", f"train.out_dir={tmp_path}/run"]
+    trainer = build_trainer(load_config(ClipRecipeConfig, None, sets))
+    assert len(list((tmp_path / "cache").glob("lit-*.pt"))) == 2  # train and val features
+    towers = {k: v.clone() for k, v in trainer.module.model.image.state_dict().items()}
+    before = trainer.evaluate()
+    after = trainer.fit()
+    assert after["zeroshot_top1"] > before["zeroshot_top1"] + 20 and after["t2i_R@5"] > before["t2i_R@5"] + 20
+    assert all(torch.equal(v, towers[k]) for k, v in trainer.module.model.image.state_dict().items())
+    again = build_trainer(load_config(ClipRecipeConfig, None, sets))  # reads the cache, same features
+    torch.testing.assert_close(again.dataset.image_feats, trainer.dataset.image_feats)

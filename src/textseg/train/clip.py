@@ -21,6 +21,7 @@ retrieval R@1/5/10 on ``data.val`` and, when ``eval.zeroshot`` and the folder ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -37,7 +38,8 @@ from textseg.errors import TextsegError
 from textseg.models.clip import CLIPConfig
 from textseg.preprocess import Preprocess
 from textseg.prompts import resolve_templates
-from textseg.train.dist import print0
+from textseg.train.checkpoint import atomic_save
+from textseg.train.dist import is_main, print0
 from textseg.train.engine import TrainConfig, Trainer, seed_everything
 from textseg.train.losses import MAX_LOGIT_SCALE, ClipLoss
 
@@ -51,6 +53,7 @@ class ModelSection:
     lock_image: bool = True
     lock_text: bool = True
     cache_features: bool = True  # lit with both towers locked: precompute tower features
+    feature_cache: str = ""  # folder to keep those features between runs ("" = recompute each run)
 
 
 @dataclass
@@ -178,12 +181,26 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], items: list, batch_size
     return torch.cat(out) if out else torch.empty(0)
 
 
-def tower_features(model: nn.Module, ds: CaptionDataset, batch_size: int, device: torch.device):
-    """(image tower features ``N x C``, caption tower features ``M x C'``, caption owner list)."""
+def tower_features(model: nn.Module, ds: CaptionDataset, batch_size: int, device: torch.device,
+                   cache_dir: str = ""):
+    """(image tower features ``N x C``, caption tower features ``M x C'``, caption owner list).
+
+    With ``cache_dir``, kept in ``<cache_dir>/lit-<hash>.pt`` keyed by the towers, the image size and
+    the dataset's images and captions, and reused by later runs."""
     texts, owner = ds.texts()
+    path = None
+    if cache_dir:
+        key = json.dumps([model.cfg.image_variant, model.preprocess_cfg.image_size,
+                          [(str(r.image), r.captions) for r in ds.records]])
+        path = Path(cache_dir) / f"lit-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return saved["image"], saved["text"], saved["owner"].tolist()
     img = _batched(model.image_features, list(range(len(ds))), batch_size,
                    lambda idx: torch.stack([ds.load(i) for i in idx]), device)
     txt = _batched(model.text_features, texts, batch_size, model.tokenize, device)
+    if path is not None and is_main():
+        atomic_save({"image": img, "text": txt, "owner": torch.tensor(owner)}, path)
     return img, txt, owner
 
 
@@ -299,7 +316,7 @@ def build_trainer(cfg: ClipRecipeConfig) -> Trainer:
         train_ds = CaptionDataset(d.train, d.captions, d.train_split or None, transform, seed=cfg.train.seed)
         if use_cache:
             print0(f"caching tower features of {len(train_ds)} training images ...")
-            img, txt, owner = tower_features(model, train_ds, cfg.eval.batch_size, info.device)
+            img, txt, owner = tower_features(model, train_ds, cfg.eval.batch_size, info.device, cfg.model.feature_cache)
             dataset = CachedPairs(img, txt, owner, seed=cfg.train.seed)
         else:
             dataset = train_ds
@@ -309,7 +326,7 @@ def build_trainer(cfg: ClipRecipeConfig) -> Trainer:
         val_ds = CaptionDataset(d.val, d.captions, d.val_split or None, transform, caption="first")
         cached = None
         if use_cache:
-            img, txt, _ = tower_features(model, val_ds, cfg.eval.batch_size, info.device)
+            img, txt, _ = tower_features(model, val_ds, cfg.eval.batch_size, info.device, cfg.model.feature_cache)
             cached = (img, txt)
         evaluator = ClipEvaluator(val_ds, cfg.eval, model, info.device, cached)
     module = ClipTrainModule(model, cfg.model.lock_image, cfg.model.lock_text, cfg.loss.local_loss)
