@@ -181,17 +181,25 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], items: list, batch_size
     return torch.cat(out) if out else torch.empty(0)
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
 def tower_features(model: nn.Module, ds: CaptionDataset, batch_size: int, device: torch.device,
                    cache_dir: str = ""):
     """(image tower features ``N x C``, caption tower features ``M x C'``, caption owner list).
 
     With ``cache_dir``, kept in ``<cache_dir>/lit-<hash>.pt`` keyed by the towers, the image size and
-    the dataset's images and captions, and reused by later runs."""
+    the dataset's image files (path, size, mtime) and captions, and reused by later runs."""
     texts, owner = ds.texts()
     path = None
     if cache_dir:
         key = json.dumps([model.cfg.image_variant, model.preprocess_cfg.image_size,
-                          [(str(r.image), r.captions) for r in ds.records]])
+                          [(str(r.image), _stamp(r.image), r.captions) for r in ds.records]])
         path = Path(cache_dir) / f"lit-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
