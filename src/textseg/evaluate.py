@@ -348,6 +348,7 @@ def evaluate(
         seconds = float(t.item())
     config = dict(getattr(predictor, "config", {}) or {})
     config["world_size"] = world
+    config["threads_per_process"] = torch.get_num_threads()
     return EvalResult(dataset, cm, done, errors, seconds, global_worst, config)
 
 

@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                    "ground truth as prediction")
     m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's; "
+                   "under torchrun on CPU: cores / processes). On a busy machine 1 thread per process "
+                   "(and torchrun for parallelism) is far faster than several threads in one process")
     m.add_argument("--protocol", default=None, metavar="NAME[:BENCHMARK]",
                    help="published settings preset: sclip or naclip (per benchmark short side, crop, stride, "
                    "threshold, logit scale, PAMR); folder datasets borrow one, e.g. naclip:voc")
@@ -99,6 +102,10 @@ def run(args) -> int:
     from textseg.evaluate import OraclePredictor, SegmenterPredictor, evaluate, format_table, save_worst
 
     rank, world, device = _init_distributed(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TextsegError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     dataset = build_dataset(args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes)
     if args.limit is not None and args.limit < 1:
         raise TextsegError("--limit must be >= 1")
