@@ -171,3 +171,31 @@ def test_torchrun_cli_gathers_errors(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["images"] == 3 and [e["id"] for e in rep["errors"]] == ["im01"] and rep["miou"] == 100.0
     assert rep["config"]["world_size"] == 2
+
+
+def test_cli_protocol_with_a_clip_checkpoint(tmp_path, capsys):
+    """A (tiny, random) CLIP saved as native safetensors runs under the NACLIP VOC-20 preset: the
+    preset's dense mode, geometry, logit scale and PAMR reach the Segmenter, the report records them."""
+    from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+    from textseg.weights.load import save_model
+
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=2, width=32, patch_size=8,
+                                                               heads=2),
+                            text=TextConfig(context_length=16, width=32, heads=2, layers=1)))
+    save_model(model, tmp_path / "tiny.safetensors", {"source": "test"})
+    root = make_folder(tmp_path / "set", n=2)
+    out = tmp_path / "r.json"
+    code = cli(["eval", "--dataset", "folder", "--root", str(root), "--weights", str(tmp_path / "tiny.safetensors"),
+                "--protocol", "naclip:voc20", "--short-side", "64", "--templates", "none", "--no-progress",
+                "--out", str(out)])
+    assert code == 0
+    assert "warning" not in capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    seg = rep["config"]["segment"]
+    assert rep["images"] == 2 and 0 <= rep["miou"] <= 100 and rep["config"]["model"] == "clip"
+    assert seg["mode"] == "naclip" and seg["slide"] == [224, 112] and seg["pamr"] is True
+    # logits = model scale x cosine / temperature = 40 x cosine, NACLIP's logit scale (this untrained
+    # CLIP's own scale is 1 / 0.07, a trained one's 100)
+    assert seg["short_side"] == 64 and seg["temperature"] == pytest.approx((1 / 0.07) / 40, rel=1e-4)
+    assert rep["config"]["protocol"]["reference"] == 83.03

@@ -168,7 +168,7 @@ class SegmenterPredictor:
             self.protocol = p
             kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride),
                       threshold=p.threshold, pamr=p.pamr, templates=p.templates,
-                      temperature=float(model.logit_scale_value) / p.logit_scale)
+                      temperature=float(model.logit_scale_value.detach()) / p.logit_scale)
             modes = tuple(getattr(model, "dense_modes", ()) or ())
             if p.method in modes:
                 kw["mode"] = p.method
