@@ -87,20 +87,33 @@ def evaluate_zero_shot(model: GroupViT, scenes: Scenes, background: str = "class
             "iou": {c: (None if math.isnan(v) else round(100 * v, 2)) for c, v in zip(CLASSES, m.iou)}}
 
 
+@torch.no_grad()
+def presence_accuracy(model: GroupViT, scenes: Scenes) -> float:
+    """Zero-shot image-level check: is the shape name the whole image scores highest one of the
+    shapes in the scene? (random: about 0.34)."""
+    model.eval()
+    ds = SceneDataset(scenes, model.preprocess_cfg.mean, model.preprocess_cfg.std)
+    text = model.embed_texts(list(SHAPES), ("a photo of a {}.",))
+    img = model.encode_image(ds.pixels(np.arange(len(ds))), normalize=True)
+    best = (img @ text.t()).argmax(1).numpy() + 1
+    return float(np.mean([b in set(np.unique(m).tolist()) for b, m in zip(best, scenes.masks)]))
+
+
 def train(out_dir: str, steps: int, n_train: int = 6000, batch_size: int = 64, lr: float = 2e-3,
           minutes: float | None = None, seed: int = 0, log_every: int = 25, progress: bool = True,
-          image_size: int = 64, k: int = 3) -> tuple[GroupViT, dict]:
+          image_size: int = 64, k: int = 3, eval_every: int = 0, mention: float = 0.5,
+          warmup: int | None = None) -> tuple[GroupViT, dict]:
     """Train :func:`small_model_cfg` on ``n_train`` scenes for ``steps`` optimizer steps (stopping
     early at ``minutes`` of wall time). Returns ``(model in eval mode, engine result)``."""
     from textseg.train.engine import TrainConfig, Trainer, seed_everything
 
     seed_everything(seed)
     model = small_model_cfg(image_size).build()
-    scenes = make_scenes(n_train, size=image_size, seed=1000 + seed)
+    scenes = make_scenes(n_train, size=image_size, seed=1000 + seed, mention=mention)
     ds = SceneDataset(scenes, model.preprocess_cfg.mean, model.preprocess_cfg.std)
     cfg = TrainConfig(out_dir=out_dir, steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.05,
-                      betas=(0.9, 0.999), eps=1e-8, warmup_steps=max(1, steps // 20), min_lr_ratio=0.02,
-                      clip_grad=5.0, log_every=log_every, resume="none", progress=progress,
+                      betas=(0.9, 0.999), eps=1e-8, warmup_steps=warmup or max(1, steps // 20), min_lr_ratio=0.02,
+                      clip_grad=5.0, log_every=log_every, resume="none", progress=progress, eval_every=eval_every,
                       tensorboard=False, device="cpu", seed=seed)
     module = GroupViTTrainModule(model)
     deadline = time.time() + 60 * minutes if minutes else None
@@ -109,8 +122,17 @@ def train(out_dir: str, steps: int, n_train: int = 6000, batch_size: int = 64, l
         if deadline and time.time() > deadline:
             trainer.stop()
 
+    eval_fn = None
+    if eval_every:
+        held_out = make_scenes(100, size=image_size, seed=777)
+
+        def eval_fn(module, step):
+            m = module.model
+            return {"presence_top1": presence_accuracy(m, held_out),
+                    "mIoU": evaluate_zero_shot(m, held_out, "class")["mIoU"]}
+
     trainer = Trainer(cfg, module, ds, collate_fn=GroupViTCollate(model.tokenize, k=k, seed=seed),
-                      callbacks=[stop_at_deadline])
+                      callbacks=[stop_at_deadline], eval_fn=eval_fn)
     result = trainer.fit()
     return model.eval(), result
 
@@ -153,14 +175,19 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=200, help="held-out check every N steps (0: off)")
+    ap.add_argument("--mention", type=float, default=1.0,
+                    help="probability that a caption names an object's colour / texture")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    test = make_scenes(args.n_test, seed=424242)
+    test = make_scenes(args.n_test, seed=424242, mention=args.mention)
 
     torch.manual_seed(0)
-    baseline = {bg: evaluate_zero_shot(small_model_cfg().build(), test, bg) for bg in ("class", "threshold")}
+    random_model = small_model_cfg().build()
+    baseline = {bg: evaluate_zero_shot(random_model, test, bg) for bg in ("class", "threshold")}
+    baseline["presence_top1"] = presence_accuracy(random_model, test)
     steps = args.steps
     if not steps:  # time a few steps of the same model to fit the budget
         m = GroupViTTrainModule(small_model_cfg().build())
@@ -177,13 +204,15 @@ def main() -> None:
         steps = max(50, int(args.minutes * 60 * 0.85 / per_step))
         print(f"~{per_step:.2f} s/step -> {steps} steps", flush=True)
     t0 = time.time()
-    model, result = train(str(out), steps, args.n_train, args.batch_size, args.lr, minutes=args.minutes)
+    model, result = train(str(out), steps, args.n_train, args.batch_size, args.lr, minutes=args.minutes,
+                          eval_every=args.eval_every, mention=args.mention, warmup=100)
     train_s = time.time() - t0
     trained = {bg: evaluate_zero_shot(model, test, bg) for bg in ("class", "threshold")}
+    trained["presence_top1"] = presence_accuracy(model, test)
     curve = plot_loss(out / "log.jsonl", out / "loss.png")
     summary = {"train_minutes": round(train_s / 60, 2), "steps": result["step"], "final_loss": result.get("loss"),
                "loss_curve": [(s, round(v, 4)) for s, v in curve], "random_init": baseline, "trained": trained,
-               "n_train": args.n_train, "n_test": args.n_test}
+               "n_train": args.n_train, "n_test": args.n_test, "args": vars(args)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     torch.save(model.state_dict(), out / "model.pt")
     print(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}, indent=1))

@@ -1,9 +1,10 @@
 """Synthetic captioned scenes: coloured, textured shapes on textured backgrounds, with captions.
 
 Every scene holds one or two shapes (circle, square, triangle, star, cross) in one of several
-colours and textures (solid, striped, dotted, checkered) on a textured background (noise, stripes,
+colours and textures (solid, striped, dotted, checkered, lined) on a textured background (noise,
 gradient, grid), and a caption that names them and where they are, e.g.
-``"a red star above a striped blue circle on a dotted background"``. The true per-pixel mask
+``"a red star above a striped circle on a grid background"`` (colour and texture words are each
+mentioned half of the time, the shapes always; the background in about 2 of 3 captions). The true per-pixel mask
 (0 = background, 1.. = shape class in :data:`SHAPES` order) comes with it, so a model trained from
 the captions alone can be scored zero-shot against it.
 
@@ -24,8 +25,16 @@ COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
     "purple": (150, 60, 190), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25),
 }
-TEXTURES = ("solid", "striped", "dotted", "checkered")
-BACKGROUNDS = ("noisy", "striped", "gradient", "grid")
+TEXTURES = ("solid", "striped", "dotted", "checkered", "lined")
+BACKGROUNDS = ("noisy", "gradient", "grid")
+# With ``coupled=True`` (the default) each kind of object has its own surface, as real categories
+# have characteristic appearance (a zebra is striped): stars are solid, circles dotted, squares
+# checkered, triangles striped, crosses lined; colours stay random. A patch then says which object it
+# belongs to, which a small ViT learns in minutes; ``coupled=False`` draws textures at random (shape
+# silhouette alone identifies the object: far slower to learn from scratch).
+SHAPE_TEXTURE = {"star": "solid", "circle": "dotted", "square": "checkered", "triangle": "striped",
+                 "cross": "lined"}
+TEXTURE_SHADE = 0.45  # brightness of the darker half of a texture, relative to the colour
 
 
 @dataclass
@@ -65,8 +74,10 @@ def _texture(kind: str, yy, xx, rng) -> np.ndarray:
     p = rng.integers(4, 8)
     if kind == "solid":
         return np.ones_like(yy, dtype=np.float32)
-    if kind == "striped":
-        return (((xx + yy) // p) % 2).astype(np.float32) if rng.random() < 0.5 else ((yy // p) % 2).astype(np.float32)
+    if kind == "striped":  # diagonal stripes
+        return (((xx + yy) // p) % 2).astype(np.float32)
+    if kind == "lined":  # thin horizontal lines
+        return ((yy % p) > 1).astype(np.float32)
     if kind == "dotted":
         return ((((yy % p) - p / 2) ** 2 + ((xx % p) - p / 2) ** 2) > (p / 3.5) ** 2).astype(np.float32)
     return (((yy // p) + (xx // p)) % 2).astype(np.float32)
@@ -77,10 +88,6 @@ def _background(kind: str, size: int, yy, xx, rng) -> np.ndarray:
     other = rng.integers(60, 200, size=3).astype(np.float32)
     if kind == "noisy":
         img = base + rng.normal(0, 25, size=(size, size, 3))
-    elif kind == "striped":
-        p = rng.integers(3, 9)
-        m = ((xx // p) % 2)[..., None] if rng.random() < 0.5 else ((yy // p) % 2)[..., None]
-        img = base * m + other * (1 - m)
     elif kind == "gradient":
         t = ((xx + yy) / (2 * size))[..., None] if rng.random() < 0.5 else (yy / size)[..., None]
         img = base * t + other * (1 - t)
@@ -99,8 +106,11 @@ def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
     return "to the left of" if dx < 0 else "to the right of"
 
 
-def render_scene(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray, str]:
-    """One scene: ``(image H x W x 3 uint8, mask H x W uint8, caption)``."""
+def render_scene(rng: np.random.Generator, size: int = 64, coupled: bool = True,
+                 mention: float = 0.5) -> tuple[np.ndarray, np.ndarray, str]:
+    """One scene: ``(image H x W x 3 uint8, mask H x W uint8, caption)``; ``coupled``: see
+    :data:`SHAPE_TEXTURE`; ``mention``: probability that the caption names an object's colour (and,
+    independently, its texture)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     bg_kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     img = _background(bg_kind, size, yy, xx, rng)
@@ -109,39 +119,44 @@ def render_scene(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, 
     kinds = rng.choice(len(SHAPES), size=n, replace=False)
     phrases, centres = [], []
     for k in kinds:
-        r = size * rng.uniform(0.17, 0.26)
+        r = size * rng.uniform(0.2, 0.3)
         for _ in range(20):  # place without overlapping the first shape
             cy, cx = rng.uniform(r, size - r, size=2)
             if not centres or np.hypot(cy - centres[0][0], cx - centres[0][1]) > r + centres[0][2] + 2:
                 break
         m = _shape_mask(SHAPES[k], yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
         cname = list(COLORS)[rng.integers(len(COLORS))]
-        tex = TEXTURES[rng.integers(len(TEXTURES))]
+        tex = SHAPE_TEXTURE[SHAPES[k]] if coupled else TEXTURES[rng.integers(len(TEXTURES))]
         pattern = _texture(tex, yy, xx, rng)[..., None]
         col = np.array(COLORS[cname], np.float32)
-        shaded = col * pattern + (col * 0.45 + 20) * (1 - pattern)
+        shaded = col * pattern + (col * TEXTURE_SHADE + 20) * (1 - pattern)
         img = np.where(m[..., None], shaded, img)
         mask[m] = k + 1
         centres.append((cy, cx, r))
-        adj = f"{cname} {tex}" if tex != "solid" else cname
-        phrases.append(f"{adj} {SHAPES[k]}")
+        # captions name the colour and the texture only sometimes, as people do: the shape word is
+        # then the only way to tell scenes apart
+        words = [cname] if rng.random() < mention else []
+        if tex != "solid" and rng.random() < mention:
+            words.append(tex)
+        phrases.append(" ".join([*words, SHAPES[k]]))
+    a = [("an " if p[0] in "aeiou" else "a ") + p for p in phrases]
     if n == 1:
-        caption = f"a {phrases[0]} on a {bg_kind} background"
+        caption = f"{a[0]} on a {bg_kind} background"
     else:
-        caption = f"a {phrases[0]} {_relation(centres[0][:2], centres[1][:2])} a {phrases[1]}"
+        caption = f"{a[0]} {_relation(centres[0][:2], centres[1][:2])} {a[1]}"
         if rng.random() < 0.5:
             caption += f" on a {bg_kind} background"
     return np.clip(img, 0, 255).astype(np.uint8), mask, caption
 
 
-def make_scenes(n: int, size: int = 64, seed: int = 0) -> Scenes:
+def make_scenes(n: int, size: int = 64, seed: int = 0, coupled: bool = True, mention: float = 0.5) -> Scenes:
     """``n`` scenes, deterministic for a ``seed``."""
     rng = np.random.default_rng(seed)
     imgs = np.empty((n, size, size, 3), np.uint8)
     masks = np.empty((n, size, size), np.uint8)
     caps = []
     for i in range(n):
-        imgs[i], masks[i], c = render_scene(rng, size)
+        imgs[i], masks[i], c = render_scene(rng, size, coupled, mention)
         caps.append(c)
     return Scenes(imgs, masks, caps)
 
