@@ -12,8 +12,9 @@ import yaml
 from PIL import Image
 
 from textseg.cli import main
-from textseg.data.imagetext import TarShardDataset, read_captions, write_tar_shard
-from textseg.train.clip import ClipRecipeConfig, build_trainer
+from textseg.data.imagetext import CaptionDataset, TarShardDataset, read_captions, write_tar_shard
+from textseg.preprocess import Preprocess
+from textseg.train.clip import ClipRecipeConfig, build_trainer, tower_features
 from textseg.train.config import load_config
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
@@ -132,5 +133,9 @@ def test_lit_heads_on_cached_frozen_towers(folders, tmp_path):
     after = trainer.fit()
     assert after["zeroshot_top1"] > before["zeroshot_top1"] + 20 and after["t2i_R@5"] > before["t2i_R@5"] + 20
     assert all(torch.equal(v, towers[k]) for k, v in trainer.module.model.image.state_dict().items())
-    again = build_trainer(load_config(ClipRecipeConfig, None, sets))  # reads the cache, same features
-    torch.testing.assert_close(again.dataset.image_feats, trainer.dataset.image_feats)
+    # A later run reads the cache (the towers are not run: a broken image tower would fail otherwise).
+    train_ds = CaptionDataset(train, transform=Preprocess(trainer.module.model.preprocess_cfg))
+    trainer.module.model.image_features = None
+    img, txt, owner = tower_features(trainer.module.model, train_ds, 16, torch.device("cpu"), f"{tmp_path}/cache")
+    torch.testing.assert_close(img, trainer.dataset.image_feats)
+    torch.testing.assert_close(txt, trainer.dataset.text_feats)
