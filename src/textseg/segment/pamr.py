@@ -66,7 +66,7 @@ def pamr(
         for d in dilations:
             for dy, dx in _OFFSETS:
                 y0, x0 = pad + dy * d, pad + dx * d
-                out += aff[:, p : p + 1] * sp[..., y0 : y0 + h, x0 : x0 + w]
+                out.addcmul_(aff[:, p : p + 1], sp[..., y0 : y0 + h, x0 : x0 + w])
                 p += 1
         scores = out
     return scores

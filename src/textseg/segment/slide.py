@@ -131,21 +131,31 @@ def upsample(logits: torch.Tensor, size: tuple[int, int], max_elements: int = 1 
 
 def argmax_bands(logits: torch.Tensor, size: tuple[int, int], budget: int = BAND_BUDGET) -> np.ndarray:
     """Per-pixel argmax of the bilinearly upsampled ``N x h x w`` logits at ``size`` -> ``H x W``
-    (uint8 when N <= 255, else int32), computed band by band within ``budget``."""
-    n = logits.shape[0]
+    (uint8 when N <= 255, else int32), computed band by band within ``budget``.
+
+    Works in a label-last layout (``h x W x N``, then rows ``band x W x N``) so the reduction over
+    labels is contiguous; classes are chunked only when there are very many."""
+    n, h, w = logits.shape
+    height, width = size
     out = np.empty(size, dtype=np.uint8 if n <= 255 else np.int32)
-    best = arg = None
-    cur = (-1, -1)
-    for y0, y1, c0, block in upsample_bands(logits, size, budget):
-        if (y0, y1) != cur:
-            if best is not None:
-                out[cur[0] : cur[1]] = arg.cpu().numpy()
-            cur = (y0, y1)
-            best = torch.full(block.shape[1:], -torch.inf, dtype=block.dtype, device=block.device)
-            arg = torch.zeros(block.shape[1:], dtype=torch.int64, device=block.device)
-        m, a = block.max(dim=0)
-        upd = m > best
-        best = torch.where(upd, m, best)
-        arg = torch.where(upd, a + c0, arg)
-    out[cur[0] : cur[1]] = arg.cpu().numpy()
+    ry = interp_matrix(height, h, logits.dtype, logits.device)
+    rx = interp_matrix(width, w, logits.dtype, logits.device)
+    cchunk = max(1, min(n, budget // max(1, h * width)))
+    band = max(1, min(height, budget // (cchunk * width)))
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        best = arg = None
+        for c0 in range(0, n, cchunk):
+            zc = logits[c0 : c0 + cchunk]
+            c = zc.shape[0]
+            cols = torch.einsum("chw,Ww->hWc", zc, rx).reshape(h, width * c)  # h x (W*c)
+            block = (ry[y0:y1] @ cols).view(y1 - y0, width, c)
+            m, a = block.max(dim=-1)
+            if best is None:
+                best, arg = m, a
+            else:
+                upd = m > best
+                best = torch.where(upd, m, best)
+                arg = torch.where(upd, a + c0, arg)
+        out[y0:y1] = arg.cpu().numpy()
     return out
