@@ -52,10 +52,12 @@ def test_parse_labels_synonyms_and_cleanup():
 
 def test_labels_file(tmp_path):
     p = tmp_path / "labels.txt"
-    p.write_text("# classes\nbackground; sky; wall\n\nperson; man, woman\n猫\n", encoding="utf-8")
+    p.write_text("# classes\nbackground; sky; wall\n\nperson; man, woman\n猫\ntv: television; monitor\n",
+                 encoding="utf-8")
     classes = read_labels_file(p)
-    assert [c.name for c in classes] == ["background", "person", "猫"]
+    assert [c.name for c in classes] == ["background", "person", "猫", "tv"]
     assert classes[1].synonyms == ("person", "man, woman")
+    assert classes[3].synonyms == ("television", "monitor")
     with pytest.raises(TextsegError, match="cannot read"):
         read_labels_file(tmp_path / "missing.txt")
 

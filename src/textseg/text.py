@@ -95,13 +95,25 @@ def parse_labels(labels: str | Sequence[str | Sequence[str] | LabelClass]) -> li
 
 
 def read_labels_file(path: str | Path) -> list[LabelClass]:
-    """One class per line (``;`` between synonyms); blank lines and ``#`` comments are ignored."""
+    """One class per line, ``;`` between synonyms; ``name: prompt; prompt`` gives a display name
+    that differs from the prompts (the format of ``textseg/data/classnames/*.txt``). Blank lines
+    and ``#`` comments are ignored."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TextsegError(f"cannot read labels file {path}: {e}") from None
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    return parse_labels(lines)
+    items: list = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, rest = line.partition(":")
+        if sep and name.strip() and rest.strip() and ";" not in name:
+            cls = _make_class(rest.split(";"))
+            if cls is not None:
+                items.append(LabelClass(_clean(name), cls.synonyms))
+        else:
+            items.append(line)
+    return parse_labels(items)
 
 
 def resolve_templates(templates: str | Sequence[str] | None) -> tuple[str, ...]:
