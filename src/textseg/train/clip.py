@@ -304,34 +304,34 @@ def build_trainer(cfg: ClipRecipeConfig) -> Trainer:
     """Model, data, evaluator and engine for ``cfg`` (call ``.fit()`` on the result)."""
     from textseg.train.dist import init_distributed
 
-    info = init_distributed(cfg.train.device)
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(info.device)
-    transform = Preprocess(model.preprocess_cfg)
     d = cfg.data
     if not d.train:
         raise TextsegError("set data.train to a caption folder or tar shards (--set data.train=PATH)")
     use_cache = cfg.model.arch == "lit" and cfg.model.lock_image and cfg.model.lock_text and cfg.model.cache_features
-    is_tar = d.train.endswith(".tar") or ".tar," in d.train or Path(d.train).suffix == ".tar"
-    collate = None
+    is_tar = d.train.endswith(".tar") or ".tar," in d.train
+    if is_tar and use_cache:
+        raise TextsegError("model.cache_features needs a caption folder, not tar shards; set it false")
+    # Data first (bad paths fail fast); the transform is the model's preprocessing, set below.
     if is_tar:
-        if use_cache:
-            raise TextsegError("model.cache_features needs a caption folder, not tar shards; set it false")
-        dataset = TarShardDataset(d.train, transform, shuffle=cfg.train.shuffle,
-                                  shuffle_buffer=d.shuffle_buffer, seed=cfg.train.seed)
-        collate = ImageTextCollate(model.tokenize)
+        train_ds = TarShardDataset(d.train, None, shuffle=cfg.train.shuffle, shuffle_buffer=d.shuffle_buffer,
+                                   seed=cfg.train.seed)
     else:
-        train_ds = CaptionDataset(d.train, d.captions, d.train_split or None, transform, seed=cfg.train.seed)
-        if use_cache:
-            print0(f"caching tower features of {len(train_ds)} training images ...")
-            img, txt, owner = tower_features(model, train_ds, cfg.eval.batch_size, info.device, cfg.model.feature_cache)
-            dataset = CachedPairs(img, txt, owner, seed=cfg.train.seed)
-        else:
-            dataset = train_ds
-            collate = ImageTextCollate(model.tokenize)
+        train_ds = CaptionDataset(d.train, d.captions, d.train_split or None, None, seed=cfg.train.seed)
+    val_ds = CaptionDataset(d.val, d.captions, d.val_split or None, None, caption="first") if d.val else None
+
+    info = init_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model).to(info.device)
+    for ds in (train_ds, val_ds):
+        if ds is not None:
+            ds.transform = Preprocess(model.preprocess_cfg)
+    dataset, collate = train_ds, ImageTextCollate(model.tokenize)
+    if use_cache:
+        print0(f"caching tower features of {len(train_ds)} training images ...")
+        img, txt, owner = tower_features(model, train_ds, cfg.eval.batch_size, info.device, cfg.model.feature_cache)
+        dataset, collate = CachedPairs(img, txt, owner, seed=cfg.train.seed), None
     evaluator = None
-    if d.val:
-        val_ds = CaptionDataset(d.val, d.captions, d.val_split or None, transform, caption="first")
+    if val_ds is not None:
         cached = None
         if use_cache:
             img, txt, _ = tower_features(model, val_ds, cfg.eval.batch_size, info.device, cfg.model.feature_cache)
