@@ -83,14 +83,23 @@ def class_logits(model: OfflineModel, img: Image.Image, shorts: list[int], flip:
 
 
 def evaluate(model: OfflineModel, cache: list[tuple[torch.Tensor, np.ndarray]], labels: list[str],
-             image_temperature: float, power: float = 1.0) -> ConfusionMatrix:
+             image_temperature: float, power: float = 1.0, scale: float = 1.0,
+             oracle: bool = False) -> ConfusionMatrix:
     text = model.embed_texts(labels)
     cm = ConfusionMatrix(len(labels))
     for logits, mask in cache:
-        probs = (logits / image_temperature).softmax(0)[None]
+        probs = model.class_probs(logits[None])
         s = model.scores(probs, text)[0]
         z = torch.log(s + model.cfg.eps) * power
+        if scale != 1.0:
+            size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
+            mask = np.array(Image.fromarray(mask).resize(size, Image.NEAREST))
         z = F.interpolate(z[None], size=mask.shape, mode="bilinear", align_corners=False)[0]
+        if oracle:  # only the labels present in the ground truth compete (an upper bound)
+            present = torch.zeros(len(labels), dtype=torch.bool)
+            present[[c for c in np.unique(mask).tolist() if c < len(labels)]] = True
+            present[0] = True
+            z[~present] = -1e9
         cm.update(z.argmax(0), torch.from_numpy(mask.astype(np.int64)))
     return cm
 
@@ -114,6 +123,38 @@ def diagnose(model: OfflineModel, cache, names: list[str], k: int = 12) -> None:
                                                            for v_, i_ in zip(v.tolist(), i.tolist())))
 
 
+def run_segmenter(args) -> None:
+    """The shared path: textseg.evaluate's SegmenterPredictor + evaluate (the numbers to report)."""
+    from textseg.data.folder import FolderDataset
+    from textseg.evaluate import SegmenterPredictor, evaluate
+
+    if args.set == "camvid":
+        ds = FolderDataset(DATA / "camvid", split=args.split)
+    else:
+        # COCO-MINI has no splits/ folder: a scratch folder of links adds splits/{train2017,val2017}.txt
+        root = Path(os.environ.get("TMPDIR", "/tmp")) / "textseg_coco_mini_splits"
+        (root / "splits").mkdir(parents=True, exist_ok=True)
+        src = DATA / "coco-mini"
+        for name in ("images", "masks", "masks_voc21", "classes.txt", "classes_voc21.txt"):
+            if not (root / name).exists():
+                (root / name).symlink_to(src / name)
+        meta = json.loads((src / "images_meta.json").read_text())
+        for sp in ("train2017", "val2017"):
+            (root / "splits" / f"{sp}.txt").write_text("\n".join(sorted(m["image"] for m in meta if m["split"] == sp)))
+        masks, classes = ("masks_voc21", "classes_voc21.txt") if args.set == "voc21" else ("masks", "classes.txt")
+        ds = FolderDataset(root, split=None if args.split == "all" else args.split, masks=masks, classes=classes)
+    model = OfflineModel(OfflineCfg(variant=args.variant, output_stride=args.output_stride))
+    for ov in (json.loads(args.segment) if args.segment.startswith("[") else [json.loads(args.segment)]):
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ov.items()}
+        pred = SegmenterPredictor(model, ds, **kw)
+        res = evaluate(ds, pred, limit=args.limit or None, progress=False)
+        rep = res.report()
+        print(f"[segmenter] {args.set}/{args.split} {ov}: mIoU {rep['miou']:.2f} pixAcc {rep['pixel_accuracy']:.2f} "
+              f"({rep['images']} images, {rep['seconds']:.0f} s)", flush=True)
+        if args.per_class:
+            print("  " + ", ".join(f"{k} {v:.0f}" for k, v in rep["per_class_iou"].items() if v is not None))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", default="voc21", choices=["voc21", "coco81", "camvid"])
@@ -127,11 +168,18 @@ def main() -> None:
     ap.add_argument("--bridge", default="{}", help="JSON dict of OfflineCfg overrides, or a list of them")
     ap.add_argument("--background", default="background", help="label used for class 0")
     ap.add_argument("--per-class", action="store_true")
+    ap.add_argument("--prior", action="store_true", help="class prior = mean probability over these images")
+    ap.add_argument("--oracle", action="store_true", help="restrict to ground-truth image labels")
+    ap.add_argument("--eval-scale", type=float, default=1.0, help="score masks downsampled by this (tuning)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, help="file to keep the encoded logits in (reused when present)")
     ap.add_argument("--diagnose", action="store_true", help="print the ImageNet classes that fire per GT class")
+    ap.add_argument("--engine", default="own", choices=["own", "segmenter"])
+    ap.add_argument("--segment", default="{}", help="JSON SegmentCfg overrides (or a list) for --engine segmenter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.engine == "segmenter":
+        return run_segmenter(args)
 
     images, masks, names = dataset(args.set, args.split)
     if args.limit:
@@ -156,14 +204,23 @@ def main() -> None:
         diagnose(model, cache, names)
     print(f"{args.set}/{args.split}: {len(cache)} images encoded in {enc:.1f} s "
           f"({enc / len(cache):.2f} s/img; {args.variant} os{args.output_stride} short {shorts} flip {args.flip})")
+    if args.prior:
+        prior = torch.zeros(1000)
+        n = 0
+        for lg, _ in cache:
+            p = model.class_probs(lg[None])[0]
+            prior += p.flatten(1).sum(1)
+            n += p[0].numel()
+        model.class_prior = prior / n
+        print("class prior from these images: top", [model.class_names[i] for i in model.class_prior.topk(5).indices])
     overrides = json.loads(args.bridge)
     overrides = overrides if isinstance(overrides, list) else [overrides]
     results = []
     for ov, temp in itertools.product(overrides, [float(t) for t in args.temps.split(",")]):
         from dataclasses import replace
 
-        model.cfg = replace(model.cfg, **ov)
-        m = evaluate(model, cache, labels, temp, model.cfg.score_power).compute()
+        model.cfg = replace(model.cfg, image_temperature=temp, **ov)
+        m = evaluate(model, cache, labels, temp, model.cfg.score_power, args.eval_scale, args.oracle).compute()
         results.append((m.miou, ov, temp))
         print(f"mIoU {100 * m.miou:5.1f}  pixAcc {100 * m.pixel_accuracy:5.1f}  T={temp} {ov}", flush=True)
         if args.per_class:

@@ -130,10 +130,11 @@ def read_vocab_words() -> list[str]:
 def read_curated(path: Path, in_lemmas: list[list[str]]) -> list[tuple[list[str], dict[int, float]]]:
     """Lines ``name; synonym; ... = imagenet class[:weight], ...``; a class is named by its index or by
     one of its lemmas (exact). ``#`` starts a comment."""
-    by_lemma = defaultdict(list)
+    first, other = defaultdict(list), defaultdict(list)  # classes whose first / any other lemma is it
     for i, lemmas in enumerate(in_lemmas):
-        for lem in lemmas:
-            by_lemma[lem.lower()].append(i)
+        first[lemmas[0].lower()].append(i)
+        for lem in lemmas[1:]:
+            other[lem.lower()].append(i)
     out = []
     for n, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -147,11 +148,11 @@ def read_curated(path: Path, in_lemmas: list[list[str]]) -> list[tuple[list[str]
                 continue
             name, _, w = item.partition(":")
             name = name.strip()
-            ids = [int(name)] if name.isdigit() else by_lemma.get(name.lower())
-            if not ids:
-                raise SystemExit(f"{path}:{n}: unknown ImageNet class {name!r}")
-            for i in ids[:1]:
-                weights[i] = max(weights.get(i, 0.0), float(w) if w else 1.0)
+            ids = [int(name)] if name.isdigit() else (first.get(name.lower()) or other.get(name.lower()))
+            if not ids or len(ids) > 1:
+                raise SystemExit(f"{path}:{n}: {'ambiguous' if ids else 'unknown'} ImageNet class {name!r} "
+                                 f"{ids or ''}: name it by its index")
+            weights[ids[0]] = max(weights.get(ids[0], 0.0), float(w) if w else 1.0)
         out.append(([s.strip() for s in names.split(";") if s.strip()], weights))
     return out
 

@@ -50,8 +50,11 @@ class OfflineCfg:
     """Settings of the offline model (defaults tuned on COCO-MINI's train2017 half)."""
 
     variant: str = "lite0"  # lite0 / lite1 / lite2
-    output_stride: int = 16  # 32 as trained; 16 / 8 dilate the last stages for a finer map
+    channels_last: bool = True  # NHWC convolutions: several times faster on CPU
+    output_stride: int = 32  # 32 as trained (best here); 16 / 8 dilate the last stages for a finer map
     image_temperature: float = 1.0  # per-location softmax temperature over the 1000 classes
+    global_prior: float = 1.0  # p(c | x) *= p(c | whole image) ** this (image-level context)
+    smooth: int = 3  # logits are box-averaged over smooth x smooth cells (the classifier saw pooled features)
     # text -> concepts
     match_temperature: float = 0.02  # softmax temperature over concept similarities
     match_top: int = 4  # concepts mixed per label
@@ -60,6 +63,10 @@ class OfflineCfg:
     sense_penalty: float = 0.02  # per WordNet sense rank of the matched name ("dog": animal before sausage)
     related_low: float = 0.35  # best similarity at or below this: the label is unrelated (weights 0)
     related_high: float = 0.6  # at or above this: fully related
+    background_scale: float = 0.7  # "background" scores this fraction of the unclaimed mass
+    background_floor: float = 0.05  # ... plus this constant score (an absolute "nothing named here" level)
+    size_power: float = 0.5  # a label's score is divided by (its total class weight) ** this
+    lift_power: float = 0.0  # ... and by (its mean score on ordinary photos) ** this (PMI-style lift)
     # scores -> logits
     score_power: float = 1.0  # logits = power * log(score + eps)
     eps: float = 1e-4
@@ -77,7 +84,8 @@ class OfflineModel(DualEncoder):
         super().__init__()
         self.cfg = cfg
         self.image = efficientnet_lite(cfg.variant).set_output_stride(cfg.output_stride)
-        self.image = self.image.to(memory_format=torch.channels_last)
+        self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.image = self.image.to(memory_format=self._memory_format)
         self.text = minilm()
         self.dense_stride = cfg.output_stride
         self.preprocess_cfg = replace(self.preprocess_cfg, image_size=self.image.cfg.image_size)
@@ -100,6 +108,8 @@ class OfflineModel(DualEncoder):
         weights[t["weight_concept"].long(), t["weight_class"].long()] = t["weight_value"].float()
         curated = torch.tensor([s == "curated" for s in self.card["concept_source"]])
         self.register_buffer("concept_weights", weights, persistent=False)
+        prior = t.get("class_prior", torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES))
+        self.register_buffer("class_prior", prior.float(), persistent=False)
         self.register_buffer("concept_curated", curated, persistent=False)
         self.register_buffer("row_embeddings", t["row_embeddings"].float(), persistent=False)
         self.register_buffer("row_concept", t["row_concept"].long(), persistent=False)
@@ -157,7 +167,7 @@ class OfflineModel(DualEncoder):
     # ------------------------------------------------------------------ image side
     def class_logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` ImageNet logits at every location."""
-        x = pixels.contiguous(memory_format=torch.channels_last)
+        x = pixels.contiguous(memory_format=self._memory_format)
         feats = self.image.forward_features(x)
         fc = self.image.classifier
         return F.conv2d(feats, fc.weight[:, :, None, None], fc.bias)
@@ -165,13 +175,22 @@ class OfflineModel(DualEncoder):
     def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` per-location class probabilities."""
         del mode
-        logits = self.class_logits(pixels).float()
-        return (logits / self.cfg.image_temperature).softmax(dim=1).contiguous()
+        return self.class_probs(self.class_logits(pixels).float())
+
+    def class_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``B x 1000 x h x w`` logits -> per-location probabilities (temperature, image-level prior)."""
+        if self.cfg.smooth > 1:
+            k = self.cfg.smooth
+            logits = F.avg_pool2d(logits, k, stride=1, padding=k // 2, count_include_pad=False)
+        z = logits / self.cfg.image_temperature
+        if self.cfg.global_prior:
+            z = z + self.cfg.global_prior * logits.mean(dim=(-2, -1), keepdim=True).log_softmax(dim=1)
+        return z.softmax(dim=1).contiguous()
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x 1000`` ImageNet class probabilities of the whole image
         (the classifier as trained; ``normalize`` is accepted for interface compatibility)."""
-        x = pixels.contiguous(memory_format=torch.channels_last)
+        x = pixels.contiguous(memory_format=self._memory_format)
         return self.image(x).float().softmax(dim=-1)
 
     # ------------------------------------------------------------------ scoring
@@ -180,10 +199,17 @@ class OfflineModel(DualEncoder):
         ``B x N [x h x w]`` in [0, 1] (background rows: the mass no other row claims)."""
         w, is_bg = text[:, :NUM_CLASSES].to(probs.dtype), text[:, NUM_CLASSES] > 0.5
         s = torch.einsum("bc...,nc->bn...", probs, w)
+        norm = torch.ones(w.shape[0], dtype=s.dtype, device=s.device)
+        if self.cfg.size_power:
+            norm = norm * w.sum(dim=1).clamp_min(1.0) ** self.cfg.size_power
+        if self.cfg.lift_power:
+            norm = norm * (w @ self.class_prior.to(w.dtype)).clamp_min(1e-4) ** self.cfg.lift_power
+        s = s / norm.view(1, -1, *([1] * (s.dim() - 2)))
         if is_bg.any():
             claimed = w[~is_bg].amax(dim=0) if (~is_bg).any() else torch.zeros_like(w[0])
             rest = 1 - torch.einsum("bc...,c->b...", probs, claimed.clamp(0, 1))
-            s[:, is_bg] = rest.unsqueeze(1).clamp_min(0)
+            rest = self.cfg.background_scale * rest.clamp_min(0) + self.cfg.background_floor
+            s[:, is_bg] = rest.unsqueeze(1).to(s.dtype)
         return s
 
     def dense_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
