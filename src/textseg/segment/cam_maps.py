@@ -157,16 +157,27 @@ class ThresholdSweep:
         self.matrices = [ConfusionMatrix(num_classes, ignore_index) for _ in self.thresholds]
 
     def update(self, keys: np.ndarray, maps: torch.Tensor, target: torch.Tensor, class_ids: np.ndarray) -> None:
-        h, w = target.shape
+        """Add one image: ``maps`` ``K' x H x W`` of CAM classes ``keys``, ``target`` ``H x W`` ids,
+        ``class_ids[k]`` the target id of CAM class ``k``. One bincount per threshold over the valid
+        pixels (the checks run once per image, not per threshold)."""
+        n = self.matrices[0].num_classes
+        ignore = self.matrices[0].ignore_index
+        target = target.reshape(-1).long()
+        t = target[target != ignore]
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+            raise TextsegError(f"ground truth holds a class id outside 0..{n - 1} (and not {ignore})")
+        base = t * n
         if not len(keys):
+            counts = torch.bincount(base, minlength=n * n).view(n, n)
             for cm in self.matrices:
-                cm.update(torch.zeros(h, w, dtype=torch.long), target)
+                cm.mat += counts
             return
         ids = torch.from_numpy(np.asarray(class_ids)[keys])
         best, arg = maps.max(dim=0)
-        cls = ids[arg]
-        for t, cm in zip(self.thresholds, self.matrices):
-            cm.update(torch.where(best > t, cls, torch.zeros_like(cls)), target)
+        keep = target != ignore
+        best, fg = best.reshape(-1)[keep], base + ids[arg.reshape(-1)[keep]]
+        for thr, cm in zip(self.thresholds, self.matrices):
+            cm.mat += torch.bincount(torch.where(best > thr, fg, base), minlength=n * n).view(n, n)
 
     def results(self):
         """``[(threshold, SegMetrics)]`` in sweep order."""
