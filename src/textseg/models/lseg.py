@@ -359,10 +359,9 @@ class LSeg(DualEncoder):
         self.image_encoder = image_encoder
         self.decoder = DPTDecoder(image_encoder.channels, cfg.features, cfg.embed_dim, cfg.decoder_bn,
                                   cfg.separable, cfg.last_upsample)
-        self.blocks = (
-            nn.ModuleList(SpatialRegBlock(cfg.block, cfg.activation) for _ in range(1))
-            if cfg.block != "none" and cfg.block_depth > 0 else nn.ModuleList()
-        )
+        # One regularisation block, applied ``block_depth`` times (shared weights, as the paper's code).
+        use_block = cfg.block != "none" and cfg.block_depth > 0
+        self.head_block = SpatialRegBlock(cfg.block, cfg.activation) if use_block else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         self.text_encoder = text_encoder
         self._tokenizer = tokenizer
@@ -417,10 +416,10 @@ class LSeg(DualEncoder):
         logits = self.logit_scale.exp() * torch.einsum(
             "bchw,nc->bnhw", F.normalize(dense, dim=1), F.normalize(text.to(dense.dtype), dim=-1)
         )
-        if len(self.blocks):
+        if self.head_block is not None:
             for _ in range(self.cfg.block_depth - 1):
-                logits = self.blocks[0](logits)
-            logits = self.blocks[0](logits, act=False)
+                logits = self.head_block(logits)
+            logits = self.head_block(logits, act=False)
         return logits
 
     def forward_logits(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,7 @@ def map_keys(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif key.startswith("scratch.head1."):
             new = "decoder.head." + key[len("scratch.head1."):]
         elif key.startswith("scratch.head_block.depthwise.depthwise."):
-            new = "blocks.0.conv." + key[len("scratch.head_block.depthwise.depthwise."):]
+            new = "head_block.conv." + key[len("scratch.head_block.depthwise.depthwise."):]
         elif key.startswith("clip_pretrained."):
             new = "text_encoder." + key[len("clip_pretrained."):]
         if new is None:
