@@ -31,13 +31,13 @@ from textseg.models.groupvit import GroupViT  # noqa: E402
 from textseg.train.groupvit import GroupViTCollate, GroupViTModelCfg, GroupViTTrainModule  # noqa: E402
 
 
-def small_model_cfg(image_size: int = 64) -> GroupViTModelCfg:
+def small_model_cfg(image_size: int = 64, hard_assignment: bool = True) -> GroupViTModelCfg:
     """A GroupViT small enough to train on a shared CPU: 8x8 patches of a 64 px image, width 64,
     16 then 4 groups, a 2-layer text tower."""
     return GroupViTModelCfg(
         image_size=image_size, patch_size=8, width=64, heads=4, depths=[2, 2, 1],
         num_group_tokens=[16, 4, 0], num_output_groups=[16, 4, 0], text_width=64, text_heads=2,
-        text_layers=2, context_length=24, embed_dim=64, proj_hidden=256)
+        text_layers=2, context_length=24, embed_dim=64, proj_hidden=256, hard_assignment=hard_assignment)
 
 
 class SceneDataset(torch.utils.data.Dataset):
@@ -102,13 +102,13 @@ def presence_accuracy(model: GroupViT, scenes: Scenes) -> float:
 def train(out_dir: str, steps: int, n_train: int = 6000, batch_size: int = 64, lr: float = 2e-3,
           minutes: float | None = None, seed: int = 0, log_every: int = 25, progress: bool = True,
           image_size: int = 64, k: int = 3, eval_every: int = 0, mention: float = 0.5,
-          warmup: int | None = None) -> tuple[GroupViT, dict]:
+          warmup: int | None = None, hard_assignment: bool = True) -> tuple[GroupViT, dict]:
     """Train :func:`small_model_cfg` on ``n_train`` scenes for ``steps`` optimizer steps (stopping
     early at ``minutes`` of wall time). Returns ``(model in eval mode, engine result)``."""
     from textseg.train.engine import TrainConfig, Trainer, seed_everything
 
     seed_everything(seed)
-    model = small_model_cfg(image_size).build()
+    model = small_model_cfg(image_size, hard_assignment).build()
     scenes = make_scenes(n_train, size=image_size, seed=1000 + seed, mention=mention)
     ds = SceneDataset(scenes, model.preprocess_cfg.mean, model.preprocess_cfg.std)
     cfg = TrainConfig(out_dir=out_dir, steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.05,
@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=200, help="held-out check every N steps (0: off)")
     ap.add_argument("--mention", type=float, default=1.0,
                     help="probability that a caption names an object's colour / texture")
+    ap.add_argument("--soft-assignment", action="store_true", help="train with soft (not Gumbel hard) grouping")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -205,7 +206,8 @@ def main() -> None:
         print(f"~{per_step:.2f} s/step -> {steps} steps", flush=True)
     t0 = time.time()
     model, result = train(str(out), steps, args.n_train, args.batch_size, args.lr, minutes=args.minutes,
-                          eval_every=args.eval_every, mention=args.mention, warmup=100)
+                          eval_every=args.eval_every, mention=args.mention, warmup=100,
+                          hard_assignment=not args.soft_assignment)
     train_s = time.time() - t0
     trained = {bg: evaluate_zero_shot(model, test, bg) for bg in ("class", "threshold")}
     trained["presence_top1"] = presence_accuracy(model, test)

@@ -125,6 +125,7 @@ class GroupViTModelCfg:
     depths: list[int] = field(default_factory=lambda: [6, 3, 3])
     num_group_tokens: list[int] = field(default_factory=lambda: [64, 8, 0])
     num_output_groups: list[int] = field(default_factory=lambda: [64, 8, 0])
+    hard_assignment: bool = True  # Gumbel hard one-hot assignment in training (False: plain softmax)
     text_width: int = 256
     text_heads: int = 4
     text_layers: int = 12
@@ -139,7 +140,7 @@ class GroupViTModelCfg:
         vision = GroupViTVisionCfg(
             image_size=self.image_size, patch_size=self.patch_size, width=self.width, heads=self.heads,
             depths=tuple(self.depths), num_group_tokens=tuple(self.num_group_tokens),
-            num_output_groups=tuple(self.num_output_groups))
+            num_output_groups=tuple(self.num_output_groups), hard_assignment=self.hard_assignment)
         text = TextConfig(context_length=self.context_length, width=self.text_width, heads=self.text_heads,
                           layers=self.text_layers)
         return GroupViT(GroupViTCfg(vision=vision, text=text, embed_dim=self.embed_dim,
