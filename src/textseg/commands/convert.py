@@ -3,7 +3,8 @@
 
 OpenAI's TorchScript archives are read without running code. Only if that fails, and only with
 ``--trust-checkpoint``, is the archive opened with ``torch.jit.load`` (which executes its code) to
-extract the weights once."""
+extract the weights once; other pickles the safe reader refuses (e.g. lang-seg's Lightning ``.ckpt``
+with Lightning classes in ``hyper_parameters``) are then fully unpickled, once, the same way."""
 
 from __future__ import annotations
 
