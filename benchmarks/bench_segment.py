@@ -8,7 +8,8 @@ embeddings are already cached (whole-image inference, short side 448): ``Segment
 
 1. the bare ``encode_image`` forward pass of the same model on the same 448 x 600 tensor
    (target: ratio <= 1.15), and
-2. transformers' ``CLIPSegForImageSegmentation`` (random init, ViT-B/16, 352 px) on the same image
+2. transformers' ``CLIPSegForImageSegmentation`` (random init, configured as the published
+   rd64-refined model: ViT-B/16, reduce_dim 64, complex decoder; 352 px input) on the same image
    with 21 prompts the standard way (the image batched once per prompt, as its processor does;
    prompt embeddings precomputed, i.e. cached as well), upsampled to 448 x 600 and argmaxed
    (target: textseg >= 2x faster).
@@ -58,7 +59,7 @@ def main() -> None:
     seg.predict(list(VOC))  # fills the text cache: the 21 labels are "cached" from here on
     mean = torch.tensor(model.preprocess_cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.preprocess_cfg.std).view(1, 3, 1, 1)
-    pixels = (torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255 - mean) / std
+    pixels = (torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 - mean) / std
 
     def bare():
         with torch.no_grad():
@@ -74,7 +75,10 @@ def main() -> None:
     if not args.no_clipseg:
         from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
-        clipseg = CLIPSegForImageSegmentation(CLIPSegConfig()).eval()  # ViT-B/16, 352 px, random init
+        # the published CLIPSeg (CIDAS/clipseg-rd64-refined): ViT-B/16 backbone, reduce_dim 64, complex
+        # transposed-convolution decoder, 352 px input; random init here
+        cfg = CLIPSegConfig(vision_config={"patch_size": 16}, use_complex_transposed_convolution=True)
+        clipseg = CLIPSegForImageSegmentation(cfg).eval()
 
         ids = torch.randint(1, 49000, (len(VOC), 8))
         with torch.no_grad():
@@ -82,7 +86,7 @@ def main() -> None:
 
         def clipseg_run():
             with torch.no_grad():
-                x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255
+                x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
                 x = F.interpolate(x, size=(352, 352), mode="bilinear", align_corners=False)
                 x = ((x - mean) / std).expand(len(VOC), -1, -1, -1)
                 logits = clipseg(pixel_values=x, conditional_embeddings=cond).logits  # 21 x 352 x 352
