@@ -137,12 +137,13 @@ def similarity(evaluator: DualEncoder, image_emb: torch.Tensor, text_emb: torch.
     """``N x D`` image and ``M x D`` text embeddings of ``evaluator`` -> ``N x M`` image-text
     similarities. CLIP-like models: cosine similarity (what CLIMS uses). The offline model's
     embeddings are ImageNet class probabilities and bridge weights, not a cosine space: its
-    similarity is the label's probability mass (:meth:`~textseg.models.offline.OfflineModel.scores`),
-    in [0, 1] like CLIP's cosines in practice."""
-    from textseg.models.offline import OfflineModel
+    similarity is the label's ImageNet probability mass ``sum_c p(c | image) w(c | label)``, in [0, 1]
+    like CLIP's cosines (the raw mass: the offline model's own ``scores`` may rescale it for
+    segmentation, which would break CLIMS' clamp to (0, 1))."""
+    from textseg.models.offline import NUM_CLASSES, OfflineModel
 
     if isinstance(evaluator, OfflineModel):
-        return evaluator.scores(image_emb.float(), text_emb.float())
+        return image_emb.float() @ text_emb[:, :NUM_CLASSES].float().t()
     return F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
 
 
