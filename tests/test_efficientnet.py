@@ -94,3 +94,13 @@ def test_channels_last_matches_and_gradients(lite0):
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert lite0.stem.conv.weight.grad is not None
     lite0.zero_grad(set_to_none=True)
+
+
+def test_fused_batch_norm_gives_the_same_outputs():
+    model = en.efficientnet_lite("lite0")
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        ref = model(x)
+        fused = model.fuse()(x)
+    torch.testing.assert_close(fused, ref, atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

@@ -112,7 +112,17 @@ class ConvBN(nn.Module):
             if ph or pw:
                 x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         x = self.bn(self.conv(x))
-        return F.relu6(x) if self.act else x
+        return F.relu6(x, inplace=not torch.is_grad_enabled()) if self.act else x
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the (eval-mode) batch norm into the convolution: same outputs, less work."""
+        if isinstance(self.bn, nn.Identity):
+            return
+        scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        self.conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        self.conv.bias = nn.Parameter(self.bn.bias - self.bn.running_mean * scale)
+        self.bn = nn.Identity()
 
 
 class MBConv(nn.Module):
@@ -183,6 +193,14 @@ class EfficientNetLite(nn.Module):
             self._reductions.append(reduction)
             start = end + 1
         return self
+
+    def fuse(self) -> EfficientNetLite:
+        """Fold every batch norm into its convolution for inference (irreversible; the state dict
+        then no longer matches the packaged layout)."""
+        for module in self.modules():
+            if isinstance(module, ConvBN):
+                module.fuse()
+        return self.eval()
 
     # -- forward --------------------------------------------------------------------------------
     def forward_intermediates(

@@ -83,7 +83,7 @@ class OfflineModel(DualEncoder):
     def __init__(self, cfg: OfflineCfg = OfflineCfg(), bridge_dir: str | Path | None = None):
         super().__init__()
         self.cfg = cfg
-        self.image = efficientnet_lite(cfg.variant).set_output_stride(cfg.output_stride)
+        self.image = efficientnet_lite(cfg.variant).set_output_stride(cfg.output_stride).fuse()  # frozen: BN folded
         self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.image = self.image.to(memory_format=self._memory_format)
         self.text = minilm()
