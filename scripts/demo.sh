@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 img=$(.venv/bin/python -m textseg.examples chelsea)
-.venv/bin/textseg segment "$img" --labels "cat,wall,floor" --out out/demo
+.venv/bin/textseg segment "$img" --labels "cat,wall,floor,background" --out out/demo
