@@ -12,38 +12,15 @@ resumes from the newest checkpoint there (``--set train.resume=none`` to start o
 
 from __future__ import annotations
 
-import json
-
 
 def add_parser(sub) -> None:
-    from textseg.train.config import add_config_args
+    from textseg.commands.train import add_recipe_parser
 
-    p = sub.add_parser("clip", help="contrastive image-text training (CLIP / LiT), retrieval + zero-shot eval")
-    add_config_args(p)
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    p.set_defaults(func=run)
+    add_recipe_parser(sub, "clip", "contrastive image-text training (CLIP / LiT), retrieval + zero-shot eval", run)
 
 
 def run(args) -> int:
-    import yaml
-
+    from textseg.commands.train import run_recipe
     from textseg.train.clip import ClipRecipeConfig, train_clip
-    from textseg.train.config import config_to_dict, load_config
-    from textseg.train.dist import cleanup, is_main
 
-    cfg = load_config(ClipRecipeConfig, args.config, args.overrides)
-    if args.print_config:
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        return 0
-    try:
-        result = train_clip(cfg)
-    finally:
-        cleanup()
-    if is_main():
-        if args.json:
-            print(json.dumps(result))
-        else:
-            print("final: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in result.items()))
-    return 0
+    return run_recipe(args, ClipRecipeConfig, train_clip)
