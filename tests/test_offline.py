@@ -91,6 +91,32 @@ def test_missing_bridge_is_a_clear_error(tmp_path):
         OfflineModel(bridge_dir=tmp_path)
 
 
+def test_text_cache_key_covers_bridge_and_settings(model, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from textseg.models.offline import ASSETS, BRIDGE
+    from textseg.text import model_fingerprint
+
+    assert model_fingerprint(model) == model_fingerprint(model)  # stable
+    for ext in ("safetensors", "json"):
+        shutil.copy(ASSETS / f"{BRIDGE}.{ext}", tmp_path / f"{BRIDGE}.{ext}")
+    same = OfflineModel(bridge_dir=tmp_path)
+    assert model_fingerprint(same) == model_fingerprint(model)
+    path = tmp_path / f"{BRIDGE}.safetensors"
+    t = load_file(str(path))
+    t["weight_value"] = t["weight_value"] * 0.5  # another bridge
+    save_file(t, str(path))
+    assert model_fingerprint(OfflineModel(bridge_dir=tmp_path)) != model_fingerprint(model)
+    path.write_bytes(path.read_bytes()[:100])  # a broken bridge: one clear error
+    with pytest.raises(CheckpointError, match="bridge"):
+        OfflineModel(bridge_dir=tmp_path)
+    same.cfg = replace(same.cfg, match_top=same.cfg.match_top + 1)  # another text-side setting
+    assert model_fingerprint(same) != model_fingerprint(model)
+
+
 def test_bridge_card_says_how_it_was_made(model):
     card = model.card
     assert card["made_by"] == "scripts/build_offline_bridge.py"

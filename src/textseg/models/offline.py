@@ -26,6 +26,7 @@ Shapes: ``encode_dense``: ``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` probabil
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -99,7 +100,11 @@ class OfflineModel(DualEncoder):
         st, js = folder / f"{BRIDGE}.safetensors", folder / f"{BRIDGE}.json"
         if not st.is_file() or not js.is_file():
             raise CheckpointError(f"the offline model's bridge {st} is missing (reinstall textseg)")
-        t = load_file(str(st))
+        try:
+            t = load_file(str(st))
+        except Exception as e:  # a truncated / corrupted file
+            raise CheckpointError(f"the offline model's bridge {st} is unreadable ({e}); reinstall textseg") from None
+        self._bridge_sha = hashlib.sha256(st.read_bytes()).hexdigest()
         self.card = json.loads(js.read_text())
         self.class_names: list[str] = self.card["imagenet_classes"]
         self.concept_names: list[list[str]] = self.card["concept_names"]
@@ -117,6 +122,15 @@ class OfflineModel(DualEncoder):
         self.register_buffer("row_rank", t["row_sense_rank"].float(), persistent=False)
         with torch.no_grad():
             self.register_buffer("background_embeddings", self.text.embed(list(BACKGROUND_WORDS)), persistent=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Cache key of the text side: MiniLM's weights, the bridge file and the settings that shape
+        a label's row (the on-disk text cache must not serve rows made by another bridge or cfg)."""
+        from textseg.text import model_fingerprint
+
+        h = hashlib.sha256(f"{model_fingerprint(self.text)}:{self._bridge_sha}:{self.cfg!r}".encode())
+        return h.hexdigest()
 
     @torch.no_grad()
     def bridge(self, text_emb: torch.Tensor) -> torch.Tensor:
