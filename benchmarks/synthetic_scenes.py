@@ -24,7 +24,13 @@ CLASSES = ("background", *SHAPES)
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
     "purple": (150, 60, 190), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25),
+    "cyan": (40, 200, 210), "pink": (240, 120, 180),
 }
+ANY_COLORS = tuple(COLORS)[:8]  # palette="any": every object in one of these, at random
+# palette="per_shape": each kind of object comes in its own two colours (as fire engines are red);
+# colour and surface then say which object a patch belongs to, and only the caption's noun names it
+SHAPE_COLORS = {"star": ("red", "orange"), "circle": ("blue", "purple"), "square": ("green", "cyan"),
+                "triangle": ("yellow", "white"), "cross": ("black", "pink")}
 TEXTURES = ("solid", "striped", "dotted", "checkered", "lined")
 BACKGROUNDS = ("noisy", "gradient", "grid")
 # With ``coupled=True`` (the default) each kind of object has its own surface, as real categories
@@ -107,10 +113,12 @@ def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
 
 
 def render_scene(rng: np.random.Generator, size: int = 64, coupled: bool = True,
-                 mention: float = 0.5) -> tuple[np.ndarray, np.ndarray, str]:
+                 mention: float = 0.5, palette: str = "any") -> tuple[np.ndarray, np.ndarray, str]:
     """One scene: ``(image H x W x 3 uint8, mask H x W uint8, caption)``; ``coupled``: see
     :data:`SHAPE_TEXTURE`; ``mention``: probability that the caption names an object's colour (and,
-    independently, its texture)."""
+    independently, its texture); ``palette``: ``"any"`` or ``"per_shape"`` (:data:`SHAPE_COLORS`)."""
+    if palette not in ("any", "per_shape"):
+        raise ValueError(f"palette must be 'any' or 'per_shape', not {palette!r}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     bg_kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     img = _background(bg_kind, size, yy, xx, rng)
@@ -125,7 +133,8 @@ def render_scene(rng: np.random.Generator, size: int = 64, coupled: bool = True,
             if not centres or np.hypot(cy - centres[0][0], cx - centres[0][1]) > r + centres[0][2] + 2:
                 break
         m = _shape_mask(SHAPES[k], yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
-        cname = list(COLORS)[rng.integers(len(COLORS))]
+        options = ANY_COLORS if palette == "any" else SHAPE_COLORS[SHAPES[k]]
+        cname = options[rng.integers(len(options))]
         tex = SHAPE_TEXTURE[SHAPES[k]] if coupled else TEXTURES[rng.integers(len(TEXTURES))]
         pattern = _texture(tex, yy, xx, rng)[..., None]
         col = np.array(COLORS[cname], np.float32)
@@ -149,14 +158,15 @@ def render_scene(rng: np.random.Generator, size: int = 64, coupled: bool = True,
     return np.clip(img, 0, 255).astype(np.uint8), mask, caption
 
 
-def make_scenes(n: int, size: int = 64, seed: int = 0, coupled: bool = True, mention: float = 0.5) -> Scenes:
-    """``n`` scenes, deterministic for a ``seed``."""
+def make_scenes(n: int, size: int = 64, seed: int = 0, coupled: bool = True, mention: float = 0.5,
+                palette: str = "any") -> Scenes:
+    """``n`` scenes, deterministic for a ``seed`` (see :func:`render_scene` for the options)."""
     rng = np.random.default_rng(seed)
     imgs = np.empty((n, size, size, 3), np.uint8)
     masks = np.empty((n, size, size), np.uint8)
     caps = []
     for i in range(n):
-        imgs[i], masks[i], c = render_scene(rng, size, coupled, mention)
+        imgs[i], masks[i], c = render_scene(rng, size, coupled, mention, palette)
         caps.append(c)
     return Scenes(imgs, masks, caps)
 
