@@ -140,35 +140,76 @@ def test_torchrun_two_processes_gathered_features_and_loss_falls(tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 1.0, losses
 
 
-@torch.no_grad()
-def _retrieval_r1(model, scenes) -> float:
-    """Held-out caption -> image top-1 accuracy (random: 1 / len(scenes))."""
-    from groupvit_synthetic import SceneDataset
+def test_zero_shot_eval_path_on_hand_made_groups(monkeypatch):
+    """The benchmark's evaluation (soft group maps -> bilinear upsampling -> argmax group -> group
+    labels from the text similarities) scores a hand-made perfect grouping high and a single group
+    per image low, so a collapse is the model's, not the evaluation's."""
+    import torch.nn.functional as F
+    from groupvit_synthetic import evaluate_zero_shot, grouping_stats, small_model_cfg
+    from synthetic_scenes import CLASSES
 
-    ds = SceneDataset(scenes, model.preprocess_cfg.mean, model.preprocess_cfg.std)
-    img = model.encode_image(ds.pixels(np.arange(len(ds))), normalize=True)
-    txt = model.encode_text(model.tokenize(scenes.captions), normalize=True)
-    return float(((txt @ img.t()).argmax(1) == torch.arange(len(ds))).float().mean())
+    scenes = make_scenes(12, seed=5)
+    torch.manual_seed(0)
+    model = small_model_cfg().build().eval()
+    text = model.embed_texts(list(CLASSES), ("a photo of a {}.",))
+    onehot = F.one_hot(torch.from_numpy(scenes.masks).long(), len(CLASSES)).permute(0, 3, 1, 2).float()
+    true_maps = F.avg_pool2d(onehot, model.dense_stride)  # B x 6 x 8 x 8: class fractions per patch
+    state = {"start": 0}
+
+    def fake_intermediates(pixels):  # group c = the true region of class c, embedded as class c's text
+        b, s = pixels.shape[0], state["start"]
+        maps = state["maps"][s:s + b]
+        state["start"] = (s + b) % len(scenes.masks)
+        emb = text[None].expand(b, -1, -1)
+        return {"group_embeds": emb, "image_embed": maps.mean((2, 3)) @ text, "group_maps": [maps],
+                "grid": tuple(maps.shape[-2:])}
+
+    monkeypatch.setattr(model, "forward_intermediates", fake_intermediates)
+    state["maps"] = true_maps
+    perfect = evaluate_zero_shot(model, scenes, batch_size=4)
+    stats = grouping_stats(model, scenes, batch_size=4)
+    # 8-pixel patches limit the boundary (thin star tips, cross arms): about 80 mIoU, not 100
+    assert perfect["mIoU"] > 65 and perfect["iou"]["background"] > 90, perfect
+    assert stats["oracle_mIoU"] > 65 and 2 <= stats["groups_per_image"] <= 3, stats
+    state["maps"] = torch.zeros_like(true_maps)
+    state["maps"][:, 0] = 1  # everything in one group
+    collapsed = evaluate_zero_shot(model, scenes, batch_size=4)
+    stats = grouping_stats(model, scenes, batch_size=4)
+    assert collapsed["mIoU"] < 20 and stats["groups_per_image"] == 1 and stats["assign_entropy"] == 0
 
 
-def test_learns_from_captions_alone_quick(tmp_path):
-    """Quick version of benchmarks/groupvit_synthetic.py: a tiny GroupViT trained for a few hundred
-    steps on captioned scenes only (no masks, no labels) must beat its random initialisation on
-    held-out scenes: the training loss falls and held-out captions retrieve their images several
-    times above chance. (Segmentation needs longer training: the benchmark, about 25 minutes.)"""
-    from groupvit_synthetic import presence_accuracy, small_model_cfg, train
+def test_learns_from_captions_alone_quick(tmp_path, capsys):
+    """Quick version of benchmarks/groupvit_synthetic.py: the benchmark's small GroupViT trained for
+    a few hundred steps on captioned scenes only (no masks, no labels). Against the same model at
+    its random initialisation, on held-out scenes: the loss falls, the model names the objects in a
+    scene (image level: from chance, about 0.33, to above 0.8) and the grouping keeps more than one
+    group per image. Zero-shot segmentation mIoU is printed, not asserted: in this budget it is not
+    reliably above the random initialisation (see the benchmark's notes)."""
+    from groupvit_synthetic import (
+        evaluate_zero_shot,
+        grouping_stats,
+        presence_accuracy,
+        small_model_cfg,
+        train,
+    )
 
     torch.set_num_threads(1)
-    test = make_scenes(64, size=32, seed=4242, mention=1.0)
-    torch.manual_seed(0)
-    random_model = small_model_cfg(32).build().eval()
-    before = _retrieval_r1(random_model, test)
-    model, result = train(str(tmp_path / "quick"), steps=150, n_train=2400, batch_size=32, lr=1e-3,
-                          progress=False, log_every=10, image_size=32, mention=1.0, warmup=40)
+    test = make_scenes(100, seed=4242, mention=1.0, palette="per_shape")
+    torch.manual_seed(0)  # train() seeds the same way: this is the trained model before training
+    random_model = small_model_cfg().build().eval()
+    presence_before = presence_accuracy(random_model, test)
+
+    model, _ = train(str(tmp_path / "quick"), steps=400, n_train=3000, batch_size=48, progress=False,
+                     log_every=20, warmup=50)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "quick" / "log.jsonl").read_text().splitlines()
               if json.loads(line).get("kind") == "train"]
-    after = _retrieval_r1(model, test)
+    presence_after = presence_accuracy(model, test)
+    groups = grouping_stats(model, test)
+    with capsys.disabled():
+        print(f"\nquick GroupViT: presence {presence_before:.2f} -> {presence_after:.2f}; zero-shot mIoU "
+              f"{evaluate_zero_shot(random_model, test)['mIoU']:.1f} -> {evaluate_zero_shot(model, test)['mIoU']:.1f}; "
+              f"{groups}")
     assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 1.0, losses
-    # 64 held-out scenes: chance is 1/64; the run is deterministic on CPU (seeded, one thread)
-    assert after >= 0.06 and after >= 3 * before, (before, after)
-    assert 0.0 <= presence_accuracy(model, test) <= 1.0
+    # seeded, one thread: deterministic on CPU
+    assert presence_after >= max(0.8, presence_before + 0.3), (presence_before, presence_after)
+    assert groups["groups_per_image"] >= 1.5, groups
