@@ -80,10 +80,10 @@ def prepare() -> None:
 
 
 def train(time_limit: float) -> None:
-    import textseg.models.minilm as mm
-    import textseg.train.lseg as tl
     from safetensors.torch import save_file
 
+    import textseg.models.minilm as mm
+    import textseg.train.lseg as tl
     from textseg.train.checkpoint import latest_checkpoint, load_checkpoint
 
     def tokenizer_only(path=None):  # the text tower is frozen: its embeddings come precomputed

@@ -64,7 +64,7 @@ class OfflineCfg:
     sense_penalty: float = 0.02  # per WordNet sense rank of the matched name ("dog": animal before sausage)
     related_low: float = 0.35  # best similarity at or below this: the label is unrelated (weights 0)
     related_high: float = 0.6  # at or above this: fully related
-    background_scale: float = 0.7  # "background" scores this fraction of the unclaimed mass
+    background_scale: float = 0.4  # "background" scores this fraction of the unclaimed mass
     background_floor: float = 0.05  # ... plus this constant score (an absolute "nothing named here" level)
     size_power: float = 0.5  # a label's score is divided by (its total class weight) ** this
     lift_power: float = 0.0  # ... and by (its mean score on ordinary photos) ** this (PMI-style lift)
