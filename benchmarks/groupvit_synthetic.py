@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_scenes import CLASSES, SHAPES, Scenes, make_scenes  # noqa: E402
+from synthetic_scenes import BACKGROUND_NOUNS, CLASSES, SHAPES, Scenes, make_scenes  # noqa: E402
 
 from textseg.metrics import ConfusionMatrix  # noqa: E402
 from textseg.models.groupvit import GroupViT  # noqa: E402
@@ -85,35 +85,73 @@ class SceneDataset(torch.utils.data.Dataset):
         return self.pixels(i), self.scenes.captions[i]
 
 
-@torch.no_grad()
-def evaluate_zero_shot(model: GroupViT, scenes: Scenes, background: str = "class", threshold: float = 0.5,
-                       batch_size: int = 50, top_k: int | None = None) -> dict:
-    """Zero-shot segmentation of ``scenes`` with the shape names as classes -> mIoU (%) etc.
+def background_names(captions: str = "plain") -> tuple[str, ...]:
+    """The label names of the background class for a caption style: the word its captions use
+    ("background" for ``"plain"``; the background nouns "noise", "gradient", "grid" for
+    ``"named_background"``, see :data:`synthetic_scenes.BACKGROUND_NOUNS`)."""
+    return ("background",) if captions == "plain" else tuple(BACKGROUND_NOUNS.values())
 
-    ``background="class"``: "background" is one more label (its prompt like the others; captions
-    name the background, so it is a caption noun); ``"threshold"``: a pixel whose best class
-    probability is below ``threshold`` is background (NVlabs' way; the score is a product of two
-    softmaxes, so a fixed threshold depends on how peaked they are). ``top_k``: NVlabs keeps the
-    ``min(5, classes)`` labels the whole image scores highest; default here: every label (with six
-    labels, top-5 would drop one per image, background included)."""
+
+@torch.no_grad()
+def zero_shot_scores(model: GroupViT, scenes: Scenes, names: list[str], batch_size: int = 50,
+                     top_k: int | None = None) -> torch.Tensor:
+    """``N x len(names) x H x W`` per-pixel label scores (:meth:`GroupViT.segment_official`, the
+    prompt "a photo of a {}."). ``top_k``: NVlabs keeps the ``min(5, classes)`` labels the whole
+    image scores highest; default here: every label (with six labels, top-5 would drop one per
+    image, background included)."""
     model.eval()
     ds = SceneDataset(scenes, model.preprocess_cfg.mean, model.preprocess_cfg.std)
-    names = list(CLASSES) if background == "class" else list(SHAPES)
     text = model.embed_texts(names, ("a photo of a {}.",))
-    cm = ConfusionMatrix(len(CLASSES))
+    out = []
     for s in range(0, len(ds), batch_size):
         idx = np.arange(s, min(s + batch_size, len(ds)))
-        pixels = ds.pixels(idx)
-        scores = model.segment_official(pixels, text, top_k=top_k or len(names))  # B x N x H x W
-        if background == "class":
-            pred = scores.argmax(1)
-        else:
-            best, arg = scores.max(1)
-            pred = torch.where(best < threshold, torch.zeros_like(arg), arg + 1)
-        cm.update(pred, torch.from_numpy(scenes.masks[idx]).long())
+        out.append(model.segment_official(ds.pixels(idx), text, top_k=top_k or len(names)))
+    return torch.cat(out)
+
+
+def _score(pred: torch.Tensor, scenes: Scenes) -> dict:
+    cm = ConfusionMatrix(len(CLASSES))
+    cm.update(pred, torch.from_numpy(scenes.masks).long())
     m = cm.compute()
     return {"mIoU": 100 * m.miou, "pixel_acc": 100 * m.pixel_accuracy,
             "iou": {c: (None if math.isnan(v) else round(100 * v, 2)) for c, v in zip(CLASSES, m.iou)}}
+
+
+def threshold_predictions(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Shape scores ``N x S x H x W`` -> class map: background (0) where the best is below ``threshold``."""
+    best, arg = scores.max(1)
+    return torch.where(best < threshold, torch.zeros_like(arg), arg + 1)
+
+
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
+
+
+def calibrate_threshold(model: GroupViT, val: Scenes, thresholds=THRESHOLDS) -> tuple[float, float]:
+    """NVlabs-style fixed background threshold, chosen on *validation* scenes: the one of
+    ``thresholds`` with the best validation mIoU -> ``(threshold, validation mIoU)``."""
+    scores = zero_shot_scores(model, val, list(SHAPES))
+    best = max((_score(threshold_predictions(scores, t), val)["mIoU"], t) for t in thresholds)
+    return best[1], best[0]
+
+
+@torch.no_grad()
+def evaluate_zero_shot(model: GroupViT, scenes: Scenes, background: str = "class", threshold: float = 0.5,
+                       batch_size: int = 50, top_k: int | None = None,
+                       bg_names: tuple[str, ...] = ("background",)) -> dict:
+    """Zero-shot segmentation of ``scenes`` with the shape names as classes -> mIoU (%) etc.
+
+    ``background="class"``: the background is labelled like the shapes, by its own names
+    ``bg_names`` (any of them wins -> background; :func:`background_names`); ``"threshold"``: a
+    pixel whose best shape probability is below ``threshold`` is background (NVlabs' way; the score
+    is a product of two softmaxes, so a fixed threshold depends on how peaked they are: calibrate
+    it with :func:`calibrate_threshold`). ``top_k``: see :func:`zero_shot_scores`."""
+    if background == "class":
+        nb = len(bg_names)
+        scores = zero_shot_scores(model, scenes, [*bg_names, *SHAPES], batch_size, top_k)
+        pred = (scores.argmax(1) - (nb - 1)).clamp_min(0)
+    else:
+        pred = threshold_predictions(zero_shot_scores(model, scenes, list(SHAPES), batch_size, top_k), threshold)
+    return _score(pred, scenes)
 
 
 @torch.no_grad()
@@ -180,7 +218,8 @@ def train(out_dir: str, steps: int, n_train: int = 6000, batch_size: int = 48, l
           image_size: int = 64, k: int = 3, eval_every: int = 0, mention: float = 1.0,
           warmup: int | None = None, hard_assignment: bool = True, grouping_lr_scale: float = 1.0,
           multi_label_weight: float = 1.0, model_overrides: dict | None = None,
-          palette: str = "per_shape") -> tuple[GroupViT, dict]:
+          palette: str = "per_shape", captions: str = "plain", schedule: str = "cosine",
+          min_lr_ratio: float = 0.02) -> tuple[GroupViT, dict]:
     """Train :func:`small_model_cfg` on ``n_train`` scenes for ``steps`` optimizer steps (stopping
     early at ``minutes`` of wall time). ``grouping_lr_scale``: see :func:`grouping_param_groups`.
     Returns ``(model in eval mode, engine result)``."""
@@ -188,10 +227,12 @@ def train(out_dir: str, steps: int, n_train: int = 6000, batch_size: int = 48, l
 
     seed_everything(seed)
     model = small_model_cfg(image_size, hard_assignment, **(model_overrides or {})).build()
-    scenes = make_scenes(n_train, size=image_size, seed=1000 + seed, mention=mention, palette=palette)
+    scenes = make_scenes(n_train, size=image_size, seed=1000 + seed, mention=mention, palette=palette,
+                         captions=captions)
     ds = SceneDataset(scenes, model.preprocess_cfg.mean, model.preprocess_cfg.std)
     cfg = TrainConfig(out_dir=out_dir, steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.05,
-                      betas=(0.9, 0.999), eps=1e-8, warmup_steps=warmup or max(1, steps // 20), min_lr_ratio=0.02,
+                      betas=(0.9, 0.999), eps=1e-8, warmup_steps=warmup or max(1, steps // 20), min_lr_ratio=min_lr_ratio,
+                      schedule=schedule,
                       clip_grad=5.0, log_every=log_every, resume="none", progress=progress, eval_every=eval_every,
                       tensorboard=False, device="cpu", seed=seed)
     module = GroupViTTrainModule(model, multi_label_weight=multi_label_weight)
@@ -205,12 +246,12 @@ def train(out_dir: str, steps: int, n_train: int = 6000, batch_size: int = 48, l
 
     eval_fn = None
     if eval_every:
-        held_out = make_scenes(100, size=image_size, seed=777, mention=mention, palette=palette)
+        held_out = make_scenes(100, size=image_size, seed=777, mention=mention, palette=palette, captions=captions)
 
         def eval_fn(module, step):
             m = module.model
             return {"presence_top1": presence_accuracy(m, held_out),
-                    "mIoU": evaluate_zero_shot(m, held_out, "class")["mIoU"],
+                    "mIoU": evaluate_zero_shot(m, held_out, "class", bg_names=background_names(captions))["mIoU"],
                     **grouping_stats(m, held_out)}
 
     trainer = Trainer(cfg, module, ds, collate_fn=GroupViTCollate(model.tokenize, k=k, seed=seed),
@@ -248,9 +289,14 @@ def plot_loss(log_jsonl: Path, png: Path) -> list[tuple[int, float]]:
     return pts
 
 
-def held_out_report(model: GroupViT, test: Scenes) -> dict:
-    """Everything the benchmark reports for one model on the held-out scenes."""
-    out = {bg: evaluate_zero_shot(model, test, bg) for bg in ("class", "threshold")}
+def held_out_report(model: GroupViT, test: Scenes, val: Scenes, captions: str = "plain") -> dict:
+    """Everything the benchmark reports for one model on the held-out test scenes; the background
+    threshold is calibrated on the separate validation scenes ``val``."""
+    out = {"class": evaluate_zero_shot(model, test, "class", bg_names=background_names(captions)),
+           "threshold": evaluate_zero_shot(model, test, "threshold", 0.5)}
+    t, val_miou = calibrate_threshold(model, val)
+    out["threshold_calibrated"] = {"threshold": t, "val_mIoU": val_miou,
+                                   **evaluate_zero_shot(model, test, "threshold", t)}
     out["presence_top1"] = presence_accuracy(model, test)
     out["grouping"] = grouping_stats(model, test)
     return out
@@ -274,16 +320,25 @@ def main() -> None:
                     help="probability that a caption names an object's colour / texture")
     ap.add_argument("--palette", default="per_shape", choices=("per_shape", "any"),
                     help="object colours: each shape its own two (per_shape) or any of eight (any)")
+    ap.add_argument("--captions", default="plain", choices=("plain", "named_background"),
+                    help="caption style: 'plain' ('... on a grid background' 2 of 3 times) or 'named_background' "
+                         "(always '... on a grid' / 'on noise' / 'on a gradient': the background kind is a noun)")
+    ap.add_argument("--schedule", default="cosine", choices=("cosine", "poly", "constant"))
+    ap.add_argument("--min-lr-ratio", type=float, default=0.02, help="final lr / lr of the decay")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--n-val", type=int, default=200, help="validation scenes (background threshold calibration)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--soft-assignment", action="store_true", help="train with soft (not Gumbel hard) grouping")
     ap.add_argument("--model", default="{}", help='JSON overrides of small_model_cfg, e.g. \'{"depths": [2, 2]}\'')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = json.loads(args.model)
     out = Path(args.out)
-    test = make_scenes(args.n_test, seed=424242, mention=args.mention, palette=args.palette)
+    test = make_scenes(args.n_test, seed=424242, mention=args.mention, palette=args.palette, captions=args.captions)
+    val = make_scenes(args.n_val, seed=313131, mention=args.mention, palette=args.palette, captions=args.captions)
 
     torch.manual_seed(0)
-    baseline = held_out_report(small_model_cfg(**overrides).build(), test)
+    baseline = held_out_report(small_model_cfg(**overrides).build(), test, val, args.captions)
     steps = args.steps
     if not steps:  # time a few steps of the same model to fit the budget
         m = GroupViTTrainModule(small_model_cfg(**overrides).build())
@@ -301,12 +356,13 @@ def main() -> None:
         print(f"~{per_step:.2f} s/step -> {steps} steps", flush=True)
     t0 = time.time()
     model, result = train(str(out), steps, args.n_train, args.batch_size, args.lr, minutes=args.minutes,
-                          eval_every=args.eval_every, mention=args.mention, warmup=100,
+                          eval_every=args.eval_every, mention=args.mention, warmup=args.warmup, seed=args.seed,
                           hard_assignment=not args.soft_assignment, grouping_lr_scale=args.grouping_lr_scale,
                           multi_label_weight=args.multi_label_weight, model_overrides=overrides,
-                          palette=args.palette)
+                          palette=args.palette, captions=args.captions, schedule=args.schedule,
+                          min_lr_ratio=args.min_lr_ratio)
     train_s = time.time() - t0
-    trained = held_out_report(model, test)
+    trained = held_out_report(model, test, val, args.captions)
     curve = plot_loss(out / "log.jsonl", out / "loss.png")
     summary = {"train_minutes": round(train_s / 60, 2), "steps": result["step"], "final_loss": result.get("loss"),
                "loss_curve": [(s, round(v, 4)) for s, v in curve], "random_init": baseline, "trained": trained,

@@ -33,6 +33,10 @@ SHAPE_COLORS = {"star": ("red", "orange"), "circle": ("blue", "purple"), "square
                 "triangle": ("yellow", "white"), "cross": ("black", "pink")}
 TEXTURES = ("solid", "striped", "dotted", "checkered", "lined")
 BACKGROUNDS = ("noisy", "gradient", "grid")
+# captions="named_background": the caption always ends with the background as a noun of its own
+# ("... on a grid", "... on noise"), so noun extraction gives the background a word per kind
+BACKGROUND_NOUNS = {"noisy": "noise", "gradient": "gradient", "grid": "grid"}
+CAPTION_STYLES = ("plain", "named_background")
 # With ``coupled=True`` (the default) each kind of object has its own surface, as real categories
 # have characteristic appearance (a zebra is striped): stars are solid, circles dotted, squares
 # checkered, triangles striped, crosses lined; colours stay random. A patch then says which object it
@@ -113,12 +117,18 @@ def _relation(a: tuple[float, float], b: tuple[float, float]) -> str:
 
 
 def render_scene(rng: np.random.Generator, size: int = 64, coupled: bool = True,
-                 mention: float = 0.5, palette: str = "any") -> tuple[np.ndarray, np.ndarray, str]:
+                 mention: float = 0.5, palette: str = "any",
+                 captions: str = "plain") -> tuple[np.ndarray, np.ndarray, str]:
     """One scene: ``(image H x W x 3 uint8, mask H x W uint8, caption)``; ``coupled``: see
     :data:`SHAPE_TEXTURE`; ``mention``: probability that the caption names an object's colour (and,
-    independently, its texture); ``palette``: ``"any"`` or ``"per_shape"`` (:data:`SHAPE_COLORS`)."""
+    independently, its texture); ``palette``: ``"any"`` or ``"per_shape"`` (:data:`SHAPE_COLORS`);
+    ``captions``: ``"plain"`` ("... on a grid background" in about 2 of 3 captions, the head noun
+    then being "background" for every kind) or ``"named_background"`` (always "... on a grid" /
+    "on noise" / "on a gradient": :data:`BACKGROUND_NOUNS`). Same images and masks either way."""
     if palette not in ("any", "per_shape"):
         raise ValueError(f"palette must be 'any' or 'per_shape', not {palette!r}")
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"captions must be one of {CAPTION_STYLES}, not {captions!r}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     bg_kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     img = _background(bg_kind, size, yy, xx, rng)
@@ -149,24 +159,25 @@ def render_scene(rng: np.random.Generator, size: int = 64, coupled: bool = True,
             words.append(tex)
         phrases.append(" ".join([*words, SHAPES[k]]))
     a = [("an " if p[0] in "aeiou" else "a ") + p for p in phrases]
-    if n == 1:
-        caption = f"{a[0]} on a {bg_kind} background"
-    else:
-        caption = f"{a[0]} {_relation(centres[0][:2], centres[1][:2])} {a[1]}"
-        if rng.random() < 0.5:
-            caption += f" on a {bg_kind} background"
+    caption = a[0] if n == 1 else f"{a[0]} {_relation(centres[0][:2], centres[1][:2])} {a[1]}"
+    with_background = n == 1 or rng.random() < 0.5
+    if captions == "named_background":
+        noun = BACKGROUND_NOUNS[bg_kind]
+        caption += f" on {'a ' if noun != 'noise' else ''}{noun}"
+    elif with_background:
+        caption += f" on a {bg_kind} background"
     return np.clip(img, 0, 255).astype(np.uint8), mask, caption
 
 
 def make_scenes(n: int, size: int = 64, seed: int = 0, coupled: bool = True, mention: float = 0.5,
-                palette: str = "any") -> Scenes:
+                palette: str = "any", captions: str = "plain") -> Scenes:
     """``n`` scenes, deterministic for a ``seed`` (see :func:`render_scene` for the options)."""
     rng = np.random.default_rng(seed)
     imgs = np.empty((n, size, size, 3), np.uint8)
     masks = np.empty((n, size, size), np.uint8)
     caps = []
     for i in range(n):
-        imgs[i], masks[i], c = render_scene(rng, size, coupled, mention, palette)
+        imgs[i], masks[i], c = render_scene(rng, size, coupled, mention, palette, captions)
         caps.append(c)
     return Scenes(imgs, masks, caps)
 

@@ -132,6 +132,7 @@ class GroupViTModelCfg:
     context_length: int = 77
     embed_dim: int = 256
     proj_hidden: int = 4096
+    proj_layers: int = 2  # projector depth (NVlabs: 2, Linear-BN-ReLU-Linear; 1 = one linear layer)
 
     def build(self) -> GroupViT:
         from textseg.models.clip import TextConfig
@@ -144,7 +145,7 @@ class GroupViTModelCfg:
         text = TextConfig(context_length=self.context_length, width=self.text_width, heads=self.text_heads,
                           layers=self.text_layers)
         return GroupViT(GroupViTCfg(vision=vision, text=text, embed_dim=self.embed_dim,
-                                    proj_hidden=self.proj_hidden))
+                                    proj_hidden=self.proj_hidden, proj_layers=self.proj_layers))
 
 
 # ------------------------------------------------------------------------------------------ recipe
