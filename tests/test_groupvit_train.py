@@ -184,8 +184,10 @@ def test_learns_from_captions_alone_quick(tmp_path, capsys):
     its random initialisation, on held-out scenes: the loss falls, the model names the objects in a
     scene (image level: from chance, about 0.33, to above 0.8) and the grouping keeps more than one
     group per image. Zero-shot segmentation mIoU is printed, not asserted: in this budget it is not
-    reliably above the random initialisation (see the benchmark's notes)."""
+    reliably above the random initialisation (see the benchmark's notes: 4.1 against 3.6 at 400
+    steps, 27.1 against 3.6 only at 900)."""
     from groupvit_synthetic import (
+        background_names,
         evaluate_zero_shot,
         grouping_stats,
         presence_accuracy,
@@ -194,7 +196,8 @@ def test_learns_from_captions_alone_quick(tmp_path, capsys):
     )
 
     torch.set_num_threads(1)
-    test = make_scenes(100, seed=4242, mention=1.0, palette="per_shape")
+    test = make_scenes(100, seed=4242, mention=1.0, palette="per_shape", captions="named_background")
+    bg = background_names("named_background")
     torch.manual_seed(0)  # train() seeds the same way: this is the trained model before training
     random_model = small_model_cfg().build().eval()
     presence_before = presence_accuracy(random_model, test)
@@ -207,7 +210,8 @@ def test_learns_from_captions_alone_quick(tmp_path, capsys):
     groups = grouping_stats(model, test)
     with capsys.disabled():
         print(f"\nquick GroupViT: presence {presence_before:.2f} -> {presence_after:.2f}; zero-shot mIoU "
-              f"{evaluate_zero_shot(random_model, test)['mIoU']:.1f} -> {evaluate_zero_shot(model, test)['mIoU']:.1f}; "
+              f"{evaluate_zero_shot(random_model, test, bg_names=bg)['mIoU']:.1f} -> "
+              f"{evaluate_zero_shot(model, test, bg_names=bg)['mIoU']:.1f}; "
               f"{groups}")
     assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 1.0, losses
     # seeded, one thread: deterministic on CPU
