@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torchrun_util import run_torchrun  # noqa: E402
 
 from textseg.cli import main as cli_main
 from textseg.data.image_labels import (
@@ -418,8 +418,8 @@ def test_torchrun_two_processes_loss_falls(tmp_path):
            "-m", "textseg.cli", "cam", "train", str(data), "--backbone", "tiny", "--steps", "30",
            "--batch-size", "8", "--crop-size", "64", "--lr", "0.05", "--out", str(run), "--no-progress",
            "--threads", "1", "--set", "freeze_bn=false", "--set", "log_every=5"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, out = run_torchrun(cmd, env=env, timeout=120)
+    assert code == 0, out[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 30
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from textseg.evaluate import (
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_worker import ColourModel, make_folder  # noqa: E402
 from eval_worker import main as worker_main  # noqa: E402
+from torchrun_util import run_torchrun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,16 +129,8 @@ def _env():
 
 
 def _run(cmd: list[str], timeout: float = 90) -> None:
-    """Run ``cmd`` in its own session; on timeout kill the whole group (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, out.decode()[-3000:]
+    code, out = run_torchrun(cmd, env=_env(), timeout=timeout)
+    assert code == 0, out[-3000:]
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

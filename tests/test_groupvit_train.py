@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from synthetic_scenes import make_scenes  # noqa: E402
+from torchrun_util import run_torchrun  # noqa: E402
 
 TINY = [
     "--set", "model.image_size=32", "--set", "model.patch_size=8", "--set", "model.width=32",
@@ -128,11 +128,11 @@ def test_torchrun_two_processes_gathered_features_and_loss_falls(tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "ddp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(port),
-                        str(ROOT / "tests" / "groupvit_ddp_worker.py"), str(out)],
-                       capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, log = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_addr", "127.0.0.1", "--master_port", str(port),
+                              str(ROOT / "tests" / "groupvit_ddp_worker.py"), str(out)],
+                             env=env, timeout=240, cwd=ROOT)
+    assert code == 0, log[-3000:]
     res = json.loads(out.read_text())
     assert res["world_size"] == 2
     assert res["gather"]["loss_err"] < 1e-5 and res["gather"]["grad_err"] < 1e-5 and res["gather"]["grad_norm"] > 0
