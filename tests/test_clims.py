@@ -418,7 +418,7 @@ def test_torchrun_two_processes_loss_falls(tmp_path):
            "-m", "textseg.cli", "cam", "train", str(data), "--backbone", "tiny", "--steps", "30",
            "--batch-size", "8", "--crop-size", "64", "--lr", "0.05", "--out", str(run), "--no-progress",
            "--threads", "1", "--set", "freeze_bn=false", "--set", "log_every=5"]
-    code, out = run_torchrun(cmd, env=env, timeout=120)
+    code, out = run_torchrun(cmd, env=env, timeout=120, outputs=[run])
     assert code == 0, out[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 30

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchrun_util import run_torchrun  # noqa: E402
 
 from textseg.errors import CheckpointError
 from textseg.models.lseg import LSegConfig, build_lseg
@@ -439,8 +440,8 @@ def test_torchrun_two_processes_gloo_loss_falls(tmp_path):
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
            "-m", "textseg.cli", *train_args(data, out, "--max-steps", "16", "--lr", "3e-3", "--val-split", "none",
                                             "--device", "cpu")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    code, log_text = run_torchrun(cmd, env=_env(), timeout=240, cwd=tmp_path, outputs=[out])
+    assert code == 0, log_text[-5000:]
     log = read_log(out)
     losses = [e["loss"] for e in log if "loss" in e]
     assert len(losses) == 16  # rank 0 logs the mean over both ranks

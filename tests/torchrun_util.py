@@ -10,8 +10,11 @@ once more; every other failure is returned as it is.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+from collections.abc import Sequence
+from pathlib import Path
 
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
@@ -28,10 +31,14 @@ def _run_once(cmd: list[str], env: dict, timeout: float, cwd) -> tuple[int, str]
     return proc.returncode, out.decode(errors="replace")
 
 
-def run_torchrun(cmd: list[str], env: dict | None = None, timeout: float = 120, cwd=None) -> tuple[int, str]:
-    """``(returncode, stdout + stderr)`` of ``cmd``, retried once after a gloo exit abort."""
+def run_torchrun(cmd: list[str], env: dict | None = None, timeout: float = 120, cwd=None,
+                 outputs: Sequence[Path] = ()) -> tuple[int, str]:
+    """``(returncode, stdout + stderr)`` of ``cmd``, retried once after a gloo exit abort (the
+    ``outputs`` folders are removed first, so the retry starts from scratch)."""
     env = dict(os.environ) if env is None else env
     code, out = _run_once(cmd, env, timeout, cwd)
     if code != 0 and GLOO_EXIT_ABORT in out:
+        for path in outputs:
+            shutil.rmtree(path, ignore_errors=True)
         code, out = _run_once(cmd, env, timeout, cwd)
     return code, out
