@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchrun_util import run_torchrun  # noqa: E402
+from torchrun_util import run_torchrun
 
 from textseg.cli import main as cli_main
 from textseg.data.image_labels import (

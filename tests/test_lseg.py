@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchrun_util import run_torchrun  # noqa: E402
+from torchrun_util import run_torchrun
 
 from textseg.errors import CheckpointError
 from textseg.models.lseg import LSegConfig, build_lseg

@@ -95,16 +95,17 @@ class OfflineModel(DualEncoder):
 
     # ------------------------------------------------------------------ bridge
     def _load_bridge(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         st, js = folder / f"{BRIDGE}.safetensors", folder / f"{BRIDGE}.json"
         if not st.is_file() or not js.is_file():
             raise CheckpointError(f"the offline model's bridge {st} is missing (reinstall textseg)")
+        data = st.read_bytes()  # read once: parsed here and hashed for the text-cache key
         try:
-            t = load_file(str(st))
+            t = load_safetensors(data)
         except Exception as e:  # a truncated / corrupted file
             raise CheckpointError(f"the offline model's bridge {st} is unreadable ({e}); reinstall textseg") from None
-        self._bridge_sha = hashlib.sha256(st.read_bytes()).hexdigest()
+        self._bridge_sha = hashlib.sha256(data).hexdigest()
         self.card = json.loads(js.read_text())
         self.class_names: list[str] = self.card["imagenet_classes"]
         self.concept_names: list[list[str]] = self.card["concept_names"]
