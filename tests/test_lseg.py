@@ -64,11 +64,39 @@ def test_shapes_gradients_and_frozen_text(light):
         assert model.forward_logits(torch.randn(1, 3, 50, 70), text).shape == (1, 5, 50, 70)
     loss = F.cross_entropy(logits, torch.randint(0, 5, (2, 64, 96)))
     loss.backward()
-    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+    assert model.logit_scale.grad is None  # lang-seg's temperature is fixed (see the test below)
     assert model.decoder.head.weight.grad.abs().sum() > 0
     assert model.image_encoder.cnn.blocks[-1].project.conv.weight.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in model.text_encoder.parameters())
     assert not model.text_encoder.training
+
+
+def test_temperature_fixed_at_one_over_0_07_by_default_learnable_as_option():
+    """lang-seg (modules/models/lseg_net.py): ``self.logit_scale = nn.Parameter(torch.ones([]) *
+    np.log(1 / 0.07)).exp()``; ``.exp()`` of a Parameter is a plain tensor, so it is not a module
+    parameter, never reaches the optimiser and stays 1/0.07; logits = that * cos(pixel, text)."""
+    from textseg.train.lseg import LSegTrainConfig, param_groups
+
+    official_t = float(np.exp(np.log(1 / 0.07)))  # 14.2857...
+    model = tiny_lseg().train()
+    assert "logit_scale" not in dict(model.named_parameters())
+    assert "logit_scale" in dict(model.named_buffers()) and "logit_scale" in model.state_dict()
+    assert model.logit_scale.exp().item() == pytest.approx(official_t, rel=1e-6)
+    opt_params = [p for g in param_groups(model, LSegTrainConfig()) for p in g["params"]]
+    assert all(p is not model.logit_scale for p in opt_params)
+    dense, text = torch.randn(2, 32, 4, 4, requires_grad=True), torch.randn(3, 32)
+    cos = torch.einsum("bchw,nc->bnhw", F.normalize(dense, dim=1), F.normalize(text, dim=-1))
+    out = model.dense_logits(dense, text)
+    torch.testing.assert_close(out, official_t * cos, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert model.logit_scale.grad is None and not model.logit_scale.requires_grad
+    # textseg's option: a learnable temperature (same start), trained with the decoder
+    learn = tiny_lseg(learn_logit_scale=True).train()
+    assert "logit_scale" in dict(learn.named_parameters())
+    assert any(p is learn.logit_scale for g in param_groups(learn, LSegTrainConfig()) for p in g["params"])
+    learn.dense_logits(dense, text).square().sum().backward()
+    assert learn.logit_scale.grad is not None and learn.logit_scale.grad.abs() > 0
+    assert learn.logit_scale.exp().item() == pytest.approx(official_t, rel=1e-6)
 
 
 @pytest.mark.parametrize("block", ["bottleneck", "depthwise"])
@@ -375,6 +403,9 @@ def test_training_learns_and_keeps_the_text_encoder_bit_identical(tmp_path):
     val = [e for e in log if e.get("val")]
     assert val and val[-1]["miou"] > 40  # 3 classes, learnt from 24 tiny steps
     model = load_model("lseg", weights=out / "model.safetensors")
+    # the default recipe keeps lang-seg's fixed temperature through training, saving and loading
+    assert not model.cfg.learn_logit_scale and "logit_scale" not in dict(model.named_parameters())
+    assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-6)
     fresh = minilm().state_dict()
     trained = model.text_encoder.state_dict()
     assert trained.keys() == fresh.keys()
@@ -488,3 +519,15 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_state(tmp_path):
         torch.testing.assert_close(got["exp_avg_sq"], s["exp_avg_sq"], rtol=1e-3, atol=1e-9)
     assert state_at_kill["optimizer"]["param_groups"][0]["lr"] > want["optimizer"]["param_groups"][0]["lr"]
     assert not math.isnan(first_after["model"]["logit_scale"].item())
+
+
+def test_cli_learn_logit_scale_flag_reaches_the_recipe(monkeypatch, tmp_path):
+    import textseg.train.lseg as recipe
+    from textseg.cli import main
+
+    seen = []
+    monkeypatch.setattr(recipe, "train", lambda cfg: seen.append(cfg) or {"step": 0, "seconds": 0, "loss": 0.0,
+                                                                          "val": []})
+    assert main(["train", "lseg", "--data", str(tmp_path), "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", "lseg", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--learn-logit-scale"]) == 0
+    assert [c.learn_logit_scale for c in seen] == [False, True]

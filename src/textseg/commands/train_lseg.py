@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--light", action="store_true",
                    help="light CPU decoder: separable convs, dense map at stride 4")
     p.add_argument("--freeze-bn", action="store_true", help="keep the backbone's BN statistics fixed")
+    p.add_argument("--learn-logit-scale", action="store_true",
+                   help="learn the temperature (default: fixed at 1/0.07, as lang-seg)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads per process")
@@ -78,7 +80,7 @@ def run(args) -> int:
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
         class_balance=args.class_balance, freeze_bn=args.freeze_bn, freeze_stages=args.freeze_stages,
-        light=args.light, amp=args.amp, workers=args.workers, threads=args.threads, seed=args.seed,
+        light=args.light, learn_logit_scale=args.learn_logit_scale, amp=args.amp, workers=args.workers, threads=args.threads, seed=args.seed,
         save_every=args.save_every, log_every=args.log_every, val_every=args.val_every, out_dir=args.out,
         resume=args.resume, device=args.device, eval_scale=args.eval_scale, time_limit=args.time_limit, image_size=args.image_size,
     )

@@ -2,7 +2,10 @@
 
 A dense image encoder maps an image to one ``C``-dim feature per pixel (at stride 2 for the ViT/DPT
 model); a **frozen** text encoder maps each of ``N`` label names to a ``C``-dim embedding; the logit of
-label ``n`` at a pixel is ``t * cos(pixel, label_n)`` with a learnable temperature ``t``. ``N`` and the
+label ``n`` at a pixel is ``t * cos(pixel, label_n)`` with the temperature ``t`` fixed at ``1/0.07`` as in
+lang-seg (``lseg_net.py``: ``nn.Parameter(...).exp()`` is a plain tensor, never optimised; here a buffer
+``logit_scale`` = ``log t``, in the state dict). ``LSegConfig.learn_logit_scale=True`` (textseg's
+option) makes it a learnable parameter instead. ``N`` and the
 labels are free at every call, so a model trained on one label set answers for synonyms or unseen
 labels. Optional spatial regularisation blocks (one 3x3 kernel shared by all label maps, so they work
 for any ``N``) smooth the logits; logits are finally upsampled to the input size.
@@ -56,6 +59,7 @@ class LSegConfig:
     block_depth: int = 0
     activation: str = "lrelu"
     logit_scale_init: float = 1 / 0.07
+    learn_logit_scale: bool = False  # official: fixed (a buffer); True: a learnable parameter (textseg's option)
     decoder_bn: bool = True
     # Light CPU decoder: depthwise-separable residual convs, and no final x2 upsampling inside the
     # decoder (dense map at stride 4 instead of 2; logits are upsampled to the input anyway).
@@ -362,7 +366,11 @@ class LSeg(DualEncoder):
         # One regularisation block, applied ``block_depth`` times (shared weights, as the paper's code).
         use_block = cfg.block != "none" and cfg.block_depth > 0
         self.head_block = SpatialRegBlock(cfg.block, cfg.activation) if use_block else None
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        log_scale = torch.tensor(math.log(cfg.logit_scale_init))
+        if cfg.learn_logit_scale:
+            self.logit_scale = nn.Parameter(log_scale)
+        else:  # lang-seg's constant temperature; a persistent buffer keeps the state-dict key either way
+            self.register_buffer("logit_scale", log_scale)
         self.text_encoder = text_encoder
         self._tokenizer = tokenizer
         self.text_encoder.requires_grad_(False)

@@ -64,6 +64,7 @@ class LSegTrainConfig:
     backbone_lr_mult: float = 0.1
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    learn_logit_scale: bool = False  # official lang-seg: temperature fixed at 1/0.07; True: learn it
     class_balance: bool = False  # median-frequency class weights in the loss (as SegNet)
     freeze_bn: bool = False  # keep the backbone's batch-norm statistics fixed
     freeze_stages: int = 0  # stem + this many leading backbone stages frozen
@@ -331,7 +332,7 @@ def _train(cfg: LSegTrainConfig) -> dict:
 
     mcfg = LSegConfig(backbone=cfg.backbone, text_encoder=cfg.text_encoder, features=cfg.features,
                       block=cfg.block, block_depth=cfg.block_depth, freeze_stages=cfg.freeze_stages,
-                      separable=cfg.light, last_upsample=not cfg.light,
+                      separable=cfg.light, last_upsample=not cfg.light, learn_logit_scale=cfg.learn_logit_scale,
                       image_size=cfg.image_size or min(cfg.crop))
     model = build_from_clip(mcfg, cfg.init_from) if "clip" in (cfg.backbone, cfg.text_encoder) else \
         build_lseg(mcfg, pretrained=True)
