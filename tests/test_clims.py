@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchrun_util import run_torchrun
@@ -28,6 +29,7 @@ from textseg.data.image_labels import (
     read_voc_cls,
     read_voc_xml,
 )
+from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder, PreprocessCfg
 from textseg.models.cam import CAMConfig, CAMNet, ResNet50, load_cam, save_cam
 from textseg.segment.cam_maps import ThresholdSweep, cam_to_mask, load_cam_file, multiscale_cam, save_cam_file
@@ -89,7 +91,11 @@ def bg_file(tmp_path) -> Path:
 
 
 def _loss(bg_file, **kw) -> CLIMSLoss:
+    """The colour evaluator's hand values assume pixels in [0, 1]: its own identity normalisation
+    (``input_norm="evaluator"``) instead of the official ImageNet one, which
+    test_official_clims_terms_transcribed covers."""
     kw.setdefault("weights", CLIMSWeights(alpha=10, beta=24, gamma=1, delta=0.2))
+    kw.setdefault("input_norm", "evaluator")
     return CLIMSLoss(ColourEvaluator(), ["red", "blue"], bg_file, template="{}", **kw)
 
 
@@ -113,8 +119,8 @@ def test_loss_functions_hand_values():
 
 
 def test_clims_loss_hand_computed_and_mask_sides(bg_file):
-    loss = _loss(bg_file, cbs_threshold=None)
-    out = loss(_maps(), _half_image(), torch.tensor([[1.0, 0.0]]))
+    loss, maps = _loss(bg_file, cbs_threshold=None), _maps()
+    out = loss(maps, _half_image(), torch.tensor([[1.0, 0.0]]))
     # fg = x * P: left (0.8, 0, 0), right (0, 0, 0.2) -> mean (0.4, 0, 0.1); bg = x * (1 - P) -> (0.1, 0, 0.4)
     fg, bg = np.array([0.4, 0, 0.1]), np.array([0.1, 0, 0.4])
     cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
@@ -122,8 +128,8 @@ def test_clims_loss_hand_computed_and_mask_sides(bg_file):
     assert s_fg == pytest.approx(0.4 / math.sqrt(0.17)) and s_bg == pytest.approx(0.1 / math.sqrt(0.17))
     otm, btm = -math.log(s_fg), -math.log(1 - s_bg)
     # "red" has two background prompts: "sea" (blue, for every class) and "tree" (green, red only)
-    cbs = -math.log(1 - cos(fg, np.array(BLUE))) - math.log(1 - 1e-4)  # tree: cos 0 -> clamped 1e-4
-    reg = 0.5  # mean of the red map: half 0.8, half 0.2
+    cbs = -math.log(1 - cos(fg, np.array(BLUE))) - math.log(1 - 0.0)  # tree: cos 0, no clamp (official CBS)
+    reg = (0.5 * 16 + maps[0, 1].sum().item()) / 32  # official: mean of every map (red: half 0.8, half 0.2)
     assert out["otm"].item() == pytest.approx(otm, rel=1e-5)
     assert out["btm"].item() == pytest.approx(btm, rel=1e-5)
     assert out["cbs"].item() == pytest.approx(cbs, rel=1e-4)
@@ -165,7 +171,9 @@ def test_no_gradient_reaches_the_evaluator(bg_file):
 
 
 def test_absent_classes_contribute_nothing(bg_file):
-    loss, labels = _loss(bg_file), torch.tensor([[1.0, 0.0]])
+    """Under reg_over="present" (textseg's option; the official REG includes absent maps, see
+    test_reg_default_is_the_mean_over_all_maps)."""
+    loss, labels = _loss(bg_file, reg_over="present"), torch.tensor([[1.0, 0.0]])
     maps = _maps().requires_grad_(True)
     out = loss(maps, _half_image(), labels)
     out["loss"].backward()
@@ -177,8 +185,8 @@ def test_absent_classes_contribute_nothing(bg_file):
     # no class present at all: zero loss, still differentiable
     empty = loss(maps, _half_image(), torch.zeros(1, 2))
     assert empty["loss"].item() == 0 and empty["pairs"] == 0 and empty["loss"].requires_grad
-    # the official REG variant averages every map, absent ones included
-    all_reg = _loss(bg_file, reg_over="all")(_maps(), _half_image(), labels)["reg"].item()
+    # the official REG (the default) averages every map, absent ones included
+    all_reg = _loss(bg_file)(_maps(), _half_image(), labels)["reg"].item()
     assert all_reg != pytest.approx(0.5)
 
 
@@ -189,6 +197,172 @@ def test_background_lists(bg_file):
     assert voc[:2] == ["tree", "river"] and len(voc) == 10 and bool(a.all())
     coco, _ = load_background("coco", ["person"])
     assert len(coco) == 88 and "railroad" not in coco and "street sign" in coco
+
+
+# ------------------------------------------------------------------- official CLIMS, transcribed
+class PromptEvaluator(DualEncoder):
+    """A CLIP stand-in: image embedding = ``W @ mean colour`` (fixed random ``W``), each prompt a
+    fixed random vector; its own normalisation is deliberately not ImageNet's."""
+
+    name = "prompt"
+    preprocess_cfg = PreprocessCfg(image_size=6, mean=(0.3, 0.3, 0.3), std=(0.5, 0.5, 0.5))
+    PROMPTS = ("a photo of player.", "a photo of person.", "a photo of dog.", "a photo of car.",
+               "a photo of tree.", "a photo of sea.")
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.proj = nn.Linear(3, 5, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(5, 3, generator=g))
+        self.vocab = {t: torch.randn(5, generator=g) for t in self.PROMPTS}
+
+    def encode_image(self, pixels, normalize=False):
+        return self.proj(pixels.mean(dim=(2, 3)))
+
+    def embed_texts(self, texts: Sequence[str], templates=("{}",)):
+        return torch.stack([self.vocab[t] for t in texts])
+
+
+def _official_clims(ev, x, images, label, names, bg_prompts, hyper, threshold, size):
+    """CVI-SZU/CLIMS step/train_clims.py + clip_loss.py + clip_utils.clip_forward, transcribed:
+    x = the sigmoid maps (N x 20 x h x w), img = TorchvisionNormalize'd image, CLIP at size x size."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    img = (images - mean) / std
+    n, k = label.shape
+    fg_indices = torch.nonzero(label.reshape(-1) == 1, as_tuple=False).squeeze()
+    cam_224 = F.interpolate(x, (size, size), mode="bilinear", align_corners=True).reshape(n * k, 1, size, size)
+    img_224 = F.interpolate(img, (size, size), mode="bilinear", align_corners=True)
+    temp_idx = torch.nonzero(label == 1, as_tuple=False)
+    fg = torch.stack([cam_224[fg_indices[j]] * img_224[temp_idx[j, 0]] for j in range(temp_idx.shape[0])])
+    bg = torch.stack([(1 - cam_224[fg_indices[j]]) * img_224[temp_idx[j, 0]] for j in range(temp_idx.shape[0])])
+
+    def clip_forward(images, texts):  # one prompt per image: "a photo of {}."
+        i = ev.encode_image(images)
+        t = ev.embed_texts(texts)
+        i, t = i / i.norm(dim=-1, keepdim=True), t / t.norm(dim=-1, keepdim=True)
+        return torch.matmul(i.reshape(len(i), 1, -1), t.reshape(len(t), -1, 1))
+
+    texts = [f"a photo of {names[c]}." for c in temp_idx[:, 1].tolist()]
+    otm = -(torch.log(clip_forward(fg, texts).clamp(0.0001, 0.9999)) * 1).mean()  # SimMaxLoss
+    btm = -(torch.log(1 - clip_forward(bg, texts).clamp(0.0001, 0.9999)) * 1).mean()  # SimMinLoss
+    i, t = ev.encode_image(fg), ev.embed_texts(bg_prompts)  # BackgroundSuppressionLoss
+    logits = (i / i.norm(dim=-1, keepdim=True)) @ (t / t.norm(dim=-1, keepdim=True)).t()
+    mask = torch.where(logits > threshold, torch.ones_like(logits), torch.zeros_like(logits))
+    cbs = -(torch.log(1 - logits) * mask).sum()
+    reg = torch.mean(x)
+    loss = hyper[0] * otm + hyper[1] * btm + hyper[2] * cbs + hyper[3] * reg
+    return {"otm": otm, "btm": btm, "cbs": cbs, "reg": reg, "loss": loss, "cbs_mask": mask}
+
+
+def test_official_clims_terms_transcribed(tmp_path):
+    """Every term and the total on a batch with absent classes, against the official code written
+    out above: ImageNet normalisation, align_corners=True resizes, unclamped CBS sum, REG over all maps,
+    "player" for person."""
+    bg = tmp_path / "bg.txt"
+    bg.write_text("tree\nsea\n")
+    names, official_names = ["person", "dog", "car"], ["player", "dog", "car"]
+    torch.manual_seed(0)
+    x = torch.sigmoid(torch.randn(2, 3, 4, 4) * 2)
+    images = torch.rand(2, 3, 8, 8)
+    label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # absent classes in both images
+    ev = PromptEvaluator()
+    hyper, threshold = (10.0, 24.0, 1.0, 0.2), 0.1
+    want = _official_clims(ev, x, images, label, official_names, ["a photo of tree.", "a photo of sea."],
+                           hyper, threshold, 6)
+    assert 0 < want["cbs_mask"].sum() < want["cbs_mask"].numel()  # the threshold bites both ways
+    loss = CLIMSLoss(ev, names, bg, CLIMSWeights(*hyper), cbs_threshold=threshold, prompt_names="person=player")
+    assert loss.prompts[0] == "a photo of player."
+    got = loss(x, images, label)
+    for term in ("otm", "btm", "cbs", "reg", "loss"):
+        assert got[term].item() == pytest.approx(want[term].item(), rel=1e-5, abs=1e-7), term
+    assert got["pairs"] == 3
+
+
+def test_reg_default_is_the_mean_over_all_maps(bg_file):
+    """Official ``L_REG = torch.mean(x)`` over all B x K maps; present-only is the named option."""
+    torch.manual_seed(1)
+    maps = torch.rand(2, 2, 4, 4).requires_grad_(True)
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # "blue" absent in both images
+    official = maps.detach().numpy().mean()
+    present = maps.detach().numpy()[:, 0].mean()
+    assert abs(official - present) > 1e-3
+    default = CLIMSLoss(ColourEvaluator(), ["red", "blue"], bg_file, template="{}")
+    assert default.reg_over == "all"
+    out = default(maps, _half_image().repeat(2, 1, 1, 1), labels)
+    assert out["reg"].item() == pytest.approx(float(official), rel=1e-6)
+    (0.2 * out["reg"]).backward()  # the absent maps get REG's gradient, delta / (B K h w)
+    torch.testing.assert_close(maps.grad[:, 1], torch.full((2, 4, 4), 0.2 / maps.numel()))
+    opt = _loss(bg_file, reg_over="present")(maps, _half_image().repeat(2, 1, 1, 1), labels)
+    assert opt["reg"].item() == pytest.approx(float(present), rel=1e-6)
+    with pytest.raises(TextsegError, match="reg_over"):
+        _loss(bg_file, reg_over="some")
+
+
+def test_presets_set_the_official_optimiser_schedule_and_prompts(bg_file):
+    """run_sample.py / the README's COCO command / step/train_cam.py and misc/torchutils.PolyOptimizer:
+    SGD with the classifier at 10 x lr, weight decay 1e-4, momentum 1e-4 (PolyOptimizer passes
+    weight_decay as SGD's third positional argument, momentum), lr * (1 - t / max_step) ** 0.9 with
+    max_step = (images // batch) * epochs."""
+    from textseg.train.clims import CAMTrainCfg, apply_preset, build_optimizer, poly_lr, total_steps
+
+    for preset, mode, lr, batch, epochs, hyper, thr in (
+            ("voc", "clims", 0.00025, 16, 15, (10, 24, 1, 0.2), 0.26),
+            ("coco", "clims", 0.0005, 32, 8, (2, 14, 1.25, 0.2), 0.285),
+            ("voc", "baseline", 0.1, 16, 5, (10, 24, 1, 0.2), 0.26)):
+        cfg = apply_preset(CAMTrainCfg(mode=mode), preset)
+        assert (cfg.lr, cfg.batch_size, cfg.epochs) == (lr, batch, epochs)
+        assert (cfg.clims.alpha, cfg.clims.beta, cfg.clims.gamma, cfg.clims.delta) == hyper
+        assert cfg.clims.cbs_threshold == thr and cfg.clims.background == preset
+        assert cfg.data.crop_size == 512 and cfg.data.scale == pytest.approx((320 / 512, 640 / 512))
+        assert not cfg.freeze_bn and cfg.clims.reg_over == "all"
+        net = CAMNet(CAMConfig(["person", "dog"], "tiny"))
+        opt = build_optimizer(net, cfg)
+        assert type(opt) is torch.optim.SGD and len(opt.param_groups) == 2
+        back, clf = opt.param_groups
+        assert back["lr"] == pytest.approx(lr) and clf["lr"] == pytest.approx(10 * lr)
+        assert clf["params"] == [net.classifier.weight]
+        assert {id(p) for p in back["params"]} == {id(p) for p in net.backbone.parameters()}
+        for g in (back, clf):
+            assert g["weight_decay"] == 1e-4 and g["momentum"] == 1e-4 and not g["nesterov"]
+        max_step = (1464 // batch) * epochs
+        assert total_steps(cfg, 1464) == max_step
+        for t in (0, 1, max_step // 2, max_step - 1):
+            assert poly_lr(clf["initial_lr"], t, max_step) == pytest.approx(10 * lr * (1 - t / max_step) ** 0.9)
+    # without a preset the prompt keeps the class name; under one, person is "player" (clip_utils.py)
+    ev = PromptEvaluator()
+    bg_file.write_text("tree\n")
+    plain = CLIMSLoss(ev, ["person"], bg_file, template="a photo of {}.")
+    assert plain.prompts == ["a photo of person."]
+    cfg = apply_preset(CAMTrainCfg(mode="clims"), "coco")
+    assert CLIMSLoss(ev, ["person"], bg_file, prompt_names=cfg.clims.prompt_names).prompts == ["a photo of player."]
+
+
+def test_cli_preset_sets_the_recipe_and_flags_win(tmp_path, monkeypatch):
+    import textseg.train.clims as clims_mod
+
+    seen = []
+
+    def fake(cfg, progress=True):
+        seen.append(cfg)
+        return {"steps": 0, "seconds": 0, "mode": cfg.mode, "first": None, "last": None, "world_size": 1,
+                "checkpoint": "x"}
+
+    monkeypatch.setattr(clims_mod, "train_cam", fake)
+    base = ["cam", "train", str(tmp_path), "--classes", "person,dog", "--out", str(tmp_path / "r"), "--no-progress"]
+    assert cli_main([*base, "--mode", "clims", "--preset", "voc"]) == 0
+    assert cli_main([*base, "--mode", "clims", "--preset", "voc", "--steps", "7", "--lr", "0.003",
+                     "--batch-size", "4"]) == 0
+    assert cli_main([*base, "--preset", "voc"]) == 0  # baseline mode: the CAM stage's lr
+    assert cli_main([*base, "--mode", "clims", "--preset", "coco", "--set", "clims.reg_over=present",
+                     "--set", "momentum=0.9"]) == 0  # --set wins over the preset
+    a, b, c, e = seen
+    assert (a.lr, a.epochs, a.batch_size, a.momentum, a.clims.prompt_names) == (2.5e-4, 15, 16, 1e-4, "person=player")
+    assert (b.lr, b.epochs, b.steps, b.batch_size, b.clims.gamma) == (0.003, 0, 7, 4, 1.0)
+    assert (c.mode, c.lr, c.epochs) == ("baseline", 0.1, 5)
+    assert (e.clims.reg_over, e.momentum, e.clims.gamma, e.lr) == ("present", 0.9, 1.25, 5e-4)
+    assert e.data.scale == pytest.approx((0.625, 1.25)) and e.data.crop_size == 512
 
 
 # ------------------------------------------------------------------------------------- networks
@@ -395,7 +569,8 @@ def test_clims_training_loss_falls(tmp_path):
     bg.write_text("tree\n")
     ev = ColourEvaluator()
     ev.preprocess_cfg = PreprocessCfg(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    loss_fn = CLIMSLoss(ev, ["red", "blue"], bg, template="{}")
+    # the colour evaluator's vocabulary lives in its own normalisation, not ImageNet's
+    loss_fn = CLIMSLoss(ev, ["red", "blue"], bg, template="{}", input_norm="evaluator")
     ds = CAMTrainDataset(load_image_labels(data), ["red", "blue"], crop_size=64)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)

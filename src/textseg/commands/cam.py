@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
     t.add_argument("--background", default=None, help="co-occurring background words: voc | coco | FILE")
     t.add_argument("--hyper", default=None, help="alpha,beta,gamma,delta (OTM, BTM, CBS, REG weights)")
     t.add_argument("--preset", choices=("voc", "coco"), default=None,
-                   help="official CLIMS weights + CBS threshold + background list for VOC or COCO")
+                   help="the official CLIMS recipe for VOC or COCO: loss weights, CBS threshold, background "
+                   "list, 'player' prompt, optimiser (lr, 10x classifier, poly), batch, epochs, crop; flags win")
     t.add_argument("--cbs-threshold", default=None, help="CBS similarity threshold, or 'none'")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch threads per process")
@@ -102,17 +103,20 @@ def add_parser(sub) -> None:
 # ------------------------------------------------------------------------------------------ train
 def run_train(args) -> int:
     from textseg.errors import TextsegError
-    from textseg.train.clims import PRESET_CBS_THRESHOLD, PRESET_WEIGHTS, CAMTrainCfg, train_cam
+    from textseg.train.clims import CAMTrainCfg, preset_overrides, train_cam
     from textseg.train.config import load_config
 
-    cfg = load_config(CAMTrainCfg, args.config, args.overrides)  # flags below override these
+    # precedence: defaults < --config < --preset < --set < flags
+    cfg = load_config(CAMTrainCfg, args.config, args.overrides)
+    if args.preset:  # the preset's optimiser depends on the stage (mode)
+        presets = preset_overrides(args.preset, args.mode or cfg.mode)
+        cfg = load_config(CAMTrainCfg, args.config, [*presets, *args.overrides])
     c, d = cfg.clims, cfg.data
     d.root, d.labels, d.images, d.split = args.data, args.labels, args.images, args.split
     if args.classes:
         d.classes = args.classes
-    if args.preset:
-        c.alpha, c.beta, c.gamma, c.delta = PRESET_WEIGHTS[args.preset]
-        c.cbs_threshold, c.background = PRESET_CBS_THRESHOLD[args.preset], args.preset
+    if args.steps is not None:
+        cfg.epochs = 0  # an explicit step count wins over the preset's epochs
     simple = {"out": args.out, "mode": args.mode, "backbone": args.backbone, "init": args.init,
               "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
               "threads": args.threads,

@@ -1,9 +1,17 @@
 """CLIMS losses (Xie et al., "CLIMS: Cross Language Image Matching for Weakly Supervised Semantic
 Segmentation", CVPR 2022) and the multi-label CAM baseline loss.
 
-A CAM network gives sigmoid activation maps ``P`` (``B x K x h x w``). For every (image ``b``, class
-``k``) pair whose class is in the image label (absent classes contribute nothing), a frozen image-text
-evaluator scores two masked images, resized to ``S x S`` and normalised for the evaluator:
+The official code is CVI-SZU/CLIMS: ``step/train_clims.py`` (the loss and the CLIP inputs),
+``clip_loss.py`` (OTM, BTM, CBS), ``clip_utils.py`` (prompts, background words), ``run_sample.py`` /
+``run_sample_coco.py`` and the README's COCO command (weights and optimiser, :data:`OFFICIAL_PRESETS`),
+``misc/torchutils.py`` (``PolyOptimizer``).
+
+A CAM network gives sigmoid activation maps ``P`` (``B x K x h x w``). Image ``x`` is normalised with
+ImageNet mean / std (the official data loader's ``TorchvisionNormalize``, fed unchanged to CLIP;
+``input_norm="evaluator"``: the evaluator's own mean / std instead), ``x`` and ``P`` are resized to
+``S x S`` (bilinear, ``align_corners=True``; ``S`` = the evaluator's input size, 224 for ViT-B/32) and,
+for every (image ``b``, class ``k``) pair whose class is in the image label, a frozen image-text
+evaluator scores two masked images:
 
 * ``fg = x_b * P_bk`` (the object the map claims) and ``bg = x_b * (1 - P_bk)`` (everything else).
 
@@ -12,17 +20,20 @@ embedding of prompt ``t``, ``t_k = "a photo of {class k}."`` and ``c(x) = clamp(
 
 * ``OTM = -mean_pairs log c(s(fg, t_k))``   object-text matching: the mask must contain the object.
 * ``BTM = -mean_pairs log(1 - c(s(bg, t_k)))``  background-text matching: nothing of it outside.
-* ``CBS = -sum_{pairs, m in B(k)} [s(fg, t_m) > tau] log(1 - c(s(fg, t_m)))`` over the co-occurring
+* ``CBS = -sum_{pairs, m in B(k)} [s(fg, t_m) > tau] log(1 - s(fg, t_m))`` over the co-occurring
   background prompts ``t_m = "a photo of {word m}."`` that apply to class ``k`` (``B(k)``; see
-  :func:`load_background`): the mask must not grow onto rails, water... . ``tau`` is the official
-  threshold option (0.26 VOC, 0.285 COCO; ``None`` = every prompt counts). A sum, as in the official code.
-* ``REG = mean(P_bk)`` over the present pairs (``reg_over="all"``: over every map, as the official
-  code's ``torch.mean(x)``): keeps the maps from covering everything.
+  :func:`load_background`; the built-in lists apply to every class, as the official code): the mask
+  must not grow onto rails, water... . ``tau`` is the official threshold (0.26 VOC, 0.285 COCO;
+  ``None`` = every prompt counts). A sum and no clamp, as in the official code.
+* ``REG = mean(P)`` over **every** map, absent classes too (the official ``torch.mean(x)``): keeps the
+  maps from covering everything. ``reg_over="present"`` (textseg's option) averages the present
+  pairs' maps only (a larger per-pixel push when few classes are present).
 
 ``loss = alpha * OTM + beta * BTM + gamma * CBS + delta * REG`` (official VOC weights 10, 24, 1, 0.2;
-COCO 2, 14, 2, 0.2). The evaluator is frozen (``requires_grad_(False)``, eval mode) and its text
-embeddings are computed once without gradient; gradient reaches the CAM only through the
-evaluator's *input*.
+COCO 2, 14, 1.25, 0.2 in the README's command, 2, 14, 2, 0.2 in ``run_sample_coco.py``'s defaults).
+The evaluator is frozen (``requires_grad_(False)``, eval mode) and its text embeddings are computed
+once without gradient; gradient reaches the CAM only through the evaluator's *input*. The official
+code runs CLIP in half precision on the GPU; textseg runs the evaluator in its own dtype.
 
 The baseline (IRN / CLIMS' first stage): ``multilabel_soft_margin_loss`` (BCE) of the pooled maps'
 logits. :func:`train_cam` trains either, or both summed, on one process or under ``torchrun``.
@@ -49,8 +60,31 @@ from textseg.models.base import DualEncoder
 from textseg.models.cam import CAMConfig, CAMNet, load_cam, save_cam
 
 CLAMP_LO, CLAMP_HI = 1e-4, 0.9999
-PRESET_WEIGHTS = {"voc": (10.0, 24.0, 1.0, 0.2), "coco": (2.0, 14.0, 2.0, 0.2)}
-PRESET_CBS_THRESHOLD = {"voc": 0.26, "coco": 0.285}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# The official recipes (CVI-SZU/CLIMS). VOC: run_sample.py's defaults, which its README command uses.
+# COCO: the README's training command (2 GPUs x 16 images, 8 epochs, lr 5e-4, hyper 2,14,1.25,0.2,
+# CBS threshold 0.285); run_sample_coco.py's own defaults differ (hyper 2,14,2,0.2, lr 2.5e-4,
+# 15 epochs, 16 images) and stay reachable with --hyper / --lr / --set epochs=15 / --batch-size 16.
+# "baseline" is the CAM stage (step/train_cam.py: lr 0.1, 5 epochs, 16 images). Both stages: SGD
+# through IRN's PolyOptimizer (misc/torchutils.py), backbone at lr and the classifier at 10 x lr,
+# weight decay 1e-4, poly power 0.9 over (images // batch) * epochs steps, and momentum 1e-4: the
+# optimiser passes weight_decay positionally into SGD's momentum slot. Data: long side random in
+# [320, 640], flip, random 512 crop; batch norm in training mode; the person class prompted "player"
+# (clip_utils.py).
+OFFICIAL_PRESETS = {
+    "voc": {"clims": {"weights": (10.0, 24.0, 1.0, 0.2), "cbs_threshold": 0.26, "lr": 2.5e-4, "epochs": 15,
+                      "batch_size": 16},
+            "baseline": {"lr": 0.1, "epochs": 5, "batch_size": 16}},
+    "coco": {"clims": {"weights": (2.0, 14.0, 1.25, 0.2), "cbs_threshold": 0.285, "lr": 5e-4, "epochs": 8,
+                       "batch_size": 32},
+             "baseline": {"lr": 0.1, "epochs": 5, "batch_size": 16}},
+}
+OFFICIAL_OPTIM = {"classifier_lr_mult": 10.0, "weight_decay": 1e-4, "momentum": 1e-4, "freeze_bn": False}
+OFFICIAL_DATA = {"crop_size": 512, "scale": (320 / 512, 640 / 512)}
+OFFICIAL_PROMPT_NAMES = "person=player"
+PRESET_WEIGHTS = {k: v["clims"]["weights"] for k, v in OFFICIAL_PRESETS.items()}
+PRESET_CBS_THRESHOLD = {k: v["clims"]["cbs_threshold"] for k, v in OFFICIAL_PRESETS.items()}
 
 
 # ------------------------------------------------------------------------------- background words
@@ -112,12 +146,14 @@ def btm_loss(sim: torch.Tensor) -> torch.Tensor:
 
 
 def cbs_loss(sim: torch.Tensor, applies: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """Co-occurring background suppression: ``-sum [sim > threshold] * applies * log(1 - clamp(sim))``
-    for ``N x M`` similarities of foreground images to background prompts."""
-    weight = applies.to(sim.dtype)
+    """Co-occurring background suppression: ``-sum [sim > threshold] * applies * log(1 - sim)`` for
+    ``N x M`` similarities of foreground images to background prompts (no clamp: the official
+    ``BackgroundSuppressionLoss``). Entries outside the mask are zeroed before the log, so they
+    contribute nothing, not even a NaN gradient."""
+    keep = applies.to(torch.bool).expand_as(sim)
     if threshold is not None:
-        weight = weight * (sim > threshold).to(sim.dtype)
-    return -(torch.log(1 - sim.clamp(CLAMP_LO, CLAMP_HI)) * weight).sum()
+        keep = keep & (sim > threshold)
+    return -(torch.log(1 - torch.where(keep, sim, torch.zeros_like(sim))) * keep.to(sim.dtype)).sum()
 
 
 def baseline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -147,6 +183,23 @@ def similarity(evaluator: DualEncoder, image_emb: torch.Tensor, text_emb: torch.
     return F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
 
 
+def parse_prompt_names(spec: str | dict | None) -> dict[str, str]:
+    """``"person=player,tvmonitor=tv"`` (or a dict) -> ``{canonical class: prompt word}``."""
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        return {canonical(k): str(v) for k, v in spec.items()}
+    out = {}
+    for item in str(spec).split(","):
+        if not item.strip():
+            continue
+        cls, sep, word = item.partition("=")
+        if not sep or not cls.strip() or not word.strip():
+            raise TextsegError(f"prompt names: expected class=word items, got {item.strip()!r}")
+        out[canonical(cls)] = word.strip()
+    return out
+
+
 def default_template(evaluator: DualEncoder) -> str:
     """CLIMS' ``"a photo of {}."`` for CLIP-like models; the bare word for the offline model, whose
     bridge matches label words to concept names (a sentence would only blur the match)."""
@@ -162,27 +215,35 @@ class CLIMSLoss(nn.Module):
     ``B x 3 x H x W`` RGB in [0, 1], ``labels`` ``B x K`` multi-hot -> dict with ``loss`` and the
     unweighted ``otm``, ``btm``, ``cbs``, ``reg`` and ``pairs`` (number of present pairs).
     ``template``: ``None`` picks :func:`default_template`. ``eval_size``: side of the square
-    evaluator input (``None``: the evaluator's own image size).
+    evaluator input (``None``: the evaluator's own image size). ``reg_over``: ``"all"`` (official) or
+    ``"present"``. ``input_norm``: ``"imagenet"`` (official) or ``"evaluator"`` (its own mean / std).
+    ``prompt_names``: class -> prompt word overrides (``{"person": "player"}`` or ``"person=player"``,
+    what the presets set, as the official prompts).
     """
 
     def __init__(self, evaluator: DualEncoder, class_names: list[str], background: str | Path = "voc",
                  weights: CLIMSWeights | None = None, cbs_threshold: float | None = 0.26,
-                 template: str | None = None, eval_size: int | None = None, reg_over: str = "present"):
+                 template: str | None = None, eval_size: int | None = None, reg_over: str = "all",
+                 input_norm: str = "imagenet", prompt_names: str | dict | None = None):
         super().__init__()
         if reg_over not in ("present", "all"):
             raise TextsegError(f"reg_over must be 'present' or 'all', got {reg_over!r}")
+        if input_norm not in ("imagenet", "evaluator"):
+            raise TextsegError(f"input_norm must be 'imagenet' or 'evaluator', got {input_norm!r}")
         evaluator.eval().requires_grad_(False)
         self.evaluator = evaluator
         self.weights = weights or CLIMSWeights()
         self.cbs_threshold = cbs_threshold
-        self.reg_over = reg_over
+        self.reg_over, self.input_norm = reg_over, input_norm
         cfg = evaluator.preprocess_cfg
         self.eval_size = int(eval_size or cfg.image_size)
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if input_norm == "imagenet" else (cfg.mean, cfg.std)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.class_names = list(class_names)
         template = template or default_template(evaluator)
-        self.prompts = [template.format(prompt_name(c)) for c in class_names]
+        renames = parse_prompt_names(prompt_names)
+        self.prompts = [template.format(renames.get(canonical(c), prompt_name(c))) for c in class_names]
         self.background_words, applies = load_background(background, class_names)
         self.background_prompts = [template.format(w) for w in self.background_words]
         with torch.no_grad():
@@ -199,13 +260,13 @@ class CLIMSLoss(nn.Module):
 
     def masked_inputs(self, maps: torch.Tensor, images: torch.Tensor, labels: torch.Tensor):
         """``(fg, bg, b_idx, k_idx)``: ``N x 3 x S x S`` evaluator inputs of the ``N`` present pairs,
-        ``fg = x * P`` and ``bg = x * (1 - P)`` with ``x`` normalised for the evaluator (so a masked
-        pixel is the evaluator's mean colour)."""
+        ``fg = x * P`` and ``bg = x * (1 - P)`` with ``x`` normalised (``input_norm``; a masked pixel
+        is the mean colour) and both resized bilinearly with ``align_corners=True``, as the official
+        ``F.interpolate(..., (224, 224), mode='bilinear', align_corners=True)``."""
         b_idx, k_idx = labels.nonzero(as_tuple=True)
         size = (self.eval_size, self.eval_size)
-        pixels = F.interpolate(images, size, mode="bilinear", align_corners=False)
-        pixels = ((pixels - self.mean) / self.std)[b_idx]
-        p = F.interpolate(maps, size, mode="bilinear", align_corners=False)[b_idx, k_idx].unsqueeze(1)
+        pixels = F.interpolate((images - self.mean) / self.std, size, mode="bilinear", align_corners=True)[b_idx]
+        p = F.interpolate(maps, size, mode="bilinear", align_corners=True)[b_idx, k_idx].unsqueeze(1)
         return pixels * p, pixels * (1 - p), b_idx, k_idx
 
     def similarity(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -293,7 +354,9 @@ class CLIMSCfg:
     cbs_threshold: float | None = 0.26
     template: str = ""  # "" = "a photo of {}." (CLIP-like) / "{}" (offline), see default_template
     eval_size: int = 0  # 0 = the evaluator's own image size
-    reg_over: str = "present"
+    reg_over: str = "all"  # official: REG over every map; "present": over the present classes' maps only
+    input_norm: str = "imagenet"  # official: ImageNet mean/std; "evaluator": the evaluator's own
+    prompt_names: str = ""  # class=word overrides for the prompts; the presets set "person=player"
 
 
 @dataclass
@@ -305,6 +368,7 @@ class CAMTrainCfg:
     backbone_weights: str = ""  # e.g. torchvision resnet50 ImageNet weights (ResNet-50 is random otherwise)
     init: str = ""  # CAM checkpoint to start from (CLIMS starts from the baseline, as the paper does)
     steps: int = 500
+    epochs: int = 0  # > 0: steps = (images // batch_size) * epochs, the official max_step (presets set it)
     batch_size: int = 8
     lr: float = 0.01
     classifier_lr_mult: float = 10.0
@@ -323,6 +387,67 @@ class CAMTrainCfg:
 
 
 MODES = ("baseline", "clims", "baseline+clims")
+
+
+def preset_values(name: str, mode: str) -> dict[str, object]:
+    """The official CLIMS recipe ``name`` (``voc`` / ``coco``, :data:`OFFICIAL_PRESETS`) for ``mode`` as
+    dotted config keys: ``baseline`` gets the CAM stage's optimiser, a CLIMS mode the CLIMS stage's;
+    both get the loss weights, CBS threshold, background list and prompts."""
+    if name not in OFFICIAL_PRESETS:
+        raise TextsegError(f"preset must be one of {', '.join(OFFICIAL_PRESETS)}, got {name!r}")
+    stage = OFFICIAL_PRESETS[name]["clims" if "clims" in mode else "baseline"]
+    clims = OFFICIAL_PRESETS[name]["clims"]
+    alpha, beta, gamma, delta = clims["weights"]
+    return {"lr": stage["lr"], "epochs": stage["epochs"], "batch_size": stage["batch_size"], **OFFICIAL_OPTIM,
+            "data.crop_size": OFFICIAL_DATA["crop_size"], "data.scale": list(OFFICIAL_DATA["scale"]),
+            "clims.alpha": alpha, "clims.beta": beta, "clims.gamma": gamma, "clims.delta": delta,
+            "clims.cbs_threshold": clims["cbs_threshold"], "clims.background": name, "clims.reg_over": "all",
+            "clims.input_norm": "imagenet", "clims.prompt_names": OFFICIAL_PROMPT_NAMES}
+
+
+def preset_overrides(name: str, mode: str) -> list[str]:
+    """:func:`preset_values` as ``key=value`` overrides for :func:`~textseg.train.config.load_config`
+    (the CLI puts them before the user's ``--set`` items, which therefore win)."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return str(v)
+
+    return [f"{k}={fmt(v)}" for k, v in preset_values(name, mode).items()]
+
+
+def apply_preset(cfg: CAMTrainCfg, name: str) -> CAMTrainCfg:
+    """Set ``cfg`` (in place, for its ``mode``) to the official recipe ``name``; returns ``cfg``."""
+    for key, v in preset_values(name, cfg.mode).items():
+        node, *path = key.split(".")[::-1]
+        obj = cfg
+        for part in reversed(path):
+            obj = getattr(obj, part)
+        setattr(obj, node, tuple(v) if isinstance(v, list) else v)
+    return cfg
+
+
+def build_optimizer(model: CAMNet, cfg: CAMTrainCfg) -> torch.optim.SGD:
+    """SGD over the backbone at ``lr`` and the classifier at ``classifier_lr_mult * lr`` (each group's
+    ``initial_lr`` is what :func:`poly_lr` decays)."""
+    groups = [g for g in model.param_groups(cfg.lr, cfg.classifier_lr_mult) if g["params"]]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def total_steps(cfg: CAMTrainCfg, n_images: int) -> int:
+    """``(n_images // batch_size) * epochs`` when ``epochs`` is set (the official ``max_step``), else
+    ``steps``."""
+    if cfg.epochs > 0:
+        return max(1, n_images // cfg.batch_size) * cfg.epochs
+    return cfg.steps
+
+
+def poly_lr(initial: float, step: int, total: int, power: float = 0.9) -> float:
+    """The poly schedule of IRN / CLIMS' PolyOptimizer: ``initial * (1 - step / total) ** power``
+    before optimiser step ``step`` (0-based)."""
+    return initial * (1 - step / total) ** power
 
 
 def load_evaluator(name: str, weights: str = "") -> DualEncoder:
@@ -456,10 +581,11 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
         c = cfg.clims
         evaluator = load_evaluator(c.evaluator, c.evaluator_weights).to(device)
         clims = CLIMSLoss(evaluator, class_names, c.background, CLIMSWeights(c.alpha, c.beta, c.gamma, c.delta),
-                          c.cbs_threshold, c.template or None, c.eval_size or None, c.reg_over).to(device)
+                          c.cbs_threshold, c.template or None, c.eval_size or None, c.reg_over, c.input_norm,
+                          c.prompt_names).to(device)
 
-    groups = [g for g in model.param_groups(cfg.lr, cfg.classifier_lr_mult) if g["params"]]
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg)
+    steps = total_steps(cfg, len(dataset))
     if cfg.cache_features:
         dataset = FeatureCache(dataset, model, progress=progress and info.is_main,
                                cache_file=cfg.cache_file if info.is_main or info.world_size == 1 else None)
@@ -477,18 +603,18 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
     if progress and info.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, desc=f"cam train ({cfg.mode})", dynamic_ncols=True)
+        bar = tqdm(total=steps, desc=f"cam train ({cfg.mode})", dynamic_ncols=True)
     history: list[dict] = []
     step, epoch, t0 = 0, 0, time.time()
     acc: dict[str, float] = {}
-    while step < cfg.steps:
+    while step < steps:
         sampler.set_epoch(epoch)
         epoch += 1
         for batch in loader:
-            if step >= cfg.steps:
+            if step >= steps:
                 break
             for g in optimizer.param_groups:  # poly schedule (power 0.9), as IRN / CLIMS
-                g["lr"] = g["initial_lr"] * (1 - step / cfg.steps) ** 0.9
+                g["lr"] = poly_lr(g["initial_lr"], step, steps)
             if cfg.cache_features:
                 images, feats, labels = batch
                 images, labels = images.to(device).float() / 255, labels.to(device)
@@ -514,7 +640,7 @@ def train_cam(cfg: CAMTrainCfg, progress: bool = True) -> dict:
             for k, v in vals.items():
                 acc[k] = acc.get(k, 0.0) + float(dist.all_reduce_mean(v.float()))
             acc["n"] = acc.get("n", 0) + 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == steps:
                 n = acc.pop("n")
                 rec = {"step": step, **{k: round(v / n, 6) for k, v in acc.items()},
                        "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
