@@ -114,13 +114,6 @@ def test_cli_eval_json_report_and_dump(tmp_path, capsys):
     assert "no VOC2012/JPEGImages" in capsys.readouterr().err
 
 
-def test_dataset_choices_match_registry():
-    from textseg.commands.eval import DATASET_CHOICES
-    from textseg.data.benchmarks import DATASETS
-
-    assert DATASET_CHOICES == DATASETS
-
-
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])

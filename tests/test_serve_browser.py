@@ -2,7 +2,8 @@
 
 A server started here on loopback serves the offline default model; the test uploads a COCO-MINI
 photo (or a generated one when ../shared is absent), types labels, clicks Segment, waits for the
-overlay, checks the legend and the hover highlight, and saves a screenshot to out/browser/.
+overlay, checks the legend and the hover highlight, and saves a screenshot in the test's temporary
+folder (``TEXTSEG_SCREENSHOT_DIR`` keeps it elsewhere, e.g. for the README).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import SHARED_DATA
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -75,7 +76,7 @@ def test_upload_type_segment_in_chromium(server, tmp_path):
     sync_api = _need_browser()
     photo = _photo(tmp_path)
     labels = ["person", "dog; puppy", "grass", "<b>sky</b>"]
-    out = ROOT / "out" / "browser"
+    out = Path(os.environ.get("TEXTSEG_SCREENSHOT_DIR") or tmp_path / "browser")
     out.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-DATASET_CHOICES = ("voc", "voc20", "context", "context59", "coco-object", "coco-stuff", "ade", "cityscapes", "folder")
+from textseg.data import DATASETS
 
 
 def _threshold(text: str):
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate mIoU on a benchmark dataset (torchrun-shardable)",
                        description=__doc__.split("\n\n")[0])
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", required=True, choices=DATASET_CHOICES, help="benchmark layout of --root")
+    d.add_argument("--dataset", required=True, choices=DATASETS, help="benchmark layout of --root")
     d.add_argument("--root", required=True, help="dataset folder as downloaded (see textseg.data.*)")
     d.add_argument("--split", default=None, help="split (default: the benchmark's evaluation split; "
                    "folder: all images, or splits/<split>.txt)")

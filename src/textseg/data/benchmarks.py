@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from textseg.data import DATASETS
 from textseg.data.base import DatasetError, SegDataset
 
-DATASETS = ("voc", "voc20", "context", "context59", "coco-object", "coco-stuff", "ade", "cityscapes", "folder")
+__all__ = ["DATASETS", "build_dataset"]
 
 
 def build_dataset(
