@@ -196,3 +196,36 @@ def test_cli_clearclip_protocol_with_a_clip_checkpoint(tmp_path, capsys):
     assert seg["mode"] == "clearclip" and seg["slide"] == [448, 224] and seg["pamr"] is False
     assert seg["temperature"] == pytest.approx((1 / 0.07) / 50, rel=1e-4)  # logits = 50 x cosine
     assert proto["method"] == "clearclip" and proto["threshold"] == 0.5 and proto["reference"] is None
+
+
+def sclip_postprocess(logits: torch.Tensor, prob_thd: float, area_thd: float) -> torch.Tensor:
+    """SCLIP clip_segmentor.py postprocess_result (one query per class, class 0 = background); the
+    logits are already multiplied by the logit scale."""
+    seg_logits = logits.softmax(0)
+    num_cls = seg_logits.shape[0]
+    predictions = F.one_hot(seg_logits.argmax(0), num_cls).to(seg_logits.dtype)
+    area_pred = predictions[:, :, 1:].sum((0, 1), keepdim=True)
+    area_pred = (area_pred > area_thd * area_pred.sum()).to(seg_logits.dtype)
+    seg_logits[1:] *= area_pred.transpose(0, -1)
+    seg_pred = seg_logits.argmax(0, keepdim=True)
+    seg_pred[seg_logits.max(0, keepdim=True)[0] < prob_thd] = 0
+    return seg_pred[0]
+
+
+def test_area_threshold_is_sclips():
+    img = np.zeros((40, 56, 3), np.uint8)
+    img[:, :24] = (230, 20, 20)
+    img[:, 24:] = (20, 200, 20)
+    img[:8, 48:] = (230, 230, 20)  # yellow: 64 of 2240 pixels, under 10% of the non-background prediction
+    img[16:24, 8:16] = (128, 128, 128)  # grey: closest to no colour word
+    labels = "background, red, green, yellow"
+    # one cell per pixel: the canvas is the image, so textseg's canvas-level threshold and SCLIP's
+    # full-resolution one see the same numbers
+    base = dict(short_side=None, templates=("a {}.",), temperature=0.05)
+    plain = Segmenter(TinyColourModel(cell=1), SegmentCfg(**base, threshold=None)).segment(img, labels)
+    res = Segmenter(TinyColourModel(cell=1), SegmentCfg(**base, threshold=0.5, area_threshold=0.1)).segment(img, labels)
+    want = sclip_postprocess(plain.logits_lowres.clone(), 0.5, 0.1).numpy()
+    assert (plain.label_map == 3).any() and not (want == 3).any()  # yellow was there and is dropped
+    assert np.array_equal(res.label_map, want) and res.dropped == ["yellow"]
+    p = get_protocol("sclip", "voc")
+    assert p.area_threshold == 0.1

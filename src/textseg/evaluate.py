@@ -53,8 +53,7 @@ class Protocol:
     ``logit_scale`` is the factor the reference code multiplies cosine similarities by before the
     softmax; it becomes ``SegmentCfg.temperature = model.logit_scale_value / logit_scale``.
     ``threshold`` is their ``prob_thd`` (max class probability below it -> background).
-    ``area_threshold``: SCLIP's ``area_thd`` (recorded; textseg's Segmenter does not apply it, see
-    ``note``). ``pamr``: PAMR with ``pamr_iterations`` steps at ``pamr_dilations`` at the original
+    ``area_threshold``: SCLIP's ``area_thd`` (``SegmentCfg.area_threshold``). ``pamr``: PAMR with ``pamr_iterations`` steps at ``pamr_dilations`` at the original
     image size. ``reference`` is the mIoU (percent) the reference code reports with OpenAI CLIP
     ViT-B/16 and ``source`` where that number is published (None: not published by the repository).
     """
@@ -92,9 +91,7 @@ PROTOCOLS: dict[str, dict[str, Protocol]] = {
     # logit scale 40 unless noted, no PAMR (pamr_steps=0).
     "sclip": {
         "voc": Protocol("sclip", "voc", 336, threshold=0.1, logit_scale=65, area_threshold=0.1, reference=59.63,
-                        source=_SCLIP,
-                        note="SCLIP's area_thd=0.1 (classes covering under 10% of the non-background "
-                             "prediction are dropped) is not applied by textseg's Segmenter"),
+                        source=_SCLIP),
         "voc20": Protocol("sclip", "voc20", 336, reference=81.54, source=_SCLIP),
         "context": Protocol("sclip", "context", 336, threshold=0.1, logit_scale=50, reference=31.74,
                             source=_SCLIP),
@@ -142,8 +139,8 @@ PROTOCOLS: dict[str, dict[str, Protocol]] = {
 }
 PROTOCOL_CAVEATS = (
     "textseg's Segmenter rounds resized sizes and crops to multiples of the patch size, resizes with "
-    "the model's interpolation (mmseg: bilinear) and averages overlapping crops at patch resolution "
-    "(the references: at pixel resolution), so a faithful CLIP re-implementation should land within a "
+    "the model's interpolation (mmseg: bilinear), averages overlapping crops and applies the background "
+    "threshold at patch resolution (the references: at pixel resolution), so a faithful CLIP re-implementation should land within a "
     "few tenths of a point "
     "of the reference, not bit-exactly on it. The references need OpenAI CLIP ViT-B/16 weights, which "
     "are not available in this environment: none of them has been reproduced here."
@@ -204,7 +201,7 @@ class SegmenterPredictor:
             p = get_protocol(protocol, dataset.name)
             self.protocol = p
             kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride) if p.crop else None,
-                      threshold=p.threshold, pamr=p.pamr, pamr_iterations=p.pamr_iterations,
+                      threshold=p.threshold, area_threshold=p.area_threshold, pamr=p.pamr, pamr_iterations=p.pamr_iterations,
                       pamr_dilations=tuple(p.pamr_dilations), pamr_resolution="original", templates=p.templates,
                       temperature=float(model.logit_scale_value.detach()) / p.logit_scale)
             modes = tuple(getattr(model, "dense_modes", ()) or ())

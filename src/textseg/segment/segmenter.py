@@ -65,6 +65,9 @@ class SegmentCfg:
     background_words: extra words (e.g. ("sky", "wall", "floor")) scored as synonyms of background.
     min_area: classes covering less than this fraction of the image are dropped (their pixels go to
         the next best label).
+    area_threshold: SCLIP's ``area_thd`` (needs a ``background`` label): before the background
+        threshold, non-background classes covering at most this fraction of the non-background
+        arg-max pixels get probability 0 (their pixels go to the next best label).
     pamr: refine the logits with PAMR (``pamr_iterations`` steps at ``pamr_dilations``; defaults 10 and
         (8, 16), SCLIP's / NACLIP's). ``pamr_resolution="original"`` (default, NACLIP's / SCLIP's):
         logits and the resized network input are bilinearly resized to the original image size and
@@ -85,6 +88,7 @@ class SegmentCfg:
     threshold: float | str | None = "auto"
     background_words: tuple[str, ...] = ()
     min_area: float = 0.0
+    area_threshold: float | None = None
     pamr: bool = False
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = NACLIP_DILATIONS
@@ -315,8 +319,12 @@ class Segmenter:
                 img = self._image_small.to(z.device)
             z = pamr(img, z[None], self.cfg.pamr_iterations, tuple(self.cfg.pamr_dilations))[0]
             timings["pamr"] = time.perf_counter() - t1
-        if threshold is not None:
-            floor = torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
+        floor = None if threshold is None else torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
+        area_dropped = self._area_drop(z, bg) if self.cfg.area_threshold and bg is not None else []
+        if area_dropped:  # SCLIP area_thd: their probabilities -> 0, the threshold still uses the full softmax
+            z = z.clone()
+            z[area_dropped] = z.min() - 100.0
+        if floor is not None:
             if bg is None:
                 z = torch.cat([z, floor])
                 names.append(BACKGROUND)
@@ -327,14 +335,14 @@ class Segmenter:
         t0 = time.perf_counter()
         z = z.float().cpu()
         label_map = argmax_bands(z, self.image_size)
-        dropped: list[str] = []
+        dropped: list[str] = [names[i] for i in area_dropped]
         if self.cfg.min_area > 0:
             frac = self._fractions(label_map, len(names))
             low = [i for i in range(len(names)) if i != bg and 0 < frac[i] < self.cfg.min_area]
             if low and len(low) < len(names):
                 z = z.clone()
                 z[low] = z.min() - 100.0
-                dropped = [names[i] for i in low]
+                dropped += [names[i] for i in low]
                 label_map = argmax_bands(z, self.image_size)
         frac = self._fractions(label_map, len(names))
         timings["upsample"] = time.perf_counter() - t0
@@ -348,6 +356,15 @@ class Segmenter:
             dropped=dropped,
             timings=timings,
         )
+
+    def _area_drop(self, z: torch.Tensor, bg: int) -> list[int]:
+        """SCLIP's ``area_thd`` (``clip_segmentor.py`` ``postprocess_result``): on the arg-max map at the
+        original size, the non-background classes whose pixel count is not above ``area_threshold``
+        times the non-background total."""
+        counts = np.bincount(argmax_bands(z.float().cpu(), self.image_size).reshape(-1), minlength=z.shape[0])
+        fg = [i for i in range(z.shape[0]) if i != bg]
+        total = counts[fg].sum()
+        return [i for i in fg if not counts[i] > self.cfg.area_threshold * total]
 
     @staticmethod
     def _fractions(label_map: np.ndarray, n: int) -> np.ndarray:
