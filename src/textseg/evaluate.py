@@ -45,13 +45,17 @@ Predictor = Callable[[object], np.ndarray]
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Protocol:
-    """Inference settings of one published evaluation (one method x one benchmark).
+    """Inference settings of one published evaluation (one method x one benchmark), equal to the
+    method's repository config (``configs/cfg_<benchmark>.py`` over its segmentor's defaults).
 
+    ``short_side`` / ``max_side``: mmseg ``Resize(scale=(max_side, short_side), keep_ratio=True)``.
+    ``crop`` / ``stride``: ``slide_crop`` / ``slide_stride``; ``crop=0`` = the whole image in one pass.
     ``logit_scale`` is the factor the reference code multiplies cosine similarities by before the
-    softmax (SCLIP / NACLIP ``logit_scale``); it becomes ``SegmentCfg.temperature =
-    model.logit_scale_value / logit_scale``. ``threshold`` is their ``prob_thd`` (max class
-    probability below it -> background). ``reference`` is the mIoU (percent) the reference code
-    reports with OpenAI CLIP ViT-B/16 and ``source`` where that number is published.
+    softmax; it becomes ``SegmentCfg.temperature = model.logit_scale_value / logit_scale``.
+    ``threshold`` is their ``prob_thd`` (max class probability below it -> background).
+    ``area_threshold``: SCLIP's ``area_thd`` (``SegmentCfg.area_threshold``). ``pamr``: PAMR with ``pamr_iterations`` steps at ``pamr_dilations`` at the original
+    image size. ``reference`` is the mIoU (percent) the reference code reports with OpenAI CLIP
+    ViT-B/16 and ``source`` where that number is published (None: not published by the repository).
     """
 
     method: str
@@ -62,24 +66,32 @@ class Protocol:
     stride: int = 112
     threshold: float | None = None
     logit_scale: float = 40.0
+    area_threshold: float | None = None
     pamr: bool = False
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (8, 16)
     templates: str = "imagenet"
     reference: float | None = None
     source: str = ""
     note: str = ""
 
 
-_SCLIP = "github.com/wangf3014/SCLIP README 'Results' table and configs/cfg_*.py @ 57fa9aa"
-_NACLIP = "github.com/sinahmr/NACLIP README 'Results' table (test_all.sh reduced naclip 5 on) and configs"
+_SCLIP = "github.com/wangf3014/SCLIP README 'Results' table and configs/cfg_*.py @ b56bd30"
+_NACLIP = "github.com/sinahmr/NACLIP README 'Results' table (test_all.sh reduced naclip 5 on) and configs @ 0cac3a6"
+_CLEARCLIP = ("github.com/mc-lan/ClearCLIP README results image (Table 2, CLIP ViT-B/16 + ClearCLIP) "
+              "and configs/cfg_*.py @ ad68a40")
+_CLEARCLIP_NOTE = ("ClearCLIP's configs/base_config.py ships model_type='vanilla'; the published numbers are "
+                   "model_type='ClearCLIP' with ignore_residual=True (textseg's clearclip mode). It pads "
+                   "crops to multiples of the patch size and runs in fp16")
+_CLEARCLIP_NOREF = _CLEARCLIP_NOTE + "; the repository publishes no number for this benchmark"
 
-# Benchmark keys follow textseg's dataset names.
+# Benchmark keys follow textseg's dataset names (coco-stuff = COCO-Stuff164k).
 PROTOCOLS: dict[str, dict[str, Protocol]] = {
-    # SCLIP (arXiv 2312.01597): slide 224/112, 80 ImageNet templates, logit scale 40 unless noted,
-    # no PAMR (pamr_steps=0 default).
+    # SCLIP (arXiv 2312.01597; clip_segmentor.py defaults): slide 224/112, 80 ImageNet templates,
+    # logit scale 40 unless noted, no PAMR (pamr_steps=0).
     "sclip": {
-        "voc": Protocol("sclip", "voc", 336, threshold=0.1, logit_scale=65, reference=59.63, source=_SCLIP,
-                        note="SCLIP also sets area_thd=0.1 (classes below 10% of the predicted "
-                             "foreground dropped), which textseg does not reproduce exactly"),
+        "voc": Protocol("sclip", "voc", 336, threshold=0.1, logit_scale=65, area_threshold=0.1, reference=59.63,
+                        source=_SCLIP),
         "voc20": Protocol("sclip", "voc20", 336, reference=81.54, source=_SCLIP),
         "context": Protocol("sclip", "context", 336, threshold=0.1, logit_scale=50, reference=31.74,
                             source=_SCLIP),
@@ -90,31 +102,53 @@ PROTOCOLS: dict[str, dict[str, Protocol]] = {
         "ade": Protocol("sclip", "ade", 336, reference=16.45, source=_SCLIP),
         "cityscapes": Protocol("sclip", "cityscapes", 560, reference=32.34, source=_SCLIP),
     },
-    # NACLIP (WACV 2025, arXiv 2404.08181): same geometry as SCLIP, logit scale 40, prob_thd 0.1 on
-    # the sets with background, PAMR (10 steps, dilations 8/16) on for the README numbers.
+    # NACLIP (WACV 2025, arXiv 2404.08181; naclip.py defaults): slide 224/112 except VOC-21 / VOC-20
+    # (slide_crop=0: whole image), logit scale 40, prob_thd 0.1 on the sets with background, PAMR
+    # (10 steps, dilations 8/16, at the original size) on for the README numbers.
     "naclip": {
-        "voc": Protocol("naclip", "voc", 336, threshold=0.1, pamr=True, reference=64.07, source=_NACLIP),
+        "voc": Protocol("naclip", "voc", 336, crop=0, threshold=0.1, pamr=True, reference=64.07, source=_NACLIP),
         "context": Protocol("naclip", "context", 336, threshold=0.1, pamr=True, reference=34.99, source=_NACLIP),
         "coco-object": Protocol("naclip", "coco-object", 336, threshold=0.1, pamr=True, reference=36.19,
                                 source=_NACLIP),
-        "voc20": Protocol("naclip", "voc20", 336, pamr=True, reference=83.03, source=_NACLIP),
+        "voc20": Protocol("naclip", "voc20", 336, crop=0, pamr=True, reference=83.03, source=_NACLIP),
         "cityscapes": Protocol("naclip", "cityscapes", 560, pamr=True, reference=38.27, source=_NACLIP),
         "context59": Protocol("naclip", "context59", 336, pamr=True, reference=38.35, source=_NACLIP),
         "ade": Protocol("naclip", "ade", 336, pamr=True, reference=19.05, source=_NACLIP),
-        "coco-stuff": Protocol("naclip", "coco-stuff", 448, pamr=True, reference=25.69, source=_NACLIP),
+        "coco-stuff": Protocol("naclip", "coco-stuff", 336, pamr=True, reference=25.69, source=_NACLIP),
+    },
+    # ClearCLIP (ECCV 2024, arXiv 2407.12442; clearclip_segmentor.py defaults): slide 448/224, short side
+    # 448, logit scale 50, 80 ImageNet templates, no PAMR; Cityscapes slides 224/224.
+    "clearclip": {
+        "voc": Protocol("clearclip", "voc", 448, crop=448, stride=224, threshold=0.5, logit_scale=50,
+                        source=_CLEARCLIP, note=_CLEARCLIP_NOREF),
+        "context": Protocol("clearclip", "context", 448, crop=448, stride=224, threshold=0.15, logit_scale=50,
+                            source=_CLEARCLIP, note=_CLEARCLIP_NOREF),
+        "coco-object": Protocol("clearclip", "coco-object", 448, crop=448, stride=224, threshold=0.4,
+                                logit_scale=50, source=_CLEARCLIP, note=_CLEARCLIP_NOREF),
+        "voc20": Protocol("clearclip", "voc20", 448, crop=448, stride=224, logit_scale=50, reference=80.9,
+                          source=_CLEARCLIP, note=_CLEARCLIP_NOTE),
+        "context59": Protocol("clearclip", "context59", 448, crop=448, stride=224, logit_scale=50, reference=35.9,
+                              source=_CLEARCLIP, note=_CLEARCLIP_NOTE),
+        "coco-stuff": Protocol("clearclip", "coco-stuff", 448, crop=448, stride=224, logit_scale=50,
+                               reference=23.9, source=_CLEARCLIP, note=_CLEARCLIP_NOTE),
+        "ade": Protocol("clearclip", "ade", 448, crop=448, stride=224, logit_scale=50, reference=16.7,
+                        source=_CLEARCLIP, note=_CLEARCLIP_NOTE),
+        "cityscapes": Protocol("clearclip", "cityscapes", 448, crop=224, stride=224, logit_scale=50,
+                               reference=30.0, source=_CLEARCLIP, note=_CLEARCLIP_NOTE),
     },
 }
 PROTOCOL_CAVEATS = (
     "textseg's Segmenter rounds resized sizes and crops to multiples of the patch size, resizes with "
-    "the model's interpolation (mmseg: bilinear) and runs PAMR on a 4x-downsampled image (NACLIP: "
-    "full resolution), so a faithful CLIP re-implementation should land within a few tenths of a point "
+    "the model's interpolation (mmseg: bilinear), averages overlapping crops and applies the background "
+    "threshold at patch resolution (the references: at pixel resolution), so a faithful CLIP re-implementation should land within a "
+    "few tenths of a point "
     "of the reference, not bit-exactly on it. The references need OpenAI CLIP ViT-B/16 weights, which "
     "are not available in this environment: none of them has been reproduced here."
 )
 
 
 def get_protocol(name: str, dataset: str) -> Protocol:
-    """The preset of method ``name`` (``sclip``, ``naclip``) for benchmark ``dataset``.
+    """The preset of method ``name`` (``sclip``, ``naclip``, ``clearclip``) for benchmark ``dataset``.
 
     ``name`` may carry the benchmark as ``"naclip:voc"``: e.g. a folder dataset holding a VOC-21
     view borrows the VOC preset."""
@@ -150,7 +184,7 @@ def has_background(dataset: SegDataset) -> bool:
 class SegmenterPredictor:
     """Dense zero-shot segmentation of dataset images with the dataset's class prompts.
 
-    ``protocol`` (``"sclip"`` / ``"naclip"``) fills the settings of :func:`get_protocol` for the
+    ``protocol`` (``"sclip"`` / ``"naclip"`` / ``"clearclip"``) fills the settings of :func:`get_protocol` for the
     dataset's benchmark; keyword ``overrides`` (``short_side``, ``slide=(crop, stride)``,
     ``threshold``, ``pamr``, ``mode``, ``templates``, ``temperature``, ...) replace single fields of
     the resulting :class:`~textseg.segment.SegmentCfg`.
@@ -166,8 +200,9 @@ class SegmenterPredictor:
         if protocol is not None:
             p = get_protocol(protocol, dataset.name)
             self.protocol = p
-            kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride),
-                      threshold=p.threshold, pamr=p.pamr, templates=p.templates,
+            kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride) if p.crop else None,
+                      threshold=p.threshold, area_threshold=p.area_threshold, pamr=p.pamr, pamr_iterations=p.pamr_iterations,
+                      pamr_dilations=tuple(p.pamr_dilations), pamr_resolution="original", templates=p.templates,
                       temperature=float(model.logit_scale_value.detach()) / p.logit_scale)
             modes = tuple(getattr(model, "dense_modes", ()) or ())
             if p.method in modes:

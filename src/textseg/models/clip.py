@@ -231,14 +231,31 @@ def _bad_index(i: int, n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+POS_INTERPOLATIONS: tuple[str, ...] = ("size", "sclip")
+
+
 def interpolate_pos_embed(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int],
-                          num_prefix: int = 1) -> torch.Tensor:
-    """Resize a ``(num_prefix + h*w) x C`` position table from grid ``src`` to ``dst`` (bicubic)."""
+                          num_prefix: int = 1, method: str = "size") -> torch.Tensor:
+    """Resize a ``(num_prefix + h*w) x C`` position table from grid ``src`` to ``dst`` (bicubic,
+    ``align_corners=False``).
+
+    ``method="size"``: resample to the target size (mmseg's ``resize_pos_embed``, timm's).
+    ``method="sclip"``: the training-free dense CLIP repositories' ``interpolate_pos_encoding``
+    (SCLIP / NACLIP / ClearCLIP ``clip/model.py``): ``scale_factor = (dst + 0.1) / src`` is handed to
+    the resampler, so source coordinates are ``(i + 0.5) * src / (dst + 0.1) - 0.5`` (not
+    ``... * src / dst``); the output still has ``dst`` cells."""
     if src == dst:
         return pos
+    if method not in POS_INTERPOLATIONS:
+        raise ValueError(f"unknown position interpolation {method!r}; choose one of {POS_INTERPOLATIONS}")
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
-    grid = grid.reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=dst, mode="bicubic", align_corners=False).to(pos.dtype)
+    grid = grid.reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2).float()
+    if method == "sclip":
+        scale = ((dst[0] + 0.1) / src[0], (dst[1] + 0.1) / src[1])
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False,
+                             recompute_scale_factor=False)[..., : dst[0], : dst[1]].to(pos.dtype)
+    else:
+        grid = F.interpolate(grid, size=dst, mode="bicubic", align_corners=False).to(pos.dtype)
     return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1)])
 
 
@@ -269,13 +286,14 @@ class VisionTransformer(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.transformer.resblocks
 
-    def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """``B x 3 x H x W`` -> (tokens after ``ln_pre``, ``B x (1 + h*w) x C``; grid ``(h, w)``)."""
+    def embed(self, pixels: torch.Tensor, pos_interp: str = "size") -> tuple[torch.Tensor, tuple[int, int]]:
+        """``B x 3 x H x W`` -> (tokens after ``ln_pre``, ``B x (1 + h*w) x C``; grid ``(h, w)``).
+        ``pos_interp``: how position embeddings are resized for other grids (:func:`interpolate_pos_embed`)."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype))
         b, c, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(b, 1, c)
-        pos = interpolate_pos_embed(self.positional_embedding, self.grid_size, (h, w))
+        pos = interpolate_pos_embed(self.positional_embedding, self.grid_size, (h, w), method=pos_interp)
         x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
         return self.ln_pre(x), (h, w)
 
@@ -290,7 +308,7 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
     def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              return_last_qkv: bool = False) -> dict:
+                              return_last_qkv: bool = False, pos_interp: str = "size") -> dict:
         """Run the tower and return intermediate tokens.
 
         Returns a dict with ``"tokens"``: outputs of the requested blocks (``indices``: None = all,
@@ -298,12 +316,12 @@ class VisionTransformer(nn.Module):
         before ``ln_post``); ``"grid"``: ``(h, w)``. With ``return_last_qkv``: ``"last_input"`` (input
         of the last block, ``B x T x C``) and ``"q"``, ``"k"``, ``"v"`` of the last block's attention
         (``B x heads x T x head_dim``, from ``ln_1(last_input)``, unscaled). Blocks after the last
-        one needed are skipped.
+        one needed are skipped. ``pos_interp``: see :meth:`embed`.
         """
         n = len(self.blocks)
         take = _resolve_indices(indices, n)
         stop = n if return_last_qkv else (max(take) + 1 if take else 0)
-        x, grid = self.embed(pixels)
+        x, grid = self.embed(pixels, pos_interp)
         out: dict = {"tokens": [], "grid": grid}
         for i in range(stop):
             block = self.blocks[i]
@@ -437,7 +455,7 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)
 
     def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              return_last_qkv: bool = False) -> dict:
+                              return_last_qkv: bool = False, pos_interp: str = "size") -> dict:
         """Returns ``"stages"``: the requested stage outputs (indices over the 4 stages, as in
         :meth:`VisionTransformer.forward_intermediates`; strides 4, 8, 16, 32; channels
         ``width * 4 * 2**i``), ``"attnpool_input"``: the ``B x (32*width) x h x w`` map the

@@ -9,13 +9,25 @@ usual), then apply ``ln_post`` and ``proj`` to the patch tokens. With ``x`` = in
 ==========  ===================================================================  =================
 mode        last block output                                                    paper
 ==========  ===================================================================  =================
-plain       ``x + P(softmax(q k^T s) v)``, then ``+ FFN`` (CLIP unchanged)       baseline
+plain       ``y = x + P(softmax(q k^T s) v)``, ``y + FFN(ln_2(y))`` (CLIP as is)  baseline
 maskclip    ``y = x + P(v)`` (no query-key attention), then ``y + FFN(ln_2(y))``  Zhou et al. 2022
-sclip       ``x + P((softmax(q q^T s) + softmax(k k^T s)) v)``, no FFN           Wang et al. 2024
+sclip       ``y = x + P((softmax(q q^T s) + softmax(k k^T s)) v)``, then          Wang et al. 2024
+            ``y + FFN(ln_2(y))`` (residual and FFN kept)
 clearclip   ``P(softmax(q q^T s) v)``: no residual, no FFN                       Lan et al. 2024
 naclip      ``P(softmax(k k^T s + G) v)``: no residual, no FFN; ``G`` a Gaussian  Hajimiri et al.
             over patch-grid distance (sigma 5, 0 for the class token)            2025
 ==========  ===================================================================  =================
+
+Each row follows the official code: plain ``openai/CLIP clip/model.py`` (``ResidualAttentionBlock``);
+maskclip ``chongzhou96/MaskCLIP mmseg/models/backbones/vit.py`` (``TransformerEncoderLayer.forward``,
+``return_qkv``: ``v = out_proj(v) + x; v = ffn(norm2(v), identity=v)``); sclip ``wangf3014/SCLIP
+clip/model.py`` (``VisionTransformer.forward`` + ``custom_attn(csa=True)``); clearclip ``mc-lan/ClearCLIP
+open_clip/transformer.py`` (``VisionTransformer.forward`` with ``ignore_residual=True`` +
+``custom_attn(model_type='ClearCLIP')``); naclip ``sinahmr/NACLIP clip/model.py`` (arch ``reduced``,
+attention ``naclip``, ``gaussian_window`` / ``get_attention_addition``). For inputs whose patch grid
+differs from the checkpoint's, sclip / clearclip / naclip resize the position embeddings as those
+repositories do (``interpolate_pos_encoding``: bicubic with ``scale_factor = (n + 0.1) / N``);
+plain and maskclip resample to the target size (mmseg's ``resize_pos_embed``).
 
 The default is **naclip**: in the published comparisons of these training-free methods on the eight
 standard benchmarks (VOC-21/20, Context-60/59, COCO-Object/Stuff, Cityscapes, ADE20K, ViT-B/16) NACLIP
@@ -38,6 +50,8 @@ from textseg.errors import TextsegError
 CLIP_DENSE_MODES: tuple[str, ...] = ("naclip", "clearclip", "sclip", "maskclip", "plain")
 DENSE_MODES = CLIP_DENSE_MODES
 NACLIP_SIGMA = 5.0
+# position-embedding resizing per mode (textseg.models.clip.interpolate_pos_embed), as each official repo
+POS_INTERP = {"plain": "size", "maskclip": "size", "sclip": "sclip", "clearclip": "sclip", "naclip": "sclip"}
 
 _GAUSS_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -76,7 +90,8 @@ def last_block(block, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> torc
         return y + block.mlp(block.ln_2(y))
     if mode == "sclip":
         o = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
-        return x + attn.project(o)
+        y = x + attn.project(o)
+        return y + block.mlp(block.ln_2(y))
     if mode == "clearclip":
         return attn.project(F.scaled_dot_product_attention(q, q, v))
     if mode == "naclip":
@@ -100,11 +115,12 @@ def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None) ->
         x = pool.c_proj(pool.v_proj(x.flatten(2).transpose(1, 2)))  # B x hw x D
         return x.transpose(1, 2).reshape(b, -1, h, w)
     n = len(visual.blocks)
+    pos_interp = POS_INTERP[mode]
     if n >= 2:
-        out = visual.forward_intermediates(pixels, indices=[n - 2])
+        out = visual.forward_intermediates(pixels, indices=[n - 2], pos_interp=pos_interp)
         x, grid = out["tokens"][-1], out["grid"]
     else:
-        x, grid = visual.embed(pixels)
+        x, grid = visual.embed(pixels, pos_interp)
     x = last_block(visual.blocks[-1], x, mode, grid)
     feats = visual.head(x[:, x.shape[1] - grid[0] * grid[1] :])  # patch tokens: ln_post, proj
     return feats.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])

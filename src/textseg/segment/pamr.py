@@ -3,8 +3,14 @@ Image Labels", CVPR 2020), as used by SCLIP / NACLIP as a post-step.
 
 Each pixel's scores are replaced, ``iterations`` times, by an affinity-weighted average of its 8
 neighbours at every dilation. Affinities come from the image: ``softmax_p(-mean_c |x - x_p| /
-(0.1 * std))`` where the standard deviation is taken over the centre and its neighbours. Padding
-replicates the border, so a constant image with constant scores is left exactly unchanged.
+(1e-8 + 0.1 * std))`` where the standard deviation is taken over the centre and its neighbours
+(once per dilation). Padding replicates the border, so a constant image with constant scores is
+left exactly unchanged. Scores at another resolution are first resized to the image bilinearly with
+``align_corners=True``, as the reference ``PAMR.forward`` does (NACLIP / SCLIP ``pamr.py``, from
+visinf/1-stage-wseg).
+
+Dilations: :data:`DEFAULT_DILATIONS` (1, 2, 4, 8, 12, 24) are the PAMR paper's;
+:data:`NACLIP_DILATIONS` (8, 16) are SCLIP's and NACLIP's ``pamr_stride`` (10 iterations).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_DILATIONS = (1, 2, 4, 8, 12, 24)
+NACLIP_DILATIONS = (8, 16)
 _OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
@@ -51,11 +58,12 @@ def pamr(
 ) -> torch.Tensor:
     """Refine ``B x N x H x W`` scores (logits or probabilities) with the ``B x 3 x H x W`` image.
 
-    ``scores`` at another resolution are bilinearly resized to the image first. Memory: one
-    ``B x N x H x W`` buffer per neighbour step (no ``N x P x H x W`` tensor is built).
+    ``scores`` at another resolution are bilinearly resized to the image first (``align_corners=True``,
+    the reference's). Memory: one ``B x N x H x W`` buffer per neighbour step (no ``N x P x H x W``
+    tensor is built).
     """
     if scores.shape[-2:] != image.shape[-2:]:
-        scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear", align_corners=True)
     aff = pamr_affinity(image, dilations).to(scores.dtype)  # B x P x H x W
     h, w = scores.shape[-2:]
     pad = max(dilations)

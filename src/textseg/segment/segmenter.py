@@ -39,11 +39,12 @@ from PIL import Image
 
 from textseg.errors import TextsegError
 from textseg.io import load_image
-from textseg.segment.pamr import DEFAULT_DILATIONS, pamr
+from textseg.segment.pamr import NACLIP_DILATIONS, pamr
 from textseg.segment.slide import argmax_bands, crop_boxes, resized_size, stitch, upsample
 from textseg.text import BACKGROUND, LabelClass, TextEmbeddingCache, parse_labels
 
 Labels = str | Sequence[str | Sequence[str] | LabelClass]
+PAMR_RESOLUTIONS = ("original", "canvas")
 
 
 @dataclass
@@ -64,7 +65,14 @@ class SegmentCfg:
     background_words: extra words (e.g. ("sky", "wall", "floor")) scored as synonyms of background.
     min_area: classes covering less than this fraction of the image are dropped (their pixels go to
         the next best label).
-    pamr: refine the logits with PAMR on the resized image (downsampled by ``pamr_stride``).
+    area_threshold: SCLIP's ``area_thd`` (needs a ``background`` label): before the background
+        threshold, non-background classes covering at most this fraction of the non-background
+        arg-max pixels get probability 0 (their pixels go to the next best label).
+    pamr: refine the logits with PAMR (``pamr_iterations`` steps at ``pamr_dilations``; defaults 10 and
+        (8, 16), SCLIP's / NACLIP's). ``pamr_resolution="original"`` (default, NACLIP's / SCLIP's):
+        logits and the resized network input are bilinearly resized to the original image size and
+        refined there; ``"canvas"`` (cheaper, textseg's): the logits are refined on the resized image
+        downsampled by ``pamr_stride``.
     batch_size: crops per image-tower forward pass.
     cache_dir: directory for the on-disk text-embedding cache (None = memory only).
     """
@@ -80,9 +88,11 @@ class SegmentCfg:
     threshold: float | str | None = "auto"
     background_words: tuple[str, ...] = ()
     min_area: float = 0.0
+    area_threshold: float | None = None
     pamr: bool = False
     pamr_iterations: int = 10
-    pamr_dilations: tuple[int, ...] = DEFAULT_DILATIONS
+    pamr_dilations: tuple[int, ...] = NACLIP_DILATIONS
+    pamr_resolution: str = "original"
     pamr_stride: int = 4
     batch_size: int = 4
     cache_dir: str | None = None
@@ -93,7 +103,8 @@ class SegmentResult:
     """Output of :meth:`Segmenter.predict`.
 
     labels: names in label-map index order (an added ``background`` comes last).
-    logits_lowres: ``N x h x w`` scaled logits (after temperature, background, PAMR) on the canvas.
+    logits_lowres: ``N x h x w`` scaled logits (after temperature, background, PAMR) on the canvas
+        (at the original size after PAMR at ``pamr_resolution="original"``).
     label_map: ``H x W`` numpy array at the original size (uint8 for <= 255 labels, else int32).
     fractions: pixel fraction of each label in ``label_map``.
     background_index: index of the background label, or None.
@@ -146,12 +157,16 @@ class Segmenter:
             )
         self.mode = self.cfg.mode or (modes[0] if modes else None)
         self.cell = int(getattr(model, "dense_stride", 16))
+        if self.cfg.pamr_resolution not in PAMR_RESOLUTIONS:
+            raise TextsegError(f"pamr_resolution must be one of {', '.join(PAMR_RESOLUTIONS)}, "
+                               f"got {self.cfg.pamr_resolution!r}")
         if self.cfg.temperature <= 0:
             raise TextsegError(f"temperature must be positive, got {self.cfg.temperature}")
         self.text_cache = TextEmbeddingCache.for_model(model, self.cfg.cache_dir)
         self.labels = labels
         self._views: list[_View] = []
-        self._image_small: torch.Tensor | None = None  # 1 x 3 x h x w in [0, 1], for PAMR
+        self._image_small: torch.Tensor | None = None  # 1 x 3 x h x w in [0, 1], for PAMR ("canvas")
+        self._image_input: torch.Tensor | None = None  # 1 x 3 x h x w normalised input, for PAMR ("original")
         self.image_size: tuple[int, int] | None = None  # (H, W) of the original image
         self.timings: dict[str, float] = {}
 
@@ -216,6 +231,8 @@ class Segmenter:
                 ps = max(1, self.cfg.pamr_stride)
                 self._image_small = F.interpolate(x, size=(max(1, size[0] // ps), max(1, size[1] // ps)), mode="area")
             x = self._normalise(x)
+            if si == 0:
+                self._image_input = x
             boxes = self._crop_geometry(size)
             for flipped in (False, True) if self.cfg.flip else (False,):
                 xi = x.flip(-1) if flipped else x
@@ -294,11 +311,20 @@ class Segmenter:
         names = [c.name for c in classes]
         if self.cfg.pamr:
             t1 = time.perf_counter()
-            img = self._image_small.to(z.device)
-            z = pamr(img, z[None], self.cfg.pamr_iterations, self.cfg.pamr_dilations)[0]
+            if self.cfg.pamr_resolution == "original":  # NACLIP / SCLIP: both resized to the original size
+                img = F.interpolate(self._image_input.to(z.device), size=self.image_size, mode="bilinear",
+                                    align_corners=False)
+                z = F.interpolate(z[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
+            else:
+                img = self._image_small.to(z.device)
+            z = pamr(img, z[None], self.cfg.pamr_iterations, tuple(self.cfg.pamr_dilations))[0]
             timings["pamr"] = time.perf_counter() - t1
-        if threshold is not None:
-            floor = torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
+        floor = None if threshold is None else torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
+        area_dropped = self._area_drop(z, bg) if self.cfg.area_threshold and bg is not None else []
+        if area_dropped:  # SCLIP area_thd: their probabilities -> 0, the threshold still uses the full softmax
+            z = z.clone()
+            z[area_dropped] = z.min() - 100.0
+        if floor is not None:
             if bg is None:
                 z = torch.cat([z, floor])
                 names.append(BACKGROUND)
@@ -309,14 +335,14 @@ class Segmenter:
         t0 = time.perf_counter()
         z = z.float().cpu()
         label_map = argmax_bands(z, self.image_size)
-        dropped: list[str] = []
+        dropped: list[str] = [names[i] for i in area_dropped]
         if self.cfg.min_area > 0:
             frac = self._fractions(label_map, len(names))
             low = [i for i in range(len(names)) if i != bg and 0 < frac[i] < self.cfg.min_area]
             if low and len(low) < len(names):
                 z = z.clone()
                 z[low] = z.min() - 100.0
-                dropped = [names[i] for i in low]
+                dropped += [names[i] for i in low]
                 label_map = argmax_bands(z, self.image_size)
         frac = self._fractions(label_map, len(names))
         timings["upsample"] = time.perf_counter() - t0
@@ -330,6 +356,15 @@ class Segmenter:
             dropped=dropped,
             timings=timings,
         )
+
+    def _area_drop(self, z: torch.Tensor, bg: int) -> list[int]:
+        """SCLIP's ``area_thd`` (``clip_segmentor.py`` ``postprocess_result``): on the arg-max map at the
+        original size, the non-background classes whose pixel count is not above ``area_threshold``
+        times the non-background total."""
+        counts = np.bincount(argmax_bands(z.float().cpu(), self.image_size).reshape(-1), minlength=z.shape[0])
+        fg = [i for i in range(z.shape[0]) if i != bg]
+        total = counts[fg].sum()
+        return [i for i in fg if not counts[i] > self.cfg.area_threshold * total]
 
     @staticmethod
     def _fractions(label_map: np.ndarray, n: int) -> np.ndarray:
