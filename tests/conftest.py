@@ -29,3 +29,8 @@ def coco_mini() -> Path:
 @pytest.fixture(scope="session")
 def camvid() -> Path:
     return _data_dir("camvid")
+
+
+@pytest.fixture(scope="session")
+def flickr8k() -> Path:
+    return _data_dir("flickr8k-1k")

