@@ -71,7 +71,9 @@ class SegmentCfg:
     templates: prompt templates: "imagenet" (80), "simple", "none", or a tuple of "{}" templates.
     temperature: logits are divided by it before softmax / thresholding / averaging.
     threshold: pixels whose best class probability is below it become background; "auto" = the
-        model's ``default_background_threshold``; None or 0 = no threshold.
+        model's ``default_background_threshold``; None or 0 = no threshold. In a pixel mode
+        (GroupViT ``official``) it is the model's own rule (GroupViT: best score below
+        ``min(threshold, best group probability)``, per window).
     background_words: extra words (e.g. ("sky", "wall", "floor")) scored as synonyms of background.
     min_area: classes covering less than this fraction of the image are dropped (their pixels go to
         the next best label).
@@ -104,7 +106,9 @@ class SegmentResult:
     """Output of :meth:`Segmenter.predict`.
 
     labels: names in label-map index order (an added ``background`` comes last).
-    logits_lowres: ``N x h x w`` scaled logits (after temperature, background, PAMR) on the canvas.
+    logits_lowres: ``N x h x w`` scaled logits (after temperature, background, PAMR) on the canvas
+        (pixel modes: the official per-class scores at the resized image's pixels, mmseg's
+        ``seg_logit``; ``probs`` is then mmseg's softmax output).
     label_map: ``H x W`` numpy array at the original size (uint8 for <= 255 labels, else int32).
     fractions: pixel fraction of each label in ``label_map``.
     background_index: index of the background label, or None.
