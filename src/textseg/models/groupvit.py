@@ -381,8 +381,9 @@ class GroupViT(DualEncoder):
     dense_modes = ("official", "groups", "soft")
     pixel_modes = ("official",)
     official_top_k = 5  # NVlabs keeps the min(5, N) classes the whole image scores highest
-    # Background when the best label's probability is below this. The paper uses 0.9 (VOC) and 0.5
-    # (Context); NVlabs' released configs 0.95 (VOC, COCO) and 0.35 (Context): BACKGROUND_THRESHOLDS.
+    # Background when the best label's score is below min(this, the best group probability), NVlabs'
+    # rule. The paper uses 0.9 (VOC) and 0.5 (Context); NVlabs' released configs 0.95 (VOC, COCO) and
+    # 0.35 (Context): BACKGROUND_THRESHOLDS.
     default_background_threshold = 0.95
 
     def __init__(self, cfg: GroupViTCfg | None = None):
