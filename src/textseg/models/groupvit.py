@@ -8,10 +8,18 @@ from their members, become the next stage's segment tokens. The image embedding 
 final groups, passed through an MLP projector; the text tower is CLIP's causal transformer (reused
 from :mod:`textseg.models.clip`) with its own MLP projector.
 
-Zero-shot segmentation: the product of the stage-wise *soft* assignment matrices gives every patch
-a distribution over the final groups (``forward_intermediates``); a pixel takes its most likely group
-(after bilinear upsampling, as the official evaluation) and each group is labelled by its similarity
-to the class-name prompts.
+Zero-shot segmentation follows NVlabs' ``GroupViTSegInference.encode_decode``
+(``segmentation/evaluation/group_vit_seg.py``) and mmseg's inference (dense mode ``"official"``, the
+default, in the :class:`~textseg.segment.Segmenter` and so in ``textseg segment``, ``textseg eval`` and
+the web app): the product of the stage-wise *soft* assignment matrices gives every patch a
+distribution over the final groups; these maps are bilinearly upsampled to the input (crop) size and
+each pixel takes its argmax group. A group's class probabilities are the softmax of ``scale *
+cos(group, text)`` restricted to the 5 classes the whole image (mean of the groups) scores highest,
+times the unrestricted softmax; a pixel reads its group's row. Background (when a threshold is set)
+is 1 where the best class score is below ``min(threshold, the largest group probability)``, else 0.
+Sliding windows average these per-class scores over overlaps (mmseg ``slide_inference``), which are
+then bilinearly resized to the original image and arg-maxed. Dense modes ``"groups"`` (patch-level
+argmax group, no top-k) and ``"soft"`` are textseg's simpler alternatives.
 
 Shapes: ``B`` images, ``N_0 = (H/p)*(W/p)`` patches, ``G_i`` groups after grouping stage ``i``,
 ``C`` vision width, ``D`` joint embedding dimension.
@@ -19,8 +27,9 @@ Shapes: ``B`` images, ``N_0 = (H/p)*(W/p)`` patches, ``G_i`` groups after groupi
 Numerically this matches ``transformers.GroupViTModel`` and NVlabs' ``MultiLabelContrastive``
 (``group_vit_gcc_yfcc_30e``), whose checkpoints ``textseg.weights.convert.groupvit_{hf,nvlabs}`` load.
 
-Command line (the official evaluation: short side 448, 448 x 448 windows with stride 224, the single
-prompt "a photo of a {}.", background below 0.95 on VOC / COCO, 0.35 on Context)::
+Command line (the official evaluation, NVlabs ``segmentation/configs/_base_/datasets/*.py``: short
+side 448, 448 x 448 windows with stride 224, the prompt "a photo of a {}.", background below 0.95 on
+VOC / COCO, 0.35 on Context; only the slide and the prompt are not textseg's defaults)::
 
     textseg segment photo.jpg --weights group_vit_gcc_yfcc_30e-74d335e6.pth --labels "cat,dog,grass" \
         --short-side 448 --slide 448 224 --templates "a photo of a {}."
@@ -402,9 +411,14 @@ class GroupViT(DualEncoder):
     """
 
     name = "groupvit"
-    dense_modes = ("groups", "soft")
-    # Background when the best label's probability is below this. The paper uses 0.9 (VOC) and 0.5
-    # (Context); NVlabs' released configs 0.95 (VOC, COCO) and 0.35 (Context): BACKGROUND_THRESHOLDS.
+    # "official" (default): NVlabs' inference, scored per pixel by official_scores (the Segmenter's
+    # pixel path); "groups" / "soft": patch-level dense features scored by dense_logits.
+    dense_modes = ("official", "groups", "soft")
+    pixel_modes = ("official",)
+    official_top_k = 5  # NVlabs keeps the min(5, N) classes the whole image scores highest
+    # Background when the best label's score is below min(this, the best group probability), NVlabs'
+    # rule. The paper uses 0.9 (VOC) and 0.5 (Context); NVlabs' released configs 0.95 (VOC, COCO) and
+    # 0.35 (Context): BACKGROUND_THRESHOLDS.
     default_background_threshold = 0.95
 
     def __init__(self, cfg: GroupViTCfg | None = None):
@@ -492,9 +506,12 @@ class GroupViT(DualEncoder):
     def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x D x h x w`` patch features in the joint space.
 
-        ``"groups"`` (default): each patch carries the L2-normalised embedding of its final group,
-        the argmax of the product of the soft assignments (as the official inference, which then
-        labels each group). ``"soft"``: the mixture of the normalised group embeddings weighted by
+        ``"groups"``: each patch carries the L2-normalised embedding of its final group, the argmax
+        of the product of the soft assignments at patch level; ``"official"`` (the default mode) gives
+        the same features here, but the official inference (image-level top-k, product of two
+        softmaxes, background rule, group argmax after upsampling) is per pixel and text-dependent, so
+        it is computed by :meth:`official_features` / :meth:`official_scores`, which the Segmenter uses
+        for this mode. ``"soft"``: the mixture of the normalised group embeddings weighted by
         that product; it is linear in the assignment, so bilinear upsampling of its logits equals
         upsampling the group maps first (the order transformers uses)."""
         mode = mode or self.dense_modes[0]
@@ -503,7 +520,7 @@ class GroupViT(DualEncoder):
         out = self.forward_intermediates(pixels)
         emb = F.normalize(out["group_embeds"], dim=-1)  # B x G x D
         maps = out["group_maps"][-1]  # B x G x h x w
-        if mode == "groups":
+        if mode in ("groups", "official"):
             maps = F.one_hot(maps.argmax(1), maps.shape[1]).permute(0, 3, 1, 2).to(emb.dtype)
         return torch.einsum("bghw,bgd->bdhw", maps, emb)
 
@@ -513,36 +530,86 @@ class GroupViT(DualEncoder):
         (mixed over groups in the soft mode)."""
         return self.logit_scale_value * torch.einsum("bdhw,nd->bnhw", dense, F.normalize(text, dim=-1))
 
-    @torch.no_grad()
-    def group_label_probs(self, pixels: torch.Tensor, text: torch.Tensor, top_k: int = 5) -> dict:
-        """The official GroupViT inference (NVlabs ``GroupViTSegInference.encode_decode``).
+    # ---- the official inference (NVlabs segmentation/evaluation/group_vit_seg.py) -------------
 
-        ``text``: ``N x D`` class embeddings. Each final group gets class probabilities: softmax of
-        the scaled group-text similarities restricted to the ``top_k`` classes the whole image scores
-        highest, multiplied by the unrestricted softmax. Returns ``probs`` ``B x G x N``,
-        ``group_maps`` ``B x G x h x w`` (soft, patch grid) and ``grid``."""
+    @torch.no_grad()
+    def official_features(self, pixels: torch.Tensor) -> dict:
+        """The text-independent part of NVlabs' ``GroupViTSegInference.encode_decode`` for ``B``
+        images (or crops) of size ``H x W``: ``group_index`` ``B x H x W`` (each pixel's final group:
+        the argmax of the product of the soft assignments after bilinear upsampling to the input size,
+        ``get_attn_maps(rescale=True)``), ``group_embeds`` ``B x G x D`` and ``image_embed`` ``B x D``
+        (L2-normalised projected groups and projected mean of the groups: ``image_feat``,
+        ``image_x``)."""
         out = self.forward_intermediates(pixels)
-        text = F.normalize(text, dim=-1)
-        scale = self.logit_scale_value
-        group_logits = scale * F.normalize(out["group_embeds"], dim=-1) @ text.t()  # B x G x N
-        image_probs = (scale * F.normalize(out["image_embed"], dim=-1) @ text.t()).softmax(-1)  # B x N
+        maps = F.interpolate(out["group_maps"][-1], size=tuple(pixels.shape[-2:]), mode="bilinear",
+                             align_corners=False)
+        return {"group_index": maps.argmax(1), "group_embeds": F.normalize(out["group_embeds"], dim=-1),
+                "image_embed": F.normalize(out["image_embed"], dim=-1)}
+
+    @torch.no_grad()
+    def official_group_probs(self, feats: dict, text: torch.Tensor, top_k: int | None = None,
+                             temperature: float = 1.0) -> torch.Tensor:
+        """``B x G x N`` class probabilities of every final group (``encode_decode``'s
+        ``group_affinity_mat``): the softmax of ``scale * cos(group, text)`` restricted to the
+        ``min(top_k, N)`` classes the whole image scores highest (softmax of ``scale * cos(image,
+        text)``), times the unrestricted softmax. ``top_k`` default :attr:`official_top_k` (5, as
+        NVlabs); ``temperature`` divides the scale (1 = official)."""
+        top_k = self.official_top_k if top_k is None else top_k
+        text = F.normalize(text, dim=-1).to(feats["group_embeds"].dtype)
+        scale = self.logit_scale_value / temperature
+        group_logits = scale * feats["group_embeds"] @ text.t()  # B x G x N
+        image_probs = (scale * feats["image_embed"] @ text.t()).softmax(-1)  # B x N
         keep = torch.zeros_like(image_probs, dtype=torch.bool)
         keep.scatter_(1, image_probs.topk(min(top_k, text.shape[0]), dim=-1).indices, True)
         masked = group_logits.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
-        return {"probs": masked * group_logits.softmax(-1), "group_maps": out["group_maps"][-1],
-                "grid": out["grid"]}
+        return masked * group_logits.softmax(-1)
+
+    @torch.no_grad()
+    def official_scores(self, feats: dict, text: torch.Tensor, top_k: int | None = None,
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel class scores ``B x N x H x W`` (each pixel reads its group's row of
+        :meth:`official_group_probs`: ``onehot_attn_map @ group_affinity_mat``) and the ``B x G x N``
+        group probabilities, from :meth:`official_features`."""
+        probs = self.official_group_probs(feats, text, top_k, temperature)
+        idx = feats["group_index"]  # B x H x W
+        b, h, w = idx.shape
+        rows = torch.gather(probs, 1, idx.reshape(b, h * w, 1).expand(-1, -1, probs.shape[-1]))
+        return rows.transpose(1, 2).reshape(b, -1, h, w), probs
+
+    @staticmethod
+    def official_background(scores: torch.Tensor, probs: torch.Tensor, threshold: float) -> torch.Tensor:
+        """NVlabs' background rule: ``B x H x W`` True where a pixel's best class score is below
+        ``min(threshold, max of the image's group probabilities)`` (``bg_thresh = min(self.bg_thresh,
+        group_affinity_mat.max())``), so the pixels of the most confident group stay foreground."""
+        thr = probs.flatten(1).amax(1).clamp(max=float(threshold))
+        return scores.amax(1) < thr[:, None, None]
 
     @torch.no_grad()
     def segment_official(self, pixels: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None = None,
-                         top_k: int = 5) -> torch.Tensor:
-        """Per-pixel class scores ``B x N x H x W`` as NVlabs computes them: upsample the soft group maps
-        bilinearly to the image size, give each pixel its argmax group, and read that group's class
-        probabilities (:meth:`group_label_probs`). Background: max score below a threshold."""
-        res = self.group_label_probs(pixels, text, top_k)
-        size = size or tuple(pixels.shape[-2:])
-        maps = F.interpolate(res["group_maps"], size=size, mode="bilinear", align_corners=False)
-        onehot = F.one_hot(maps.argmax(1), maps.shape[1]).to(res["probs"].dtype)  # B x H x W x G
-        return torch.einsum("bhwg,bgn->bnhw", onehot, res["probs"])
+                         top_k: int | None = None, background_threshold: float | None = None) -> torch.Tensor:
+        """NVlabs' ``encode_decode`` + mmseg's whole-image inference for ``B`` images: per-pixel
+        scores ``B x N x H x W`` (:meth:`official_scores`), or ``B x (1 + N) x H x W`` with channel 0 =
+        background (1 where :meth:`official_background`, else 0; NVlabs' ``with_bg`` layout) when
+        ``background_threshold`` is given. ``size``: the scores are bilinearly resized to it after
+        being computed at the input size (mmseg ``whole_inference(rescale=True)``); the label of a
+        pixel is the argmax (the softmax mmseg applies first does not change it)."""
+        scores, probs = self.official_scores(self.official_features(pixels), text, top_k)
+        if background_threshold is not None:
+            bg = self.official_background(scores, probs, background_threshold).to(scores.dtype)
+            scores = torch.cat([bg[:, None], scores], dim=1)
+        if size is not None and tuple(size) != tuple(scores.shape[-2:]):
+            scores = F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
+        return scores
+
+    @torch.no_grad()
+    def group_label_probs(self, pixels: torch.Tensor, text: torch.Tensor, top_k: int | None = None) -> dict:
+        """:meth:`official_group_probs` of ``pixels`` -> ``probs`` ``B x G x N``, ``group_maps``
+        ``B x G x h x w`` (soft, patch grid) and ``grid``."""
+        out = self.forward_intermediates(pixels)
+        feats = {"group_embeds": F.normalize(out["group_embeds"], dim=-1),
+                 "image_embed": F.normalize(out["image_embed"], dim=-1)}
+        return {"probs": self.official_group_probs(feats, text, top_k), "group_maps": out["group_maps"][-1],
+                "grid": out["grid"]}
 
     @torch.no_grad()
     def segmentation_logits(self, pixels: torch.Tensor, text: torch.Tensor,

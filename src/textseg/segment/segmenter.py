@@ -22,6 +22,17 @@ image or sliding-window crops (optionally also flipped / at several scales) -> d
 (cached) -> per-synonym logits, max over each class's synonyms, divided by ``temperature`` ->
 crop logits averaged on the canvas -> optional PAMR -> background (threshold / words) -> dropping
 classes below ``min_area`` -> bilinear upsampling to the original size, band by band.
+
+Pixel modes (a model's ``pixel_modes``; GroupViT's default ``"official"``): the model's own official
+inference replaces ``encode_dense`` / ``dense_logits``. ``set_image`` caches
+``model.official_features`` per crop; ``predict`` computes ``model.official_scores`` (GroupViT:
+NVlabs' image-level top-5 mask, product of two softmaxes, group argmax after upsampling) and the
+background channel of ``model.official_background`` at the crop's pixel resolution, averages those
+per-class scores over overlapping windows on a pixel canvas (mmseg ``slide_inference``), and resizes
+them bilinearly to the original size before the argmax. The resize follows mmcv's keep-ratio rule
+(``int(side * scale + 0.5)``, no rounding to the patch size). With a threshold, a ``background``
+label is not scored as text (NVlabs' ``with_bg``) unless ``background_words`` are given; the
+``temperature`` divides the model's logit scale.
 """
 
 from __future__ import annotations
@@ -61,7 +72,9 @@ class SegmentCfg:
     templates: prompt templates: "imagenet" (80), "simple", "none", or a tuple of "{}" templates.
     temperature: logits are divided by it before softmax / thresholding / averaging.
     threshold: pixels whose best class probability is below it become background; "auto" = the
-        model's ``default_background_threshold``; None or 0 = no threshold.
+        model's ``default_background_threshold``; None or 0 = no threshold. In a pixel mode
+        (GroupViT ``official``) it is the model's own rule (GroupViT: best score below
+        ``min(threshold, best group probability)``, per window).
     background_words: extra words (e.g. ("sky", "wall", "floor")) scored as synonyms of background.
     min_area: classes covering less than this fraction of the image are dropped (their pixels go to
         the next best label).
@@ -104,7 +117,9 @@ class SegmentResult:
 
     labels: names in label-map index order (an added ``background`` comes last).
     logits_lowres: ``N x h x w`` scaled logits (after temperature, background, PAMR) on the canvas
-        (at the original size after PAMR at ``pamr_resolution="original"``).
+        (at the original size after PAMR at ``pamr_resolution="original"``; pixel modes: the official
+        per-class scores at the resized image's pixels, mmseg's ``seg_logit``; ``probs`` is then
+        mmseg's softmax output).
     label_map: ``H x W`` numpy array at the original size (uint8 for <= 255 labels, else int32).
     fractions: pixel fraction of each label in ``label_map``.
     background_index: index of the background label, or None.
@@ -134,7 +149,7 @@ class SegmentResult:
 
 @dataclass
 class _View:
-    feats: torch.Tensor  # K x D x h' x w' dense features of K crops
+    feats: torch.Tensor | dict  # K x D x h' x w' dense features of K crops (pixel modes: a dict of K-batches)
     boxes: list[tuple[int, int, int, int]]
     canvas_hw: tuple[int, int]
     flipped: bool
@@ -156,7 +171,9 @@ class Segmenter:
                 f"choose one of: {', '.join(modes)}"
             )
         self.mode = self.cfg.mode or (modes[0] if modes else None)
-        self.cell = int(getattr(model, "dense_stride", 16))
+        # A pixel mode is scored by the model's official per-pixel inference on a pixel canvas.
+        self.pixel_mode = self.mode is not None and self.mode in tuple(getattr(model, "pixel_modes", ()) or ())
+        self.cell = 1 if self.pixel_mode else int(getattr(model, "dense_stride", 16))
         if self.cfg.pamr_resolution not in PAMR_RESOLUTIONS:
             raise TextsegError(f"pamr_resolution must be one of {', '.join(PAMR_RESOLUTIONS)}, "
                                f"got {self.cfg.pamr_resolution!r}")
@@ -197,8 +214,23 @@ class Segmenter:
         feats = []
         for i in range(0, pixels.shape[0], max(1, self.cfg.batch_size)):
             x = pixels[i : i + self.cfg.batch_size].to(self.device, dtype)
-            feats.append(self.model.encode_dense(x, mode=self.mode))
+            if self.pixel_mode:
+                feats.append(self.model.official_features(x))
+            else:
+                feats.append(self.model.encode_dense(x, mode=self.mode))
+        if self.pixel_mode:
+            return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
         return torch.cat(feats)
+
+    def _resized(self, height: int, width: int, short: int | None) -> tuple[int, int]:
+        if not self.pixel_mode:
+            return resized_size(height, width, short, self.cfg.max_side, self.cell)
+        # mmcv's keep-ratio Resize (the official GroupViT pipeline): int(side * scale + 0.5)
+        if height < 1 or width < 1:
+            raise TextsegError(f"empty image ({width}x{height})")
+        scale = 1.0 if not short else short / min(height, width)
+        scale = min(scale, self.cfg.max_side / max(height, width))
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
     def _crop_geometry(self, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
         if self.cfg.slide is None:
@@ -225,7 +257,7 @@ class Segmenter:
             short = None if self.cfg.short_side is None else max(1, round(self.cfg.short_side * s))
             if short is None and s != 1.0:
                 short = max(1, round(min(img.height, img.width) * s))
-            size = resized_size(img.height, img.width, short, self.cfg.max_side, self.cell)
+            size = self._resized(img.height, img.width, short)
             x = self._to_tensor(img, size)
             if si == 0:
                 ps = max(1, self.cfg.pamr_stride)
@@ -297,6 +329,49 @@ class Segmenter:
             total = canvas if total is None else total + canvas
         return total / len(self._views) / self.cfg.temperature
 
+    @torch.no_grad()
+    def _pixel_scores(self, classes: list[LabelClass], bg: int | None, threshold: float | None,
+                      n_out: int) -> torch.Tensor:
+        """Pixel modes: canvas scores ``n_out x H' x W'`` from the model's official inference (see the
+        module docstring); channel ``bg`` holds the official background indicator when a threshold
+        is set (``n_out`` includes an appended background)."""
+        scored = [i for i in range(len(classes))
+                  if not (i == bg and threshold is not None and not self.cfg.background_words)]
+        if not scored:
+            raise TextsegError("the official inference needs at least one label besides background")
+        texts = list(dict.fromkeys(s for i in scored for s in classes[i].synonyms))
+        index = {t: i for i, t in enumerate(texts)}
+        pairs = [(ci, index[s]) for ci in scored for s in classes[ci].synonyms]
+        t0 = time.perf_counter()
+        emb = self.text_cache.embed(texts, self.cfg.templates).to(self.device)
+        self.timings["embed_text"] = time.perf_counter() - t0
+        text_idx = torch.tensor([p[1] for p in pairs], device=self.device)
+        owner = torch.tensor([p[0] for p in pairs], device=self.device)
+        fg = torch.tensor([c for c in range(n_out) if c != bg], device=self.device)
+        total = None
+        ref_hw = None
+        for view in self._views:
+            crops = []
+            for k in range(len(view.boxes)):
+                feats = {key: v[k : k + 1] for key, v in view.feats.items()}
+                scores, probs = self.model.official_scores(feats, emb, temperature=self.cfg.temperature)
+                lg = scores[:, text_idx].float()  # 1 x P x h x w, all >= 0
+                out = lg.new_zeros(1, n_out, *lg.shape[-2:])
+                out = out.scatter_reduce(1, owner.view(1, -1, 1, 1).expand_as(lg), lg, reduce="amax")
+                if threshold is not None:
+                    ind = self.model.official_background(out[:, fg], probs.float(), threshold)
+                    out[:, bg] = torch.maximum(out[:, bg], ind.to(out.dtype))
+                crops.append(out)
+            canvas = stitch(torch.cat(crops), view.boxes, view.canvas_hw, self.cell)
+            if view.flipped:
+                canvas = canvas.flip(-1)
+            if ref_hw is None:
+                ref_hw = tuple(canvas.shape[-2:])
+            elif tuple(canvas.shape[-2:]) != ref_hw:
+                canvas = F.interpolate(canvas[None], size=ref_hw, mode="bilinear", align_corners=False)[0]
+            total = canvas if total is None else total + canvas
+        return total / len(self._views)
+
     # ---------------------------------------------------------------- predict
     @torch.no_grad()
     def predict(self, labels: Labels | None = None) -> SegmentResult:
@@ -306,9 +381,15 @@ class Segmenter:
         timings = dict(self.timings)
         classes, bg, threshold = self._classes(labels)
         t0 = time.perf_counter()
-        z = self._class_logits(classes)
-        timings["embed_text"] = self.timings.pop("embed_text", 0.0)
         names = [c.name for c in classes]
+        if self.pixel_mode:
+            if threshold is not None and bg is None:
+                names.append(BACKGROUND)
+                bg = len(names) - 1
+            z = self._pixel_scores(classes, bg, threshold, len(names))
+        else:
+            z = self._class_logits(classes)
+        timings["embed_text"] = self.timings.pop("embed_text", 0.0)
         if self.cfg.pamr:
             t1 = time.perf_counter()
             if self.cfg.pamr_resolution == "original":  # NACLIP / SCLIP: both resized to the original size
@@ -319,7 +400,9 @@ class Segmenter:
                 img = self._image_small.to(z.device)
             z = pamr(img, z[None], self.cfg.pamr_iterations, tuple(self.cfg.pamr_dilations))[0]
             timings["pamr"] = time.perf_counter() - t1
-        floor = None if threshold is None else torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
+        floor = None
+        if threshold is not None and not self.pixel_mode:
+            floor = torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
         area_dropped = self._area_drop(z, bg) if self.cfg.area_threshold and bg is not None else []
         if area_dropped:  # SCLIP area_thd: their probabilities -> 0, the threshold still uses the full softmax
             z = z.clone()
