@@ -2,9 +2,10 @@
 
 Labels are embedded through the model's prompt ensemble (default: the 80 OpenAI ImageNet templates)
 and cached per model (:class:`textseg.text.TextEmbeddingCache`), so classifying many images against
-the same labels costs one text pass. Image-level logits come from the model's own scoring
-(``dense_logits`` on a 1 x 1 map: ``logit_scale * cos`` for CLIP, the ConSE bridge for the offline
-model), probabilities from a softmax over the labels.
+the same labels costs one text pass. Image-level logits come from the model's own image-level
+scoring, :meth:`~textseg.models.base.DualEncoder.image_logits` (``logit_scale * cos(image, text)``
+for CLIP, GroupViT, LSeg and LiT; the ConSE bridge for the offline model), probabilities from a
+softmax over the labels.
 
 >>> from textseg.weights.load import load_model
 >>> from textseg.classify import classify
@@ -49,8 +50,7 @@ def text_classifier(model: DualEncoder, labels: Sequence[str],
 @torch.no_grad()
 def image_logits(model: DualEncoder, pixels: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """``B x 3 x H x W`` preprocessed pixels, ``N x D`` classifier -> ``B x N`` logits."""
-    img = model.encode_image(pixels)
-    return model.dense_logits(img[:, :, None, None].to(classifier.dtype), classifier)[:, :, 0, 0]
+    return model.image_logits(model.encode_image(pixels), classifier)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ Shapes: images are float tensors ``B x 3 x H x W`` already normalised with the m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,14 +22,48 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+CROP_OFFSETS = ("round", "floor")
+
+
 @dataclass(frozen=True)
 class PreprocessCfg:
-    """How pixels must be prepared for a model; travels with its weights (the card)."""
+    """How pixels must be prepared for a model; travels with its weights (the card).
+
+    Classification input: resize the short side to :attr:`resize_size` (``floor(image_size /
+    crop_pct)``, timm's rule: ``crop_pct=1`` is OpenAI CLIP's resize-to-``image_size``, NVlabs
+    GroupViT evaluates at ``224 / 256``), centre-crop ``image_size``, ``(x - mean) / std``.
+    ``crop_offset``: how an odd margin is split, ``"round"`` as torchvision's ``CenterCrop``
+    (OpenAI, OpenCLIP, NVlabs), ``"floor"`` as Hugging Face image processors."""
 
     image_size: int = 224
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    crop_offset: str = "round"
+
+    def __post_init__(self):
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ValueError(f"crop_offset must be one of {CROP_OFFSETS}, got {self.crop_offset!r}")
+
+    @property
+    def resize_size(self) -> int:
+        """The short side before the centre crop (a hair of slack absorbs float error in ratios)."""
+        return int(math.floor(self.image_size / self.crop_pct + 1e-6))
+
+    def to_dict(self) -> dict:
+        """The card's ``preprocess`` entry (plain JSON values)."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "crop_pct": self.crop_pct, "crop_offset": self.crop_offset}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessCfg:
+        """Inverse of :meth:`to_dict`; cards written before ``crop_pct`` existed read as ``crop_pct=1``."""
+        return cls(image_size=int(d["image_size"]), mean=tuple(float(x) for x in d["mean"]),
+                   std=tuple(float(x) for x in d["std"]), interpolation=d.get("interpolation", "bicubic"),
+                   crop_pct=float(d.get("crop_pct", 1.0)), crop_offset=d.get("crop_offset", "round"))
 
 
 class DualEncoder(nn.Module):
@@ -36,8 +71,8 @@ class DualEncoder(nn.Module):
 
     Subclasses set ``name``, ``preprocess_cfg``, ``dense_modes`` (first = default) and
     ``dense_stride`` and implement ``tokenize``, ``encode_image``, ``encode_text`` and
-    ``encode_dense``. ``embed_texts`` and ``dense_logits`` have defaults that suit CLIP-like models
-    and may be overridden (the offline model scores by a ConSE bridge; GroupViT by group assignment).
+    ``encode_dense``. ``embed_texts``, ``image_logits`` and ``dense_logits`` have defaults that suit
+    CLIP-like models and may be overridden (the offline model scores by a ConSE bridge; GroupViT by group assignment).
     """
 
     name: str = "dual-encoder"
@@ -79,6 +114,14 @@ class DualEncoder(nn.Module):
         emb = emb.view(len(texts), len(templates), -1).mean(dim=1)
         return F.normalize(emb, dim=-1)
 
+    def image_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``B x D`` image embeddings (from :meth:`encode_image`, normalised or not) and ``N x D``
+        text embeddings -> ``B x N`` image-level logits ``logit_scale * cos(image, text)``: what
+        CLIP's ``forward`` (and every CLIP-like model's) scores, so a softmax gives zero-shot
+        classification probabilities. Models that do not score by cosine override it."""
+        image = F.normalize(image.to(text.dtype), dim=-1)
+        return self.logit_scale_value.to(text.dtype) * image @ F.normalize(text, dim=-1).t()
+
     def dense_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``B x D x h x w`` dense features and ``N x D`` text embeddings -> ``B x N x h x w`` logits."""
         dense = F.normalize(dense, dim=1)
@@ -86,7 +129,5 @@ class DualEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP-style logits ``(logits_per_image B x N, logits_per_text N x B)``."""
-        img = self.encode_image(pixels, normalize=True)
-        txt = self.encode_text(tokens, normalize=True)
-        logits = self.logit_scale_value * img @ txt.t()
+        logits = self.image_logits(self.encode_image(pixels), self.encode_text(tokens))
         return logits, logits.t()

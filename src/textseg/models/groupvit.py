@@ -64,6 +64,14 @@ BACKGROUND_THRESHOLDS = {
 OFFICIAL_SLIDE = (448, 224)
 
 
+def nvlabs_preprocess(image_size: int = 224) -> PreprocessCfg:
+    """NVlabs' classification evaluation transform (``datasets/builder.py``, ``build_img_transform``,
+    ``is_train=False``): short side to ``int(256 / 224 * n)`` with PIL bilinear, ``CenterCrop(n)``
+    (torchvision's rounding), ImageNet mean/std. The card of checkpoints that carry none."""
+    return PreprocessCfg(image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear",
+                         crop_pct=image_size / int(256 / 224 * image_size), crop_offset="round")
+
+
 # --------------------------------------------------------------------------------------------------
 # configuration
 
@@ -429,7 +437,7 @@ class GroupViT(DualEncoder):
         self.image_proj = ProjectionMLP(cfg.vision.width, cfg.proj_hidden, cfg.embed_dim, cfg.proj_layers)
         self.text_proj = ProjectionMLP(cfg.text.width, cfg.proj_hidden, cfg.embed_dim, cfg.proj_layers)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
-        self.preprocess_cfg = PreprocessCfg(cfg.vision.image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+        self.preprocess_cfg = nvlabs_preprocess(cfg.vision.image_size)
         self.dense_stride = cfg.vision.patch_size
         self.init_weights()
 

@@ -232,10 +232,15 @@ class OfflineModel(DualEncoder):
         ``power * log(score + eps)`` (softmax over labels then compares the labels' masses)."""
         return self.cfg.score_power * torch.log(self.scores(dense, text) + self.cfg.eps)
 
+    def image_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``B x 1000`` image class probabilities, ``N x 1001`` bridge rows -> ``B x N`` logits
+        ``power * log(score + eps)``. The documented exception to ``logit_scale * cos``: this model
+        has no joint embedding space, its labels are scored through ImageNet classes (ConSE)."""
+        return self.cfg.score_power * torch.log(self.scores(image.to(text.dtype), text) + self.cfg.eps)
+
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image-level logits ``(B x N, N x B)``: log of each label's ImageNet mass in each image."""
-        s = self.scores(self.encode_image(pixels), self.encode_text(tokens))
-        logits = self.cfg.score_power * torch.log(s + self.cfg.eps)
+        logits = self.image_logits(self.encode_image(pixels), self.encode_text(tokens))
         return logits, logits.t()
 
 

@@ -298,13 +298,11 @@ def model_card(model: DualEncoder, card: dict | None = None) -> dict:
     cfg = getattr(model, "cfg", None)
     if not hasattr(model, "config_dict") and not hasattr(cfg, "to_dict"):
         raise CheckpointError(f"cannot save a {type(model).__name__}: it has no config_dict() / cfg.to_dict()")
-    pp = model.preprocess_cfg
     out = {
         "format": "textseg",
         "architecture": model.name,
         "config": model.config_dict() if hasattr(model, "config_dict") else cfg.to_dict(),
-        "preprocess": {"image_size": pp.image_size, "mean": list(pp.mean), "std": list(pp.std),
-                       "interpolation": pp.interpolation},
+        "preprocess": model.preprocess_cfg.to_dict(),
     }
     out.update(card or {})
     return out

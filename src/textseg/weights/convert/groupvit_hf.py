@@ -4,6 +4,10 @@
 The architecture comes from ``config.json``; every tensor is mapped to textseg's
 :class:`~textseg.models.groupvit.GroupViT` (``q``/``k``/``v`` of the self-attention layers fused into
 one projection) and loaded strictly: a missing or unexpected key raises :class:`CheckpointError`.
+
+The folder's ``preprocessor_config.json`` is the preprocessing card (mean, std, resample, size, crop;
+read as the CLIP loader does, :func:`textseg.weights.convert.hf_clip.folder_preprocess_cfg`); a
+folder without one gets NVlabs' evaluation transform (:func:`textseg.models.groupvit.nvlabs_preprocess`).
 """
 
 from __future__ import annotations
@@ -176,4 +180,10 @@ def build(raw) -> GroupViT:
     cfg = getattr(raw, "config", None)
     if not isinstance(cfg, dict) or not cfg.get("vision_config"):
         raise CheckpointError("groupvit (HF): needs the config.json written by save_pretrained beside the weights")
-    return from_hf(cfg, _tensors(raw))
+    from textseg.weights.convert.hf_clip import folder_preprocess_cfg
+
+    model = from_hf(cfg, _tensors(raw))
+    pp = folder_preprocess_cfg(raw)
+    if pp is not None:
+        model.preprocess_cfg = pp
+    return model

@@ -6,6 +6,10 @@ The file is ``{"model": state_dict, ...}`` of NVlabs' ``MultiLabelContrastive``:
 ``multi_label_logit_scale``). Names map almost one to one onto textseg's GroupViT; the architecture
 (width, patch size, stage depths, group counts, text width/layers/context) is read from tensor
 shapes, attention heads are ``width // 64`` as in NVlabs' configs. Loaded strictly.
+
+The files carry no preprocessing card: the model gets NVlabs' own evaluation transform
+(:func:`textseg.models.groupvit.nvlabs_preprocess`: short side 256 bilinear, centre crop 224,
+ImageNet mean/std at the 224 input size).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Hugging Face CLIP: ``CLIPModel.save_pretrained`` folders (``config.json`` + ``model.safetensors`` /
 ``pytorch_model.bin``), or a bare HF-layout weights file (architecture then inferred from shapes,
-heads = width / 64, QuickGELU).
+heads = width / 64, QuickGELU). A folder's ``preprocessor_config.json`` is the preprocessing card
+(:func:`folder_preprocess_cfg`); without one, OpenAI's transform at the model's input size.
 
 Mapping to textseg's :class:`~textseg.models.clip.CLIP`: ``q_proj``/``k_proj``/``v_proj`` are fused
 into ``attn.in_proj_weight``/``in_proj_bias`` (q, k, v order), ``layer_norm1/2`` -> ``ln_1/2``,
@@ -129,25 +130,27 @@ def build(raw) -> CLIP:
     model = CLIP(config_from_hf(raw.config, sd))
     state = {k: v.float() if v.is_floating_point() else v for k, v in to_native(sd).items()}
     check_state_dict(model, state, f"{raw.path}: CLIP (Hugging Face)")
-    pp = _preprocessor_config(raw)
+    pp = folder_preprocess_cfg(raw)
     if pp:
         model.preprocess_cfg = pp
     return model.eval()
 
 
-def _preprocessor_config(raw):
-    """Mean/std/size from a folder's ``preprocessor_config.json`` (CLIPImageProcessor), if any."""
+def folder_preprocess_cfg(raw):
+    """The preprocessing card of a Hugging Face folder: its ``preprocessor_config.json`` read by
+    :func:`textseg.preprocess.cfg_from_hf_processor` (mean, std, resample, size, crop), or None when
+    the folder has none. Shared by every Hugging Face format (CLIP, GroupViT)."""
     import json
 
-    from textseg.models.base import PreprocessCfg
+    from textseg.preprocess import cfg_from_hf_processor
 
     path = raw.path / "preprocessor_config.json" if raw.path is not None and raw.path.is_dir() else None
     if path is None or not path.is_file():
         return None
     try:
         c = json.loads(path.read_text())
-        crop = c.get("crop_size", c.get("size"))
-        size = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
-        return PreprocessCfg(image_size=int(size), mean=tuple(c["image_mean"]), std=tuple(c["image_std"]))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return cfg_from_hf_processor(c, str(path))

@@ -1,7 +1,9 @@
 """textseg's native format: a ``.safetensors`` file of the model's own state dict whose metadata
 ``textseg_card`` holds a JSON card: ``{"format": "textseg", "architecture": "clip", "config": {...},
-"preprocess": {"image_size", "mean", "std", "interpolation"}, "source": ..., ...}`` (written by
-:func:`textseg.weights.load.save_model`; a sidecar ``<file>.json`` repeats it with the file's sha256).
+"preprocess": {...}, "source": ..., ...}`` (written by :func:`textseg.weights.load.save_model`; a
+sidecar ``<file>.json`` repeats it with the file's sha256). ``preprocess`` is
+:meth:`PreprocessCfg.to_dict` (``image_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
+``crop_offset``; older cards without the last two read as a plain resize + round crop).
 
 ``ARCHITECTURES`` maps the card's architecture to ``"module:Class"``; the class provides
 ``from_config_dict(dict)`` (a model with random weights of that shape). Other models add one line.
@@ -47,8 +49,10 @@ def build(raw):
         raise CheckpointError(f"{raw.path}: the card's {arch} config is invalid ({type(e).__name__}: {e})") from None
     pp = card.get("preprocess")
     if pp:
-        model.preprocess_cfg = PreprocessCfg(image_size=int(pp["image_size"]), mean=tuple(pp["mean"]),
-                                             std=tuple(pp["std"]), interpolation=pp.get("interpolation", "bicubic"))
+        try:
+            model.preprocess_cfg = PreprocessCfg.from_dict(pp)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{raw.path}: the card's preprocess entry is invalid ({type(e).__name__}: {e})") from None
     check_state_dict(model, raw.tensors, f"{raw.path}: textseg {arch}")
     model.card = card
     return model.eval()
