@@ -60,7 +60,8 @@ class SegmentCfg:
     templates: prompt templates: "imagenet" (80), "simple", "none", or a tuple of "{}" templates.
     temperature: logits are divided by it before softmax / thresholding / averaging.
     threshold: pixels whose best class probability is below it become background; "auto" = the
-        model's ``default_background_threshold``; None or 0 = no threshold.
+        model's ``default_background_threshold``; None or 0 = no threshold. A model with its own
+        rule defines ``background_logits(logits, threshold)`` (CAM networks: every map below it).
     background_words: extra words (e.g. ("sky", "wall", "floor")) scored as synonyms of background.
     min_area: classes covering less than this fraction of the image are dropped (their pixels go to
         the next best label).
@@ -298,7 +299,8 @@ class Segmenter:
             z = pamr(img, z[None], self.cfg.pamr_iterations, self.cfg.pamr_dilations)[0]
             timings["pamr"] = time.perf_counter() - t1
         if threshold is not None:
-            floor = torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
+            own = getattr(self.model, "background_logits", None)  # a model's own rule (CAM networks)
+            floor = own(z, threshold) if own else torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
             if bg is None:
                 z = torch.cat([z, floor])
                 names.append(BACKGROUND)
