@@ -22,25 +22,31 @@ SCALES=${SCALES:-1.0,0.5}  # the WSSS protocol is 1.0,0.5,1.5,2.0 (4x the CPU ti
 LONG=${LONG:-320}
 T=${THREADS:-1}
 PY=".venv/bin/python -m textseg.cli"
-COMMON=(--classes "$D/classes_voc21.txt" --backbone efficientnet_lite0 --batch-size 8 --crop-size 320
-        --threads "$T" --no-progress --freeze-backbone --cache-features "$OUT/cache320.pt" --set log_every=5)
+COMMON=(--set data.root="$D" --set data.classes="$D/classes_voc21.txt" --set backbone=efficientnet_lite0
+        --set train.batch_size=8 --set data.crop_size=320 --set threads="$T" --set train.progress=false
+        --set freeze_backbone=true --set cache_features=true --set cache_file="$OUT/cache320.pt"
+        --set train.log_every=5)
 mkdir -p "$OUT"
 
-$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_A" --lr 0.01 --out "$OUT/baseA"
-$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.003 --init "$OUT/baseA/cam.safetensors" --out "$OUT/base"
-$PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.003 --init "$OUT/baseA/cam.safetensors" \
-    --mode clims --preset voc --set clims.eval_size="$EVAL_SIZE" --out "$OUT/clims"
+$PY train cam "${COMMON[@]}" --set train.steps="$STEPS_A" --set train.lr=0.01 --set train.out_dir="$OUT/baseA"
+$PY train cam "${COMMON[@]}" --set train.steps="$STEPS_B" --set train.lr=0.003 \
+    --set init="$OUT/baseA/model.safetensors" --set train.out_dir="$OUT/base"
+# --set wins over the preset wherever it is; epochs=0 keeps the step budget equal to the baseline's
+$PY train cam "${COMMON[@]}" --preset voc --set mode=clims --set epochs=0 --set train.steps="$STEPS_B" \
+    --set train.lr=0.003 --set init="$OUT/baseA/model.safetensors" --set clims.eval_size="$EVAL_SIZE" --set train.out_dir="$OUT/clims"
 RUNS=(base clims)
 if [ "${ABLATE:-0}" = 1 ]; then
-  for spec in "no_btm 10,0,1,0.2" "no_cbs 10,24,0,0.2" "no_reg 10,24,1,0" "otm_only 10,0,0,0" "no_otm 0,24,1,0.2"; do
+  for spec in "no_btm 10 0 1 0.2" "no_cbs 10 24 0 0.2" "no_reg 10 24 1 0" "otm_only 10 0 0 0" "no_otm 0 24 1 0.2"; do
     set -- $spec
-    $PY cam train "$D" "${COMMON[@]}" --steps "$STEPS_B" --lr 0.003 --init "$OUT/baseA/cam.safetensors" \
-        --mode clims --preset voc --hyper "$2" --set clims.eval_size="$EVAL_SIZE" --out "$OUT/clims_$1"
+    $PY train cam "${COMMON[@]}" --preset voc --set mode=clims --set epochs=0 --set train.steps="$STEPS_B" \
+        --set train.lr=0.003 --set init="$OUT/baseA/model.safetensors" --set clims.alpha="$2" --set clims.beta="$3" \
+        --set clims.gamma="$4" --set clims.delta="$5" --set clims.eval_size="$EVAL_SIZE" \
+        --set train.out_dir="$OUT/clims_$1"
     RUNS+=("clims_$1")
   done
 fi
 MAKE=()
-for r in "${RUNS[@]}"; do MAKE+=(--checkpoint "$OUT/$r/cam.safetensors" --out "$OUT/cams_$r"); done
+for r in "${RUNS[@]}"; do MAKE+=(--checkpoint "$OUT/$r/model.safetensors" --out "$OUT/cams_$r"); done
 $PY cam make "$D" "${MAKE[@]}" --scales "$SCALES" --long-side "$LONG" --threads "$T" --no-progress
 for r in "${RUNS[@]}"; do
   $PY cam eval "$D" --cams "$OUT/cams_$r" --masks masks_voc21 --json > "$OUT/eval_$r.json"

@@ -3,7 +3,7 @@
 For every (image, class present in the ground-truth mask) pair of a folder dataset, the image is
 masked with the *ground-truth* mask exactly as CLIMS masks it with a CAM (``fg = x * M``,
 ``bg = x * (1 - M)``, normalised for the evaluator, square ``--size``) and scored against the class
-prompt with :func:`textseg.train.clims.similarity`. Reported:
+prompt with :func:`textseg.wsss.clims.similarity`. Reported:
 
 * ``fg_vs_bg_accuracy``: fraction of pairs with ``s(fg, t_k) > s(bg, t_k)``: the ordering OTM and
   BTM rely on (a perfect mask must beat its complement);
@@ -34,8 +34,9 @@ from PIL import Image
 
 from textseg.data.image_labels import class_file_names, prompt_name
 from textseg.io import load_image
-from textseg.segment.cam_maps import image_tensor
-from textseg.train.clims import default_template, load_evaluator, similarity
+from textseg.train.cam import load_evaluator
+from textseg.wsss.cam_maps import image_tensor
+from textseg.wsss.clims import default_template, similarity
 
 
 def main() -> None:
@@ -122,12 +123,12 @@ def main() -> None:
 def clims_terms(args, ev, root: Path, fg_names: list[str], size: int) -> dict:
     """Unweighted CLIMS terms (pair-weighted means over the set; CBS per pair) with P = ground truth
     and P = each checkpoint's sigmoid maps."""
-    from textseg.models.cam import load_cam
-    from textseg.train.clims import CLIMSLoss
+    from textseg.wsss.clims import CLIMSLoss
+    from textseg.wsss.pseudo_labels import load_cam_model
 
     loss = CLIMSLoss(ev, fg_names, args.background, cbs_threshold=args.cbs_threshold,
                      template=args.template or None, eval_size=size)
-    nets = {Path(c).parent.name or c: load_cam(c).eval() for c in args.checkpoint}
+    nets = {Path(c).parent.name or c: load_cam_model(c).eval() for c in args.checkpoint}
     sums = {name: dict.fromkeys(("otm", "btm", "cbs", "reg", "pairs"), 0.0) for name in ["ground_truth", *nets]}
     files = sorted((root / args.masks).glob("*.png"))
     with torch.no_grad():

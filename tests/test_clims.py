@@ -1,5 +1,6 @@
 """CLIMS / CAM: losses against hand-computed values, masking sides, frozen evaluator, absent classes,
-CAM networks, label readers, the cam train/make/eval/labels pipeline and a 2-process torchrun run."""
+CAM networks, label readers, the train cam / cam make/eval/labels pipeline, a 2-process torchrun run,
+exact resume and segmenting with the run's model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchrun_util import run_torchrun
+from torchrun_util import json_records, run_torchrun
 
 from textseg.cli import main as cli_main
 from textseg.data.image_labels import (
@@ -31,9 +33,9 @@ from textseg.data.image_labels import (
 )
 from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder, PreprocessCfg
-from textseg.models.cam import CAMConfig, CAMNet, ResNet50, load_cam, save_cam
-from textseg.segment.cam_maps import ThresholdSweep, cam_to_mask, load_cam_file, multiscale_cam, save_cam_file
-from textseg.train.clims import (
+from textseg.wsss.cam import CAMConfig, CAMNet, ResNet50, load_cam, save_cam
+from textseg.wsss.cam_maps import ThresholdSweep, cam_to_mask, load_cam_file, multiscale_cam, save_cam_file
+from textseg.wsss.clims import (
     CLIMSLoss,
     CLIMSWeights,
     baseline_loss,
@@ -305,14 +307,15 @@ def test_presets_set_the_official_optimiser_schedule_and_prompts(bg_file):
     SGD with the classifier at 10 x lr, weight decay 1e-4, momentum 1e-4 (PolyOptimizer passes
     weight_decay as SGD's third positional argument, momentum), lr * (1 - t / max_step) ** 0.9 with
     max_step = (images // batch) * epochs."""
-    from textseg.train.clims import CAMTrainCfg, apply_preset, build_optimizer, poly_lr, total_steps
+    from textseg.train.cam import CAMTrainCfg, apply_preset, build_optimizer, total_steps
+    from textseg.train.engine import LRSchedule
 
     for preset, mode, lr, batch, epochs, hyper, thr in (
             ("voc", "clims", 0.00025, 16, 15, (10, 24, 1, 0.2), 0.26),
             ("coco", "clims", 0.0005, 32, 8, (2, 14, 1.25, 0.2), 0.285),
             ("voc", "baseline", 0.1, 16, 5, (10, 24, 1, 0.2), 0.26)):
         cfg = apply_preset(CAMTrainCfg(mode=mode), preset)
-        assert (cfg.lr, cfg.batch_size, cfg.epochs) == (lr, batch, epochs)
+        assert (cfg.train.lr, cfg.train.batch_size, cfg.epochs) == (lr, batch, epochs)
         assert (cfg.clims.alpha, cfg.clims.beta, cfg.clims.gamma, cfg.clims.delta) == hyper
         assert cfg.clims.cbs_threshold == thr and cfg.clims.background == preset
         assert cfg.data.crop_size == 512 and cfg.data.scale == pytest.approx((320 / 512, 640 / 512))
@@ -328,8 +331,11 @@ def test_presets_set_the_official_optimiser_schedule_and_prompts(bg_file):
             assert g["weight_decay"] == 1e-4 and g["momentum"] == 1e-4 and not g["nesterov"]
         max_step = (1464 // batch) * epochs
         assert total_steps(cfg, 1464) == max_step
+        assert (cfg.train.schedule, cfg.train.warmup_steps, cfg.train.min_lr_ratio) == ("poly", 0, 0.0)
+        poly = LRSchedule(max_step, cfg.train.warmup_steps, cfg.train.schedule, cfg.train.min_lr_ratio,
+                          cfg.train.poly_power)  # what the engine multiplies each group's initial lr by
         for t in (0, 1, max_step // 2, max_step - 1):
-            assert poly_lr(clf["initial_lr"], t, max_step) == pytest.approx(10 * lr * (1 - t / max_step) ** 0.9)
+            assert clf["initial_lr"] * poly(t) == pytest.approx(10 * lr * (1 - t / max_step) ** 0.9)
     # without a preset the prompt keeps the class name; under one, person is "player" (clip_utils.py)
     ev = PromptEvaluator()
     bg_file.write_text("tree\n")
@@ -339,30 +345,43 @@ def test_presets_set_the_official_optimiser_schedule_and_prompts(bg_file):
     assert CLIMSLoss(ev, ["person"], bg_file, prompt_names=cfg.clims.prompt_names).prompts == ["a photo of player."]
 
 
-def test_cli_preset_sets_the_recipe_and_flags_win(tmp_path, monkeypatch):
-    import textseg.train.clims as clims_mod
+def test_cli_preset_sets_the_recipe_and_set_wins(tmp_path, monkeypatch):
+    import textseg.train.cam as cam_mod
 
     seen = []
 
-    def fake(cfg, progress=True):
+    def fake(cfg):
         seen.append(cfg)
-        return {"steps": 0, "seconds": 0, "mode": cfg.mode, "first": None, "last": None, "world_size": 1,
-                "checkpoint": "x"}
+        return {"step": 0}
 
-    monkeypatch.setattr(clims_mod, "train_cam", fake)
-    base = ["cam", "train", str(tmp_path), "--classes", "person,dog", "--out", str(tmp_path / "r"), "--no-progress"]
-    assert cli_main([*base, "--mode", "clims", "--preset", "voc"]) == 0
-    assert cli_main([*base, "--mode", "clims", "--preset", "voc", "--steps", "7", "--lr", "0.003",
-                     "--batch-size", "4"]) == 0
+    monkeypatch.setattr(cam_mod, "train_cam", fake)
+    base = ["train", "cam", "--set", f"data.root={tmp_path}", "--set", "data.classes=person,dog",
+            "--set", f"train.out_dir={tmp_path / 'r'}"]
+    assert cli_main([*base, "--set", "mode=clims", "--preset", "voc"]) == 0
+    assert cli_main([*base, "--set", "train.lr=0.003", "--preset", "voc", "--set", "mode=clims", "--set", "epochs=0",
+                     "--set", "train.steps=7", "--set", "train.batch_size=4"]) == 0  # --set wins wherever it is
     assert cli_main([*base, "--preset", "voc"]) == 0  # baseline mode: the CAM stage's lr
-    assert cli_main([*base, "--mode", "clims", "--preset", "coco", "--set", "clims.reg_over=present",
-                     "--set", "momentum=0.9"]) == 0  # --set wins over the preset
+    assert cli_main([*base, "--set", "mode=clims", "--preset", "coco", "--set", "clims.reg_over=present",
+                     "--set", "momentum=0.9"]) == 0
     a, b, c, e = seen
-    assert (a.lr, a.epochs, a.batch_size, a.momentum, a.clims.prompt_names) == (2.5e-4, 15, 16, 1e-4, "person=player")
-    assert (b.lr, b.epochs, b.steps, b.batch_size, b.clims.gamma) == (0.003, 0, 7, 4, 1.0)
-    assert (c.mode, c.lr, c.epochs) == ("baseline", 0.1, 5)
-    assert (e.clims.reg_over, e.momentum, e.clims.gamma, e.lr) == ("present", 0.9, 1.25, 5e-4)
+    assert (a.train.lr, a.epochs, a.train.batch_size, a.momentum, a.clims.prompt_names) == (
+        2.5e-4, 15, 16, 1e-4, "person=player")
+    assert (b.train.lr, b.epochs, b.train.steps, b.train.batch_size, b.clims.gamma) == (0.003, 0, 7, 4, 1.0)
+    assert (c.mode, c.train.lr, c.epochs) == ("baseline", 0.1, 5)
+    assert (e.clims.reg_over, e.momentum, e.clims.gamma, e.train.lr) == ("present", 0.9, 1.25, 5e-4)
     assert e.data.scale == pytest.approx((0.625, 1.25)) and e.data.crop_size == 512
+
+
+def test_train_cam_help_shows_config_and_set_only(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "cam", "--help"])
+    text = capsys.readouterr().out
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+    assert flags == {"--help", "--config", "--set", "--print-config", "--json", "--preset"}, flags
+    with pytest.raises(SystemExit):  # the old mirrored flags are gone
+        cli_main(["train", "cam", "--steps", "3"])
+    with pytest.raises(SystemExit):
+        cli_main(["cam", "train", "--help"])
 
 
 # ------------------------------------------------------------------------------------- networks
@@ -512,18 +531,35 @@ def _eval_json(capsys, data: Path, cams: Path) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def tiny_run(data: Path, run: Path, *sets: str) -> list[str]:
+    """``textseg train cam`` arguments of a tiny CPU run (tiny backbone, 64-pixel crops)."""
+    args = ["train", "cam", "--set", f"data.root={data}", "--set", "backbone=tiny", "--set", "data.crop_size=64",
+            "--set", "train.batch_size=8", "--set", "train.lr=0.05", "--set", f"train.out_dir={run}",
+            "--set", "train.progress=false", "--set", "train.tensorboard=false"]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def train_log(run: Path) -> list[dict]:
+    """The engine's training records of a run."""
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
 def test_cam_pipeline_train_make_eval_labels(tmp_path, capsys):
     data = make_synthetic(tmp_path / "synth", n=16)
     torch.manual_seed(0)
     save_cam(CAMNet(CAMConfig(["red", "blue"], "tiny", image_size=64)), tmp_path / "init.safetensors")
     run = tmp_path / "run"
-    assert cli_main(["cam", "train", str(data), "--backbone", "tiny", "--steps", "30", "--batch-size", "8",
-                     "--crop-size", "64", "--lr", "0.05", "--out", str(run), "--no-progress", "--threads", "2",
-                     "--init", str(tmp_path / "init.safetensors"), "--set", "freeze_bn=false", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["last"]["loss"] < 0.6 * summary["first"]["loss"]
+    assert cli_main([*tiny_run(data, run, "train.steps=30", "threads=2", f"init={tmp_path / 'init.safetensors'}",
+                               "freeze_bn=false"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 30 and result["model"] == str(run / "model.safetensors")
+    log = train_log(run)
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
     assert cli_main(["cam", "make", str(data), "--checkpoint", str(tmp_path / "init.safetensors"),
-                     "--out", str(tmp_path / "cams_init"), "--checkpoint", str(run / "cam.safetensors"),
+                     "--out", str(tmp_path / "cams_init"), "--checkpoint", str(run / "model.safetensors"),
                      "--out", str(tmp_path / "cams_trained"), "--scales", "1.0,0.5", "--no-progress"]) == 0
     scores = {name: _eval_json(capsys, data, tmp_path / f"cams_{name}") for name in ("init", "trained")}
     assert len(list((tmp_path / "cams_trained").glob("*.npz"))) == 16
@@ -553,14 +589,14 @@ def test_cam_eval_errors(tmp_path):
     data = make_synthetic(tmp_path / "synth", n=2)
     assert cli_main(["cam", "eval", str(data), "--cams", str(tmp_path / "none")]) == 2
     with pytest.raises(TextsegError, match="mode must be"):
-        from textseg.train.clims import CAMTrainCfg, train_cam
+        from textseg.train.cam import CAMTrainCfg, train_cam
 
         train_cam(CAMTrainCfg(mode="nope"))
 
 
 def test_clims_training_loss_falls(tmp_path):
     """CLIMS alone (no classification loss) moves the maps onto the objects the evaluator sees."""
-    from textseg.train.clims import CAMTrainDataset
+    from textseg.train.cam import CAMTrainDataset
 
     data = make_synthetic(tmp_path / "synth", n=16)
     torch.manual_seed(0)
@@ -590,20 +626,24 @@ def test_torchrun_two_processes_loss_falls(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "textseg.cli", "cam", "train", str(data), "--backbone", "tiny", "--steps", "30",
-           "--batch-size", "8", "--crop-size", "64", "--lr", "0.05", "--out", str(run), "--no-progress",
-           "--threads", "1", "--set", "freeze_bn=false", "--set", "log_every=5"]
+           "-m", "textseg.cli", *tiny_run(data, run, "train.steps=30", "train.batch_size=4", "threads=1",
+                                          "freeze_bn=false", "train.log_every=5"), "--json"]
     code, out = run_torchrun(cmd, env=env, timeout=120, outputs=[run])
     assert code == 0, out[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 30
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    records = json_records(out, "step")
+    assert records, out[-3000:]
+    result = records[-1]
+    assert result["world_size"] == 2 and result["step"] == 30
+    log = train_log(run)
     assert log[-1]["loss"] < 0.6 * log[0]["loss"], log
-    assert load_cam(run / "cam.safetensors").class_names == ["red", "blue"]
+    from textseg.wsss.pseudo_labels import load_cam_model
+
+    assert load_cam_model(run / "model.safetensors").class_names == ["red", "blue"]
 
 
 def test_feature_cache_reuse_and_frozen_backbone_training(tmp_path):
-    from textseg.train.clims import CAMTrainCfg, CAMTrainDataset, FeatureCache, train_cam
+    from textseg.train.cam import CAMTrainCfg, CAMTrainDataset, FeatureCache, train_cam
+    from textseg.wsss.pseudo_labels import load_cam_model
 
     data = make_synthetic(tmp_path / "synth", n=6)
     net = CAMNet(CAMConfig(["red", "blue"], "tiny")).eval()
@@ -614,11 +654,12 @@ def test_feature_cache_reuse_and_frozen_backbone_training(tmp_path):
     assert torch.equal(img, cache.images[2].flip(-1)) and torch.equal(target, ds.targets[1])
     again = FeatureCache(ds, net, cache_file=tmp_path / "c.pt")
     assert torch.equal(again.feats, cache.feats)
-    cfg = CAMTrainCfg(out=str(tmp_path / "run"), backbone="tiny", steps=4, batch_size=4, freeze_backbone=True,
-                      cache_features=True, cache_file=str(tmp_path / "c2.pt"), log_every=2)
+    cfg = CAMTrainCfg(backbone="tiny", freeze_backbone=True, cache_features=True, cache_file=str(tmp_path / "c2.pt"))
+    cfg.train.out_dir, cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = str(tmp_path / "run"), 4, 4, 2
+    cfg.train.progress = cfg.train.tensorboard = False
     cfg.data.root, cfg.data.crop_size = str(data), 32
-    train_cam(cfg, progress=False)
-    trained = load_cam(tmp_path / "run" / "cam.safetensors")
+    train_cam(cfg)
+    trained = load_cam_model(tmp_path / "run" / "model.safetensors")
     torch.manual_seed(0)  # train_cam seeds 0 before building the net: same random backbone
     fresh = CAMNet(CAMConfig(["red", "blue"], "tiny"))
     assert torch.equal(trained.backbone.layers[0][0].weight, fresh.backbone.layers[0][0].weight)
@@ -629,7 +670,7 @@ def test_backbone_weights_loading(tmp_path):
     from safetensors.torch import save_file
 
     from textseg.errors import CheckpointError
-    from textseg.models.cam import load_backbone_weights
+    from textseg.wsss.cam import load_backbone_weights
 
     torch.manual_seed(1)
     src = CAMNet(CAMConfig(["a"], "tiny"))
@@ -645,18 +686,101 @@ def test_backbone_weights_loading(tmp_path):
 
 
 def test_train_cam_clims_mode_logs_every_term(tmp_path, monkeypatch):
-    import textseg.train.clims as clims_mod
+    import textseg.train.cam as cam_mod
 
     data = make_synthetic(tmp_path / "synth", n=8)
     (tmp_path / "bg.txt").write_text("tree\nsea\n")
-    monkeypatch.setattr(clims_mod, "load_evaluator", lambda name, weights="": ColourEvaluator())
-    cfg = clims_mod.CAMTrainCfg(out=str(tmp_path / "run"), mode="baseline+clims", backbone="tiny", steps=4,
-                                batch_size=4, log_every=2, freeze_bn=False)
+    monkeypatch.setattr(cam_mod, "load_evaluator", lambda name, weights="": ColourEvaluator())
+    cfg = cam_mod.CAMTrainCfg(mode="baseline+clims", backbone="tiny", freeze_bn=False)
+    cfg.train.out_dir, cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = str(tmp_path / "run"), 4, 4, 2
+    cfg.train.progress = cfg.train.tensorboard = False
     cfg.data.root, cfg.data.crop_size = str(data), 32
     cfg.clims.background, cfg.clims.template = str(tmp_path / "bg.txt"), "{}"
-    summary = clims_mod.train_cam(cfg, progress=False)
-    assert set(summary["last"]) >= {"loss", "cls", "otm", "btm", "cbs", "reg"}
-    first = summary["first"]
-    w = clims_mod.CLIMSCfg()
+    result = cam_mod.train_cam(cfg)
+    assert set(result) >= {"loss", "cls", "otm", "btm", "cbs", "reg"}
+    first = train_log(tmp_path / "run")[0]
+    w = cam_mod.CLIMSCfg()
     parts = first["cls"] + w.alpha * first["otm"] + w.beta * first["btm"] + w.gamma * first["cbs"] + w.delta * first["reg"]
     assert first["loss"] == pytest.approx(parts, rel=1e-4)
+
+
+# ------------------------------------------------------------------------ resume and --weights
+def test_train_cam_resumes_exactly_after_a_stop(tmp_path):
+    """A run stopped after 3 of 6 steps and restarted (train.resume=auto, the default) ends with the
+    weights, optimiser state and log of an uninterrupted 6-step run (augmentation, BN statistics and
+    momentum included)."""
+    from safetensors.torch import load_file
+
+    from textseg.train.cam import CAMTrainCfg, build_trainer, train_cam
+    from textseg.train.config import load_config
+
+    data = make_synthetic(tmp_path / "synth", n=8)
+
+    def cfg(run):
+        return load_config(CAMTrainCfg, None, tiny_run(data, run, "train.steps=6", "train.batch_size=4",
+                                                      "train.log_every=1", "freeze_bn=false")[3::2])
+
+    train_cam(cfg(tmp_path / "full"))
+
+    def stop_at_3(trainer):
+        if trainer.step == 3:
+            trainer.stop()
+
+    stopped = train_cam(cfg(tmp_path / "resumed"), callbacks=[stop_at_3])
+    assert stopped["step"] == 3
+    assert (tmp_path / "resumed" / "checkpoints").is_dir()
+    resumed = build_trainer(cfg(tmp_path / "resumed"))
+    assert resumed.step == 3
+    train_cam(cfg(tmp_path / "resumed"))
+    full, again = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("full", "resumed"))
+    assert full.keys() == again.keys()
+    for k in full:
+        assert torch.equal(full[k], again[k]), k
+    assert [r["loss"] for r in train_log(tmp_path / "full")] == [r["loss"] for r in train_log(tmp_path / "resumed")]
+
+
+def _expected_cam_mask(net: CAMNet, image: Image.Image, threshold: float) -> np.ndarray:
+    """``textseg cam eval``'s rule written out: relu(1x1 classifier of the backbone features), each
+    class divided by (its maximum + 1e-5), bilinear to the image, background (last label) where every
+    map is below the threshold, else the largest map's class."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    mean = torch.tensor(net.mean).view(1, 3, 1, 1)
+    std = torch.tensor(net.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        cam = F.relu(net.classifier(net.backbone((x - mean) / std)))[0]
+    cam = cam / (cam.flatten(1).max(dim=1).values.view(-1, 1, 1) + 1e-5)
+    up = F.interpolate(cam[None], size=(image.height, image.width), mode="bilinear", align_corners=False)[0]
+    best, arg = up.max(dim=0)
+    return torch.where(best > threshold, arg, torch.full_like(arg, cam.shape[0])).numpy()
+
+
+def test_trained_cam_model_segments_with_weights(tmp_path, capsys):
+    """The run's model.safetensors is a native checkpoint: `textseg segment --weights` loads it as a
+    fixed-vocabulary model (its classes; background by the CAM threshold rule) and an unknown label
+    is a clear error naming the known classes."""
+    from textseg.weights.load import load_model
+
+    data = make_synthetic(tmp_path / "synth", n=16)
+    run = tmp_path / "run"
+    assert cli_main(tiny_run(data, run, "train.steps=30", "freeze_bn=false", "background_threshold=0.3")) == 0
+    weights = run / "model.safetensors"
+    card = json.loads((tmp_path / "run" / "model.safetensors.json").read_text())
+    assert card["architecture"] == "cam" and card["config"]["background_threshold"] == 0.3
+    net = load_model(weights=str(weights))
+    assert isinstance(net, CAMNet) and net.class_names == ["red", "blue"]
+    image_path = data / "images" / "001.png"  # a red and a blue square
+    out = tmp_path / "seg"
+    capsys.readouterr()
+    assert cli_main(["segment", str(image_path), "--weights", str(weights), "--labels", "red,blue",
+                     "--short-side", "64", "--out", str(out), "--json", "--no-progress"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["labels"] == ["red", "blue", "background"]
+    got = np.asarray(Image.open(record["mask"]))
+    want = _expected_cam_mask(net, Image.open(image_path).convert("RGB"), 0.3)
+    assert (got == want).mean() > 0.99, (got == want).mean()
+    assert set(np.unique(want)) == {0, 1, 2}  # both classes and background: the threshold rule is exercised
+    # a label the network was not trained on: one clear error naming its classes
+    assert cli_main(["segment", str(image_path), "--weights", str(weights), "--labels", "red,giraffe",
+                     "--short-side", "64", "--out", str(out), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "giraffe" in err and "red, blue, background" in err

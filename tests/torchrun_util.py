@@ -9,6 +9,7 @@ once more; every other failure is returned as it is.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,10 +36,28 @@ def run_torchrun(cmd: list[str], env: dict | None = None, timeout: float = 120, 
                  outputs: Sequence[Path] = ()) -> tuple[int, str]:
     """``(returncode, stdout + stderr)`` of ``cmd``, retried once after a gloo exit abort (the
     ``outputs`` folders are removed first, so the retry starts from scratch)."""
-    env = dict(os.environ) if env is None else env
+    env = dict(os.environ) if env is None else dict(env)
+    # unbuffered: each line is one write, so the workers' lines never split one another
+    env.setdefault("PYTHONUNBUFFERED", "1")
     code, out = _run_once(cmd, env, timeout, cwd)
     if code != 0 and GLOO_EXIT_ABORT in out:
         for path in outputs:
             shutil.rmtree(path, ignore_errors=True)
         code, out = _run_once(cmd, env, timeout, cwd)
     return code, out
+
+
+def json_records(out: str, key: str) -> list[dict]:
+    """The JSON objects holding ``key`` among the lines of ``out`` (other lines are skipped)."""
+    records = []
+    for line in out.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and key in obj:
+            records.append(obj)
+    return records

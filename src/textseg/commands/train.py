@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib
 
-RECIPES = ("clip", "lseg", "groupvit")
+RECIPES = ("clip", "lseg", "groupvit", "cam")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model (clip, lseg, groupvit); launch with torchrun for multi-GPU")
+    p = sub.add_parser("train", help="train a model (clip, lseg, groupvit, cam); launch with torchrun for multi-GPU")
     recipes = p.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
     for name in RECIPES:
         try:

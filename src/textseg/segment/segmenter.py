@@ -74,7 +74,8 @@ class SegmentCfg:
     threshold: pixels whose best class probability is below it become background; "auto" = the
         model's ``default_background_threshold``; None or 0 = no threshold. In a pixel mode
         (GroupViT ``official``) it is the model's own rule (GroupViT: best score below
-        ``min(threshold, best group probability)``, per window).
+        ``min(threshold, best group probability)``, per window). A model with its own rule
+        defines ``background_logits(logits, threshold)`` (CAM networks: every map below it).
     background_words: extra words (e.g. ("sky", "wall", "floor")) scored as synonyms of background.
     min_area: classes covering less than this fraction of the image are dropped (their pixels go to
         the next best label).
@@ -402,7 +403,8 @@ class Segmenter:
             timings["pamr"] = time.perf_counter() - t1
         floor = None
         if threshold is not None and not self.pixel_mode:
-            floor = torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
+            own = getattr(self.model, "background_logits", None)  # a model's own rule (CAM networks)
+            floor = own(z, threshold) if own else torch.logsumexp(z, dim=0, keepdim=True) + math.log(threshold)
         area_dropped = self._area_drop(z, bg) if self.cfg.area_threshold and bg is not None else []
         if area_dropped:  # SCLIP area_thd: their probabilities -> 0, the threshold still uses the full softmax
             z = z.clone()

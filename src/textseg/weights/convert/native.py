@@ -19,6 +19,7 @@ from textseg.models.base import PreprocessCfg
 NAME = "native"
 
 ARCHITECTURES: dict[str, str] = {
+    "cam": "textseg.wsss.cam:CAMNet",
     "clip": "textseg.models.clip:CLIP",
     "groupvit": "textseg.models.groupvit:GroupViT",
     "lseg": "textseg.models.lseg:LSeg",

