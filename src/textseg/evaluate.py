@@ -203,6 +203,7 @@ class SegmenterPredictor:
             kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride) if p.crop else None,
                       threshold=p.threshold, area_threshold=p.area_threshold, pamr=p.pamr, pamr_iterations=p.pamr_iterations,
                       pamr_dilations=tuple(p.pamr_dilations), pamr_resolution="original", templates=p.templates,
+                      resolution="pixel",
                       temperature=float(model.logit_scale_value.detach()) / p.logit_scale)
             modes = tuple(getattr(model, "dense_modes", ()) or ())
             if p.method in modes:
