@@ -17,11 +17,19 @@ It works through the :class:`~textseg.models.base.DualEncoder` interface only (`
 ``embed_texts``, ``dense_logits``, ``dense_stride``, ``dense_modes``, ``preprocess_cfg``), so CLIP,
 the offline model, LSeg and GroupViT all run unchanged.
 
-Pipeline: resize (short side, capped long side, multiples of the model's dense stride) -> whole
-image or sliding-window crops (optionally also flipped / at several scales) -> dense features
-(cached) -> per-synonym logits, max over each class's synonyms, divided by ``temperature`` ->
-crop logits averaged on the canvas -> optional PAMR -> background (threshold / words) -> dropping
-classes below ``min_area`` -> bilinear upsampling to the original size, band by band.
+Pipeline (``resolution="pixel"``, the default: SCLIP / NACLIP / ClearCLIP ``forward_slide`` /
+``predict`` / ``postprocess_result`` over mmseg's ``Resize(keep_ratio=True)``): resize to the exact
+keep-ratio size (mmcv's ``int(side * scale + 0.5)``) -> whole image or crops of exactly ``crop`` pixels
+(the last aligned to the border; optionally also flipped / at several scales) -> dense features
+(cached; the patch convolution drops a crop's remainder) -> per-prompt logits divided by
+``temperature``, each crop's bilinearly upsampled to its pixels and averaged on a pixel canvas ->
+bilinear to the original size (optional PAMR there, on the per-prompt logits) -> softmax over all
+prompts, max over each class's synonyms, ``area_threshold``, argmax, background where the best
+probability is below ``threshold``, ``min_area`` -- at the original size, in class chunks and row bands.
+
+``resolution="canvas"`` (textseg's, faster): sizes, crops and strides are rounded to multiples of the
+model's dense stride, synonyms max-pooled per crop, crop logits averaged per patch cell, PAMR /
+background / ``min_area`` on that canvas, then bilinear upsampling to the original size, band by band.
 
 Pixel modes (a model's ``pixel_modes``; GroupViT's default ``"official"``): the model's own official
 inference replaces ``encode_dense`` / ``dense_logits``. ``set_image`` caches
@@ -473,15 +481,22 @@ class Segmenter:
                         cm = F.interpolate(cm[None], size=rec_hw, mode="bilinear", align_corners=False)[0]
                     record[cls] = cm
                     if threshold is not None:
-                        zl = torch.logsumexp(zq, 0, keepdim=True)
+                        top = zq.amax(0, keepdim=True)
+                        zl = top + (zq - top).exp_().sum(0, keepdim=True).log_()
                         if rec_hw != src_hw:
                             zl = F.interpolate(zl[None], size=rec_hw, mode="bilinear", align_corners=False)[0]
                         torch.logaddexp(rec_lse, zl[0], out=rec_lse)
+                single = len(local) == len(cls)  # one prompt per class: no synonym max needed
                 for y0, y1, block in bands(zq):
-                    if first:
-                        torch.logaddexp(lse[y0:y1], torch.logsumexp(block, 0), out=lse[y0:y1])
-                    cm = block.new_full((len(cls), *block.shape[1:]), -torch.inf)
-                    cm = cm.scatter_reduce(0, local.view(-1, 1, 1).expand_as(block), block, reduce="amax")
+                    if first and threshold is not None:  # log of the softmax normaliser over all prompts
+                        top = block.amax(0)
+                        part = top + (block - top).exp_().sum(0).log_()
+                        torch.logaddexp(lse[y0:y1], part, out=lse[y0:y1])
+                    if single:
+                        cm = block.clone() if ex.any() else block
+                    else:
+                        cm = block.new_full((len(cls), *block.shape[1:]), -torch.inf)
+                        cm = cm.scatter_reduce(0, local.view(-1, 1, 1).expand_as(block), block, reduce="amax")
                     if ex.any():
                         cm[ex] = -torch.inf
                     m, a = cm.max(0)
