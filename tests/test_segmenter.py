@@ -200,10 +200,11 @@ def test_slide_one_crop_equals_whole_image():
 
 def test_slide_averages_overlaps_of_local_features():
     # plain features are local (per cell), so any aligned crop tiling must reproduce whole-image logits
+    # on the patch-cell canvas (resolution="canvas"; at pixel resolution each crop is upsampled on its own)
     img = two_colour_image(48, 80)
-    whole = make()
+    whole = make(resolution="canvas")
     whole.set_image(img)
-    slide = make(slide=(32, 16))
+    slide = make(slide=(32, 16), resolution="canvas")
     slide.set_image(img)
     assert len(slide._views[0].boxes) == 2 * 4
     a, b = whole.predict("red, blue"), slide.predict("red, blue")
@@ -226,7 +227,7 @@ def test_odd_sizes_and_huge_image_bounded():
     big[:, 2000:] = (250, 0, 0)
     res = seg.segment(big, "red, black")
     assert res.label_map.shape == (3000, 4000)
-    assert seg._views[0].canvas_hw == (64, 88)
+    assert seg._views[0].canvas_hw == (64, 85)  # mmcv keep-ratio: int(4000 * 64 / 3000 + 0.5), no rounding
     assert (res.label_map[:, -100:] == 0).all() and (res.label_map[:, :100] == 1).all()
     with pytest.raises(TextsegError, match="full-resolution logits"):
         upsample(torch.zeros(30, 4, 4), (3000, 4000))

@@ -138,12 +138,14 @@ PROTOCOLS: dict[str, dict[str, Protocol]] = {
     },
 }
 PROTOCOL_CAVEATS = (
-    "textseg's Segmenter rounds resized sizes and crops to multiples of the patch size, resizes with "
-    "the model's interpolation (mmseg: bilinear), averages overlapping crops and applies the background "
-    "threshold at patch resolution (the references: at pixel resolution), so a faithful CLIP re-implementation should land within a "
-    "few tenths of a point "
-    "of the reference, not bit-exactly on it. The references need OpenAI CLIP ViT-B/16 weights, which "
-    "are not available in this environment: none of them has been reproduced here."
+    "The presets run the Segmenter at resolution='pixel', the references' inference (exact keep-ratio "
+    "resize, exact crops, per-crop bilinear upsampling, pixel-canvas averaging, softmax / thresholds at the "
+    "original size); differences that remain: textseg resizes the image with PIL and the model's "
+    "interpolation (mmseg: cv2 bilinear), runs in float32 (ClearCLIP: fp16) and drops a crop's remainder "
+    "beyond the patch grid (ClearCLIP pads it, which its presets never need), so a faithful CLIP "
+    "re-implementation should land within a few tenths of a point of the reference, not bit-exactly on "
+    "it. The references need OpenAI CLIP ViT-B/16 weights, which are not available in this environment: "
+    "none of them has been reproduced here."
 )
 
 
@@ -203,6 +205,7 @@ class SegmenterPredictor:
             kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride) if p.crop else None,
                       threshold=p.threshold, area_threshold=p.area_threshold, pamr=p.pamr, pamr_iterations=p.pamr_iterations,
                       pamr_dilations=tuple(p.pamr_dilations), pamr_resolution="original", templates=p.templates,
+                      resolution="pixel",
                       temperature=float(model.logit_scale_value.detach()) / p.logit_scale)
             modes = tuple(getattr(model, "dense_modes", ()) or ())
             if p.method in modes:

@@ -17,11 +17,19 @@ It works through the :class:`~textseg.models.base.DualEncoder` interface only (`
 ``embed_texts``, ``dense_logits``, ``dense_stride``, ``dense_modes``, ``preprocess_cfg``), so CLIP,
 the offline model, LSeg and GroupViT all run unchanged.
 
-Pipeline: resize (short side, capped long side, multiples of the model's dense stride) -> whole
-image or sliding-window crops (optionally also flipped / at several scales) -> dense features
-(cached) -> per-synonym logits, max over each class's synonyms, divided by ``temperature`` ->
-crop logits averaged on the canvas -> optional PAMR -> background (threshold / words) -> dropping
-classes below ``min_area`` -> bilinear upsampling to the original size, band by band.
+Pipeline (``resolution="pixel"``, the default: SCLIP / NACLIP / ClearCLIP ``forward_slide`` /
+``predict`` / ``postprocess_result`` over mmseg's ``Resize(keep_ratio=True)``): resize to the exact
+keep-ratio size (mmcv's ``int(side * scale + 0.5)``) -> whole image or crops of exactly ``crop`` pixels
+(the last aligned to the border; optionally also flipped / at several scales) -> dense features
+(cached; the patch convolution drops a crop's remainder) -> per-prompt logits divided by
+``temperature``, each crop's bilinearly upsampled to its pixels and averaged on a pixel canvas ->
+bilinear to the original size (optional PAMR there, on the per-prompt logits) -> softmax over all
+prompts, max over each class's synonyms, ``area_threshold``, argmax, background where the best
+probability is below ``threshold``, ``min_area`` -- at the original size, in class chunks and row bands.
+
+``resolution="canvas"`` (textseg's, faster): sizes, crops and strides are rounded to multiples of the
+model's dense stride, synonyms max-pooled per crop, crop logits averaged per patch cell, PAMR /
+background / ``min_area`` on that canvas, then bilinear upsampling to the original size, band by band.
 
 Pixel modes (a model's ``pixel_modes``; GroupViT's default ``"official"``): the model's own official
 inference replaces ``encode_dense`` / ``dense_logits``. ``set_image`` caches
@@ -51,11 +59,24 @@ from PIL import Image
 from textseg.errors import TextsegError
 from textseg.io import load_image
 from textseg.segment.pamr import NACLIP_DILATIONS, pamr
-from textseg.segment.slide import argmax_bands, crop_boxes, resized_size, stitch, upsample
+from textseg.segment.slide import (
+    BAND_BUDGET,
+    argmax_bands,
+    crop_boxes,
+    resized_size,
+    stitch,
+    upsample,
+    upsample_bands,
+)
 from textseg.text import BACKGROUND, LabelClass, TextEmbeddingCache, parse_labels
 
 Labels = str | Sequence[str | Sequence[str] | LabelClass]
 PAMR_RESOLUTIONS = ("original", "canvas")
+RESOLUTIONS = ("pixel", "canvas")
+# Elements of one query-chunk pixel canvas in the pixel-resolution path (256 MiB of float32).
+PIXEL_BUDGET = 1 << 26
+# Elements of the stored per-class record (logits_lowres) in the pixel-resolution path (512 MiB).
+RECORD_BUDGET = 1 << 27
 
 
 @dataclass
@@ -65,8 +86,20 @@ class SegmentCfg:
     mode: the model's dense mode (``model.dense_modes``; None = the model's default, its first).
     short_side: resize so the short side has this many pixels (None = keep the image's scale).
     max_side: cap on the resized long side (very elongated or huge images are scaled down to it).
-    slide: ``(crop, stride)`` sliding-window inference, None = the whole image in one pass. Crop,
-        stride and the resized size are rounded to multiples of the model's ``dense_stride``.
+    slide: ``(crop, stride)`` sliding-window inference, None = the whole image in one pass. At
+        ``resolution="canvas"`` crop, stride and the resized size are rounded to multiples of the
+        model's ``dense_stride``.
+    resolution: ``"pixel"`` (default; the official SCLIP / NACLIP / ClearCLIP inference, mmseg's
+        slide inference): the image is resized to the exact keep-ratio size (mmcv's
+        ``int(side * scale + 0.5)``), crops are exactly ``crop`` pixels (the last one aligned to the
+        border), each crop's per-prompt logits are bilinearly upsampled to the crop's pixels and
+        averaged on a pixel canvas, then upsampled to the original size, where the softmax over all
+        prompts, the max over each class's synonyms, ``area_threshold``, the argmax and the
+        background ``threshold`` (max probability below it) are taken, band by band.
+        ``"canvas"`` (textseg's, faster): sizes, crops and strides are rounded to multiples of the
+        dense stride, crops are averaged per patch cell, synonyms max-pooled and thresholds applied
+        at patch resolution before the final bilinear upsampling. Pixel modes (GroupViT
+        ``official``) always run at pixel resolution.
     scales: extra short-side multipliers for multi-scale inference (1.0 = ``short_side`` only).
     flip: also run the horizontally flipped image and average the logits.
     templates: prompt templates: "imagenet" (80), "simple", "none", or a tuple of "{}" templates.
@@ -95,6 +128,7 @@ class SegmentCfg:
     short_side: int | None = 448
     max_side: int = 1792
     slide: tuple[int, int] | None = None
+    resolution: str = "pixel"
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     templates: str | tuple[str, ...] = "imagenet"
@@ -174,7 +208,11 @@ class Segmenter:
         self.mode = self.cfg.mode or (modes[0] if modes else None)
         # A pixel mode is scored by the model's official per-pixel inference on a pixel canvas.
         self.pixel_mode = self.mode is not None and self.mode in tuple(getattr(model, "pixel_modes", ()) or ())
-        self.cell = 1 if self.pixel_mode else int(getattr(model, "dense_stride", 16))
+        if self.cfg.resolution not in RESOLUTIONS:
+            raise TextsegError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {self.cfg.resolution!r}")
+        # Pixel resolution: exact keep-ratio resize, exact crops, a pixel canvas (cell = 1 pixel).
+        self.pixel_res = self.pixel_mode or self.cfg.resolution == "pixel"
+        self.cell = 1 if self.pixel_res else int(getattr(model, "dense_stride", 16))
         if self.cfg.pamr_resolution not in PAMR_RESOLUTIONS:
             raise TextsegError(f"pamr_resolution must be one of {', '.join(PAMR_RESOLUTIONS)}, "
                                f"got {self.cfg.pamr_resolution!r}")
@@ -224,14 +262,17 @@ class Segmenter:
         return torch.cat(feats)
 
     def _resized(self, height: int, width: int, short: int | None) -> tuple[int, int]:
-        if not self.pixel_mode:
+        if not self.pixel_res:
             return resized_size(height, width, short, self.cfg.max_side, self.cell)
-        # mmcv's keep-ratio Resize (the official GroupViT pipeline): int(side * scale + 0.5)
+        # mmcv's keep-ratio Resize (the official pipelines, mmseg Resize(scale=(max_side, short),
+        # keep_ratio=True)): int(side * scale + 0.5)
         if height < 1 or width < 1:
             raise TextsegError(f"empty image ({width}x{height})")
         scale = 1.0 if not short else short / min(height, width)
         scale = min(scale, self.cfg.max_side / max(height, width))
-        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+        # (an image side below the patch size is grown to one patch: the official code would fail)
+        least = 1 if self.pixel_mode else int(getattr(self.model, "dense_stride", 1))
+        return max(least, int(height * scale + 0.5)), max(least, int(width * scale + 0.5))
 
     def _crop_geometry(self, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
         if self.cfg.slide is None:
@@ -298,9 +339,9 @@ class Segmenter:
             raise TextsegError(f"background threshold must be in [0, 1], got {t}")
         return classes, bg, (t or None)
 
-    @torch.no_grad()
-    def _class_logits(self, classes: list[LabelClass]) -> torch.Tensor:
-        """Canvas logits ``C x h x w`` for ``classes`` (synonym max, temperature, views averaged)."""
+    def _prompts(self, classes: list[LabelClass]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One embedding per (class, synonym) prompt ``P x D`` and its class index ``P`` (the official
+        ``query_features`` / ``query_idx``); texts are embedded once each (cached)."""
         texts = list(dict.fromkeys(s for c in classes for s in c.synonyms))
         index = {t: i for i, t in enumerate(texts)}
         pairs = [(ci, index[s]) for ci, c in enumerate(classes) for s in c.synonyms]
@@ -308,19 +349,16 @@ class Segmenter:
         emb = self.text_cache.embed(texts, self.cfg.templates).to(self.device)
         self.timings["embed_text"] = time.perf_counter() - t0
         emb = emb[torch.tensor([p[1] for p in pairs], device=self.device)]
-        owner = torch.tensor([p[0] for p in pairs], device=self.device)
-        n_cls = len(classes)
-        total = None
-        ref_hw = None
+        return emb, torch.tensor([p[0] for p in pairs], device=self.device)
+
+    def _average_views(self, crop_scores) -> torch.Tensor:
+        """``crop_scores(view) -> K x N x h x w`` per-crop scores, stitched on each view's canvas
+        (:func:`~textseg.segment.slide.stitch`: at pixel resolution each crop is bilinearly resized to
+        its pixels first; mmseg's count-matrix average), un-flipped, resized to the first view's
+        canvas and averaged over the views -> ``N x H' x W'``."""
+        total = ref_hw = None
         for view in self._views:
-            crops = []
-            for i in range(0, view.feats.shape[0], max(1, self.cfg.batch_size)):
-                feats = view.feats[i : i + self.cfg.batch_size]
-                lg = self.model.dense_logits(feats, emb.to(feats.dtype)).float()  # b x P x h x w
-                idx = owner.view(1, -1, 1, 1).expand_as(lg)
-                out = lg.new_full((lg.shape[0], n_cls, *lg.shape[-2:]), -torch.inf)
-                crops.append(out.scatter_reduce(1, idx, lg, reduce="amax"))
-            canvas = stitch(torch.cat(crops), view.boxes, view.canvas_hw, self.cell)
+            canvas = stitch(crop_scores(view), view.boxes, view.canvas_hw, self.cell)
             if view.flipped:
                 canvas = canvas.flip(-1)
             if ref_hw is None:
@@ -328,7 +366,186 @@ class Segmenter:
             elif tuple(canvas.shape[-2:]) != ref_hw:
                 canvas = F.interpolate(canvas[None], size=ref_hw, mode="bilinear", align_corners=False)[0]
             total = canvas if total is None else total + canvas
-        return total / len(self._views) / self.cfg.temperature
+        return total / len(self._views)
+
+    def _dense_scores(self, view: _View, emb: torch.Tensor) -> torch.Tensor:
+        """``K x P x h x w`` logits (``model.dense_logits``) of a view's crops against ``P`` prompts."""
+        out = []
+        for i in range(0, view.feats.shape[0], max(1, self.cfg.batch_size)):
+            feats = view.feats[i : i + self.cfg.batch_size]
+            out.append(self.model.dense_logits(feats, emb.to(feats.dtype)).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _class_logits(self, classes: list[LabelClass]) -> torch.Tensor:
+        """Canvas logits ``C x h x w`` for ``classes`` (synonym max, temperature, views averaged)."""
+        emb, owner = self._prompts(classes)
+        n_cls = len(classes)
+
+        def scores(view):
+            lg = self._dense_scores(view, emb)
+            out = lg.new_full((lg.shape[0], n_cls, *lg.shape[-2:]), -torch.inf)
+            return out.scatter_reduce(1, owner.view(1, -1, 1, 1).expand_as(lg), lg, reduce="amax")
+
+        return self._average_views(scores) / self.cfg.temperature
+
+    @torch.no_grad()
+    def _pixel_logits(self, classes: list[LabelClass], bg: int | None, threshold: float | None,
+                      names: list[str], timings: dict) -> tuple[torch.Tensor, np.ndarray, int | None, list[str]]:
+        """Pixel resolution for ``encode_dense`` models: the official SCLIP / NACLIP / ClearCLIP
+        inference (``forward_slide`` / ``predict`` / ``postprocess_result``).
+
+        Per-prompt logits of each crop are stitched on a pixel canvas of the resized image
+        (:meth:`_average_views`), then (optionally PAMR at the original size, on the per-prompt
+        logits as NACLIP does) bilinearly upsampled to the original size band by band; there the
+        softmax over all prompts, the max over each class's synonyms, SCLIP's area threshold, the
+        argmax and the ``threshold`` rule (max probability below it -> background) are taken.
+        Classes are processed in chunks so that one chunk's prompt canvas stays within
+        ``PIXEL_BUDGET`` elements; the original-size work is banded (``BAND_BUDGET``).
+
+        Returns the per-class record (class logits = max over synonyms at the canvas resolution, or
+        at the original size after PAMR; a background channel ``logsumexp(prompts) + log t`` as the
+        canvas path's; coarser if it would exceed ``RECORD_BUDGET``), the label map, ``bg`` and the
+        dropped labels. ``names`` gets an appended ``background`` when the threshold needs one."""
+        emb, owner = self._prompts(classes)
+        n_cls = len(classes)
+        height, width = self.image_size
+        hc, wc = self._views[0].canvas_hw
+        image = None
+        if self.cfg.pamr and self.cfg.pamr_resolution == "original":  # NACLIP: the network input, resized
+            image = F.interpolate(self._image_input.to(self.device), size=(height, width), mode="bilinear",
+                                  align_corners=False)
+        elif self.cfg.pamr:  # textseg's cheaper variant: on the resized image downsampled by pamr_stride
+            image = self._image_small.to(self.device)
+        src_hw = tuple(image.shape[-2:]) if image is not None else (hc, wc)
+        counts = torch.bincount(owner.cpu(), minlength=n_cls).tolist()
+        per = max(1, PIXEL_BUDGET // max(1, src_hw[0] * src_hw[1], hc * wc))
+        chunks: list[list[int]] = [[]]
+        n = 0
+        for c in range(n_cls):  # whole classes per chunk (a class's synonyms stay together)
+            if chunks[-1] and n + counts[c] > per:
+                chunks.append([])
+                n = 0
+            chunks[-1].append(c)
+            n += counts[c]
+        cache: dict[int, tuple] = {}
+        t_pamr = 0.0
+
+        def source(ci: int):
+            nonlocal t_pamr
+            if ci in cache:
+                return cache[ci]
+            cls = torch.tensor(chunks[ci], device=owner.device)
+            sel = torch.isin(owner, cls).nonzero().squeeze(1)
+            local = torch.searchsorted(cls, owner[sel])  # prompt -> index within the chunk
+            zq = self._average_views(lambda view: self._dense_scores(view, emb[sel])) / self.cfg.temperature
+            if image is not None:
+                t1 = time.perf_counter()
+                zq = zq[None]
+                if self.cfg.pamr_resolution == "original":
+                    zq = F.interpolate(zq, size=src_hw, mode="bilinear", align_corners=False)
+                zq = pamr(image.to(zq.dtype), zq, self.cfg.pamr_iterations, tuple(self.cfg.pamr_dilations))[0]
+                t_pamr += time.perf_counter() - t1
+            out = (cls.cpu(), zq.float().cpu(), local.cpu())
+            if len(chunks) == 1:
+                cache[ci] = out
+            return out
+
+        def bands(zq: torch.Tensor):
+            if tuple(zq.shape[-2:]) == (height, width):
+                band = max(1, BAND_BUDGET // max(1, zq.shape[0] * width))
+                for y0 in range(0, height, band):
+                    yield y0, min(height, y0 + band), zq[:, y0 : y0 + band]
+            else:
+                for y0, y1, _, block in upsample_bands(zq, (height, width), whole_channels=True):
+                    yield y0, y1, block
+
+        # the record (logits_lowres) and the per-pixel log-normaliser over all prompts
+        rec_hw = src_hw
+        if n_cls * src_hw[0] * src_hw[1] > RECORD_BUDGET:
+            f = math.sqrt(RECORD_BUDGET / (n_cls * src_hw[0] * src_hw[1]))
+            rec_hw = (max(1, int(src_hw[0] * f)), max(1, int(src_hw[1] * f)))
+        record = torch.empty(n_cls, *rec_hw)
+        rec_lse = torch.full(rec_hw, -torch.inf)
+        lse = torch.full((height, width), -torch.inf)
+
+        def argmax_pass(exclude: set[int], first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            best = torch.full((height, width), -torch.inf)
+            arg = torch.zeros((height, width), dtype=torch.long)
+            for ci in range(len(chunks)):
+                cls, zq, local = source(ci)
+                ex = torch.tensor([int(c) in exclude for c in cls])
+                if first:
+                    cm = zq.new_full((len(cls), *zq.shape[-2:]), -torch.inf)
+                    cm = cm.scatter_reduce(0, local.view(-1, 1, 1).expand_as(zq), zq, reduce="amax")
+                    if rec_hw != src_hw:
+                        cm = F.interpolate(cm[None], size=rec_hw, mode="bilinear", align_corners=False)[0]
+                    record[cls] = cm
+                    if threshold is not None:
+                        top = zq.amax(0, keepdim=True)
+                        zl = top + (zq - top).exp_().sum(0, keepdim=True).log_()
+                        if rec_hw != src_hw:
+                            zl = F.interpolate(zl[None], size=rec_hw, mode="bilinear", align_corners=False)[0]
+                        torch.logaddexp(rec_lse, zl[0], out=rec_lse)
+                single = len(local) == len(cls)  # one prompt per class: no synonym max needed
+                for y0, y1, block in bands(zq):
+                    if first and threshold is not None:  # log of the softmax normaliser over all prompts
+                        top = block.amax(0)
+                        part = top + (block - top).exp_().sum(0).log_()
+                        torch.logaddexp(lse[y0:y1], part, out=lse[y0:y1])
+                    if single:
+                        cm = block.clone() if ex.any() else block
+                    else:
+                        cm = block.new_full((len(cls), *block.shape[1:]), -torch.inf)
+                        cm = cm.scatter_reduce(0, local.view(-1, 1, 1).expand_as(block), block, reduce="amax")
+                    if ex.any():
+                        cm[ex] = -torch.inf
+                    m, a = cm.max(0)
+                    upd = m > best[y0:y1]
+                    best[y0:y1] = torch.where(upd, m, best[y0:y1])
+                    arg[y0:y1] = torch.where(upd, cls[a], arg[y0:y1])
+            return best, arg
+
+        t_up = time.perf_counter()
+        best, arg = argmax_pass(set(), first=True)
+        dropped: set[int] = set()
+        if self.cfg.area_threshold and bg is not None:  # SCLIP area_thd on the arg-max map
+            cnt = torch.bincount(arg.reshape(-1), minlength=n_cls)
+            fg = [i for i in range(n_cls) if i != bg]
+            total = int(cnt[fg].sum())
+            dropped = {i for i in fg if not int(cnt[i]) > self.cfg.area_threshold * total}
+            if dropped:
+                best, arg = argmax_pass(dropped, first=False)
+        if threshold is not None and bg is None:
+            names.append(BACKGROUND)
+            bg = len(names) - 1
+
+        def finish(best, arg) -> np.ndarray:
+            if threshold is not None:  # prob_thd: the best class probability (softmax over all prompts)
+                arg = torch.where((best - lse).exp() < threshold, torch.full_like(arg, bg), arg)
+            return arg.numpy().astype(np.uint8 if len(names) <= 255 else np.int32)
+
+        label_map = finish(best, arg)
+        low: list[int] = []
+        if self.cfg.min_area > 0:
+            frac = self._fractions(label_map, len(names))
+            low = [i for i in range(n_cls) if i != bg and 0 < frac[i] < self.cfg.min_area]
+            if low and len(low) < len(names):
+                label_map = finish(*argmax_pass(dropped | set(low), first=False))
+            else:
+                low = []
+        timings["pamr"] = t_pamr
+        timings["upsample"] = time.perf_counter() - t_up - t_pamr
+        if threshold is not None:
+            floor = rec_lse[None] + math.log(threshold)
+            if bg == n_cls:
+                record = torch.cat([record, floor])
+            else:
+                record[bg : bg + 1] = torch.maximum(record[bg : bg + 1], floor)
+        gone = sorted(dropped) + low
+        if gone:
+            record[gone] = record.min() - 100.0
+        return record, label_map, bg, [names[i] for i in gone]
 
     @torch.no_grad()
     def _pixel_scores(self, classes: list[LabelClass], bg: int | None, threshold: float | None,
@@ -349,29 +566,22 @@ class Segmenter:
         text_idx = torch.tensor([p[1] for p in pairs], device=self.device)
         owner = torch.tensor([p[0] for p in pairs], device=self.device)
         fg = torch.tensor([c for c in range(n_out) if c != bg], device=self.device)
-        total = None
-        ref_hw = None
-        for view in self._views:
+
+        def scores(view):
             crops = []
             for k in range(len(view.boxes)):
                 feats = {key: v[k : k + 1] for key, v in view.feats.items()}
-                scores, probs = self.model.official_scores(feats, emb, temperature=self.cfg.temperature)
-                lg = scores[:, text_idx].float()  # 1 x P x h x w, all >= 0
+                sc, probs = self.model.official_scores(feats, emb, temperature=self.cfg.temperature)
+                lg = sc[:, text_idx].float()  # 1 x P x h x w, all >= 0
                 out = lg.new_zeros(1, n_out, *lg.shape[-2:])
                 out = out.scatter_reduce(1, owner.view(1, -1, 1, 1).expand_as(lg), lg, reduce="amax")
                 if threshold is not None:
                     ind = self.model.official_background(out[:, fg], probs.float(), threshold)
                     out[:, bg] = torch.maximum(out[:, bg], ind.to(out.dtype))
                 crops.append(out)
-            canvas = stitch(torch.cat(crops), view.boxes, view.canvas_hw, self.cell)
-            if view.flipped:
-                canvas = canvas.flip(-1)
-            if ref_hw is None:
-                ref_hw = tuple(canvas.shape[-2:])
-            elif tuple(canvas.shape[-2:]) != ref_hw:
-                canvas = F.interpolate(canvas[None], size=ref_hw, mode="bilinear", align_corners=False)[0]
-            total = canvas if total is None else total + canvas
-        return total / len(self._views)
+            return torch.cat(crops)
+
+        return self._average_views(scores)
 
     # ---------------------------------------------------------------- predict
     @torch.no_grad()
@@ -388,6 +598,17 @@ class Segmenter:
                 names.append(BACKGROUND)
                 bg = len(names) - 1
             z = self._pixel_scores(classes, bg, threshold, len(names))
+        elif self.pixel_res:  # the official CLIP-family inference, at pixel resolution
+            z, label_map, bg, dropped = self._pixel_logits(classes, bg, threshold, names, timings)
+            timings["embed_text"] = self.timings.pop("embed_text", 0.0)
+            timings["logits"] = (time.perf_counter() - t0 - timings["embed_text"] - timings["pamr"]
+                                 - timings["upsample"])
+            if not self.cfg.pamr:
+                timings.pop("pamr")
+            frac = self._fractions(label_map, len(names))
+            return SegmentResult(labels=names, logits_lowres=z, size=self.image_size, label_map=label_map,
+                                 fractions={n: float(f) for n, f in zip(names, frac)}, background_index=bg,
+                                 dropped=dropped, timings=timings)
         else:
             z = self._class_logits(classes)
         timings["embed_text"] = self.timings.pop("embed_text", 0.0)

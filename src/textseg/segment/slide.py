@@ -95,19 +95,20 @@ def interp_matrix(n_out: int, n_in: int, dtype=torch.float32, device=None) -> to
 
 
 def upsample_bands(
-    logits: torch.Tensor, size: tuple[int, int], budget: int = BAND_BUDGET
+    logits: torch.Tensor, size: tuple[int, int], budget: int = BAND_BUDGET, whole_channels: bool = False
 ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """Bilinear upsampling of ``N x h x w`` logits to ``N x H x W`` in pieces.
 
     Yields ``(y0, y1, c0, block)`` with ``block`` = rows ``y0:y1`` of classes ``c0:c0+len(block)``,
-    each piece at most ``budget`` elements (classes are split too when there are very many).
+    each piece at most ``budget`` elements (classes are split too when there are very many, unless
+    ``whole_channels``: then every block holds all N channels of its rows, at least one row).
     """
     n, h, w = logits.shape
     height, width = size
     ry = interp_matrix(height, h, logits.dtype, logits.device)
     rxt = interp_matrix(width, w, logits.dtype, logits.device).t().contiguous()
-    cchunk = max(1, min(n, budget // max(1, h * width)))
-    band = max(1, min(height, budget // (cchunk * width)))
+    cchunk = n if whole_channels else max(1, min(n, budget // max(1, h * width)))
+    band = max(1, min(height, budget // (cchunk * max(width, w))))
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
         for c0 in range(0, n, cchunk):
