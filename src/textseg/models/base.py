@@ -81,6 +81,9 @@ class DualEncoder(nn.Module):
     dense_stride: int = 16  # input pixels per dense-map cell
     # Probability below which a pixel becomes "background" when the user asks for the model's default.
     default_background_threshold: float | None = None
+    # The Segmenter's default resolution for this model: "pixel" (the official slide inference of the
+    # training-free CLIP methods, mmseg's) or "canvas" (patch cells; textseg's own models tuned there).
+    segment_resolution: str = "pixel"
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError

@@ -80,6 +80,7 @@ class OfflineModel(DualEncoder):
     preprocess_cfg = PreprocessCfg(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     dense_modes = ("cam",)
     default_background_threshold = 0.5
+    segment_resolution = "canvas"  # its settings (background_scale, ...) were tuned on the patch canvas
 
     def __init__(self, cfg: OfflineCfg = OfflineCfg(), bridge_dir: str | Path | None = None):
         super().__init__()

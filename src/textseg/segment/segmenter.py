@@ -72,7 +72,7 @@ from textseg.text import BACKGROUND, LabelClass, TextEmbeddingCache, parse_label
 
 Labels = str | Sequence[str | Sequence[str] | LabelClass]
 PAMR_RESOLUTIONS = ("original", "canvas")
-RESOLUTIONS = ("pixel", "canvas")
+RESOLUTIONS = ("auto", "pixel", "canvas")
 # Elements of one query-chunk pixel canvas in the pixel-resolution path (256 MiB of float32).
 PIXEL_BUDGET = 1 << 26
 # Elements of the stored per-class record (logits_lowres) in the pixel-resolution path (512 MiB).
@@ -89,7 +89,9 @@ class SegmentCfg:
     slide: ``(crop, stride)`` sliding-window inference, None = the whole image in one pass. At
         ``resolution="canvas"`` crop, stride and the resized size are rounded to multiples of the
         model's ``dense_stride``.
-    resolution: ``"pixel"`` (default; the official SCLIP / NACLIP / ClearCLIP inference, mmseg's
+    resolution: ``"auto"`` (default): the model's ``segment_resolution`` (``"pixel"`` unless the model
+        says otherwise: textseg's own offline and CAM models, tuned on the canvas, say ``"canvas"``).
+        ``"pixel"`` (the official SCLIP / NACLIP / ClearCLIP inference, mmseg's
         slide inference): the image is resized to the exact keep-ratio size (mmcv's
         ``int(side * scale + 0.5)``), crops are exactly ``crop`` pixels (the last one aligned to the
         border), each crop's per-prompt logits are bilinearly upsampled to the crop's pixels and
@@ -128,7 +130,7 @@ class SegmentCfg:
     short_side: int | None = 448
     max_side: int = 1792
     slide: tuple[int, int] | None = None
-    resolution: str = "pixel"
+    resolution: str = "auto"
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     templates: str | tuple[str, ...] = "imagenet"
@@ -211,7 +213,10 @@ class Segmenter:
         if self.cfg.resolution not in RESOLUTIONS:
             raise TextsegError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {self.cfg.resolution!r}")
         # Pixel resolution: exact keep-ratio resize, exact crops, a pixel canvas (cell = 1 pixel).
-        self.pixel_res = self.pixel_mode or self.cfg.resolution == "pixel"
+        resolution = self.cfg.resolution
+        if resolution == "auto":
+            resolution = getattr(model, "segment_resolution", "pixel")
+        self.pixel_res = self.pixel_mode or resolution == "pixel"
         self.cell = 1 if self.pixel_res else int(getattr(model, "dense_stride", 16))
         if self.cfg.pamr_resolution not in PAMR_RESOLUTIONS:
             raise TextsegError(f"pamr_resolution must be one of {', '.join(PAMR_RESOLUTIONS)}, "

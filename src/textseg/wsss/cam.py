@@ -187,6 +187,7 @@ class CAMNet(DualEncoder):
 
     name = "cam"
     dense_modes = ("cam",)
+    segment_resolution = "canvas"  # its own background rule (background_logits) runs on the canvas
 
     def __init__(self, config: CAMConfig, backbone: nn.Module | None = None):
         super().__init__()
