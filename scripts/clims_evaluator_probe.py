@@ -143,7 +143,7 @@ def clims_terms(args, ev, root: Path, fg_names: list[str], size: int) -> dict:
                 gts.append(F.interpolate(onehot[None], (size, size), mode="nearest")[0])
                 labels.append((onehot.flatten(1).sum(1) >= args.min_pixels).float())
             x, gt, lab = torch.stack(xs), torch.stack(gts), torch.stack(labels)
-            maps = {"ground_truth": gt, **{n: net(net.normalize(x)) for n, net in nets.items()}}
+            maps = {"ground_truth": gt, **{n: net.maps(net.normalize(x)) for n, net in nets.items()}}
             for name, p in maps.items():
                 o = loss(p, x, lab)
                 n = o["pairs"]

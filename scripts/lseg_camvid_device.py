@@ -121,7 +121,8 @@ def merge(image_side: str, dst: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from textseg.models.lseg import LSegConfig, build_lseg, save_lseg
+    from textseg.models.lseg import LSegConfig, build_lseg
+    from textseg.weights.load import save_model
 
     with safe_open(image_side, "pt") as f:
         meta = f.metadata()
@@ -130,8 +131,8 @@ def merge(image_side: str, dst: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("text_encoder.") for k in missing):
         raise SystemExit(f"image side does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    save_lseg(model, dst, card={"trained_on": ["camvid train (GPU)"], "step": int(meta["step"]),
-                                "recipe": json.loads(meta.get("recipe", "{}"))})
+    save_model(model, dst, card={"trained_on": ["camvid train (GPU)"], "step": int(meta["step"]),
+                                 "recipe": json.loads(meta.get("recipe", "{}"))})
     print("wrote", dst)
 
 

@@ -192,10 +192,11 @@ def _tiny_clip():
 
 
 def _tiny_groupvit():
-    from textseg.weights.convert.groupvit_hf import from_hf
+    from textseg.weights.convert.groupvit_hf import convert_hf
+    from textseg.weights.load import build_converted
 
     hf = tiny_groupvit()
-    return from_hf(hf.config.to_dict(), hf.state_dict())
+    return build_converted(convert_hf(hf.config.to_dict(), hf.state_dict()))
 
 
 def _tiny_lseg():

@@ -13,6 +13,7 @@ from textseg.models.groupvit import AssignAttention, GroupViT, GroupViTCfg, Grou
 from textseg.train.groupvit import GroupViTCollate, multi_label_loss
 from textseg.train.nouns import extract_nouns, noun_prompts
 from textseg.weights.convert import groupvit_hf, groupvit_nvlabs
+from textseg.weights.load import build_converted
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,7 +86,7 @@ def outputs(model: GroupViT, pixels, tokens):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parity_with_transformers_hf_and_nvlabs_layouts(layout, tmp_path):
     hf, cfg = make_hf(layout)
-    model = groupvit_hf.from_hf(cfg.to_dict(), hf.state_dict())
+    model = build_converted(groupvit_hf.convert_hf(cfg.to_dict(), hf.state_dict()))
     pixels = torch.randn(2, 3, 64, 64)
     tokens = model.tokenize(["a photo of a cat.", "a red star above a striped circle", "grass"])
     with torch.no_grad():
@@ -105,7 +106,7 @@ def test_parity_with_transformers_hf_and_nvlabs_layouts(layout, tmp_path):
     torch.save({"model": to_nvlabs(model.state_dict())}, path)
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert groupvit_nvlabs.detect(type("Raw", (), {"tensors": raw})())
-    nv = groupvit_nvlabs.from_state_dict(raw["model"])
+    nv = build_converted(groupvit_nvlabs.convert_state(raw["model"]))
     assert (nv.cfg.vision, nv.cfg.text, nv.cfg.embed_dim) == (model.cfg.vision, model.cfg.text, model.cfg.embed_dim)
     for a, b in zip(outputs(nv, pixels, tokens), (img, txt, logits, seg)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -116,13 +117,13 @@ def test_checkpoint_errors_are_one_line():
     sd = hf.state_dict()
     missing = {k: v for k, v in sd.items() if "group_token" not in k}
     with pytest.raises(CheckpointError, match="missing"):
-        groupvit_hf.from_hf(cfg.to_dict(), missing)
+        build_converted(groupvit_hf.convert_hf(cfg.to_dict(), missing))
     with pytest.raises(CheckpointError, match="unexpected tensor"):
-        groupvit_hf.from_hf(cfg.to_dict(), {**sd, "vision_model.extra.weight": torch.zeros(1)})
+        groupvit_hf.convert_hf(cfg.to_dict(), {**sd, "vision_model.extra.weight": torch.zeros(1)})
     nv = to_nvlabs(groupvit_hf.convert_state_dict(sd))
     nv["img_encoder.pos_embed"] = nv["img_encoder.pos_embed"][:, :-1]  # a corrupt shape
     with pytest.raises(CheckpointError):
-        groupvit_nvlabs.from_state_dict(nv)
+        build_converted(groupvit_nvlabs.convert_state(nv))
 
 
 def test_gumbel_assignment_hard_forward_soft_gradient():

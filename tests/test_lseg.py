@@ -134,11 +134,10 @@ def test_permuting_labels_permutes_logits():
 
 
 def test_native_save_load_roundtrip(tmp_path):
-    from textseg.models.lseg import save_lseg
-    from textseg.weights.load import load_model
+    from textseg.weights.load import load_model, save_model
 
     model = tiny_lseg(separable=True, last_upsample=False).eval()
-    save_lseg(model, tmp_path / "m.safetensors", {"source": "test"})
+    save_model(model, tmp_path / "m.safetensors", {"source": "test"})
     back = load_model("lseg", weights=tmp_path / "m.safetensors")
     assert back.name == "lseg" and back.dense_stride == 4
     x, text = torch.randn(1, 3, 64, 64), model.embed_texts(["a", "b"])

@@ -1,10 +1,10 @@
 """``textseg convert SRC OUT.safetensors``: any supported checkpoint -> textseg's native format
-(safetensors + JSON card with architecture, preprocessing, source and sha256).
+(safetensors + JSON card with architecture, preprocessing, source and sha256), by
+:func:`textseg.weights.load.convert_file`.
 
 OpenAI's TorchScript archives are read without running code. Only if that fails, and only with
-``--trust-checkpoint``, is the archive opened with ``torch.jit.load`` (which executes its code) to
-extract the weights once; other pickles the safe reader refuses (e.g. lang-seg's Lightning ``.ckpt``
-with Lightning classes in ``hyper_parameters``) are then fully unpickled, once, the same way."""
+``--trust-checkpoint``, is the file opened with ``torch.jit.load`` or fully unpickled (both run code
+from it) to extract the weights once (e.g. lang-seg's Lightning ``.ckpt``)."""
 
 from __future__ import annotations
 
@@ -21,60 +21,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _trusted_torchscript(path):
-    import torch
-
-    from textseg.errors import CheckpointError
-    from textseg.weights.load import RawCheckpoint
-
-    try:
-        module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as e:
-        raise CheckpointError(f"{path}: torch.jit.load failed too ({type(e).__name__}: {e})") from None
-    return RawCheckpoint(tensors=dict(module.state_dict()), kind="torchscript", path=path)
-
-
-def _trusted_pickle(path):
-    """Full unpickling (runs code from the file: only behind ``--trust-checkpoint``), for checkpoints
-    such as lang-seg's Lightning ``.ckpt`` whose ``hyper_parameters`` hold non-plain classes."""
-    import torch
-
-    from textseg.errors import CheckpointError
-    from textseg.weights.load import RawCheckpoint, _unwrap
-
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path}: torch.load failed too ({type(e).__name__}: {e})") from None
-    return RawCheckpoint(kind="torch", path=path, **_unwrap(obj, path))
-
-
 def run(args) -> int:
-    from pathlib import Path
+    from textseg.weights.load import convert_file
 
-    from textseg.errors import CheckpointError
-    from textseg.weights.load import detect_format, read_checkpoint, save_model, sha256_file
-
-    src = Path(args.source)
-    try:
-        raw = read_checkpoint(src)
-    except CheckpointError:
-        if not (args.trust_checkpoint and src.is_file()):
-            raise
-        try:
-            raw = _trusted_torchscript(src)
-        except CheckpointError:  # not TorchScript: a pickled checkpoint (e.g. a Lightning .ckpt)
-            raw = _trusted_pickle(src)
-    fmt = detect_format(raw)
-    if fmt.NAME == "open_clip" and args.act:
-        model = fmt.build(raw, act=args.act)
-    else:
-        model = fmt.build(raw)
-    if args.model and args.model != model.name:
-        raise CheckpointError(f"{src}: is a {model.name!r} checkpoint, not {args.model!r}")
-    card = {"source": str(src), "source_format": fmt.NAME}
-    if src.is_file():
-        card["source_sha256"] = sha256_file(src)
-    full = save_model(model, args.output, card)
-    print(f"wrote {args.output} ({full['architecture']}, from {fmt.NAME}); card: {args.output}.json")
+    card = convert_file(args.source, args.output, model=args.model, act=args.act, trust=args.trust_checkpoint)
+    print(f"wrote {args.output} ({card['architecture']}, from {card['source_format']}); card: {args.output}.json")
     return 0

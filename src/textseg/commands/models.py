@@ -13,16 +13,18 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from textseg.models.registry import DEFAULT_MODEL, MODELS, PACKAGED
     from textseg.weights import presets
-    from textseg.weights.load import DEFAULT_MODEL, NAMED_MODELS, format_modules
+    from textseg.weights.load import FORMATS
 
-    named = [{"name": n, "default": n == DEFAULT_MODEL, "entry": e} for n, e in NAMED_MODELS.items()]
+    named = [{"name": n, "default": n == DEFAULT_MODEL, "entry": f"{MODELS[n].__module__}.{MODELS[n].__qualname__}"}
+             for n in PACKAGED]
     rows = []
     for p in presets.PRESETS.values():
         path = presets.cached_path(p)
         rows.append({"name": p.name, "image_size": p.image_size, "cached": str(path) if path else None,
                      "url": p.url, "sha256": p.sha256})
-    formats = [m.NAME for m in format_modules()]
+    formats = [m.NAME for m in FORMATS]
     if args.json:
         print(json.dumps({"named": named, "presets": rows, "formats": formats,
                           "cache_dir": str(presets.cache_dir())}))
@@ -36,4 +38,5 @@ def run(args) -> int:
         state = f"cached: {r['cached']}" if r["cached"] else "not cached"
         print(f"  {r['name']:<{width}}  {r['image_size']:>3}px  {state}")
     print(f"\nCheckpoint formats for --weights (detected): {', '.join(formats)}")
+    print(f"Architectures they load into: {', '.join(MODELS)}")
     return 0

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textseg.errors import CheckpointError
+from textseg.weights.read import check_state_dict, read_checkpoint
 
 # Per stage of EfficientNet-B0: (repeats, kernel, stride, expand ratio, in channels, out channels).
 B0_STAGES = (
@@ -295,15 +296,6 @@ def efficientnet_lite(variant: str = "lite0", pretrained: bool = True) -> Effici
     model = EfficientNetLite(_cfg(variant))
     if pretrained:
         path = weights_path(variant)
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated / corrupt file
-            raise CheckpointError(f"cannot read EfficientNet-{variant} weights {path}: {err}") from None
-        mapped = map_efficientnet_pytorch_keys(raw)
-        missing, unexpected = model.load_state_dict(mapped, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"EfficientNet-{variant} weights {path} do not match the model: "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
+        raw = read_checkpoint(path)  # the package's .pth, read weights_only
+        check_state_dict(model, map_efficientnet_pytorch_keys(raw.tensors), f"EfficientNet-{variant} weights {path}")
     return model.eval()

@@ -512,11 +512,3 @@ def build_lseg(cfg: LSegConfig, pretrained: bool = False) -> LSeg:
     (filled from a checkpoint). Otherwise all random, for a checkpoint to fill."""
     text, tokenizer = build_text_encoder(cfg, pretrained)
     return LSeg(cfg, build_image_encoder(cfg, pretrained), text, tokenizer)
-
-
-def save_lseg(model: LSeg, path: str, card: dict | None = None) -> dict:
-    """Write ``model`` (every weight, the text tower included) in textseg's native safetensors
-    format; ``load_model(weights=path)`` rebuilds it exactly from the card's config."""
-    from textseg.weights.load import save_model
-
-    return save_model(model, path, card)

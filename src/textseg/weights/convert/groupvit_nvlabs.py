@@ -15,13 +15,14 @@ ImageNet mean/std at the 224 input size).
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 
 import torch
 
 from textseg.errors import CheckpointError
 from textseg.models.clip import TextConfig
-from textseg.models.groupvit import GroupViT, GroupViTCfg, GroupViTVisionCfg
-from textseg.weights.convert.groupvit_hf import load_state
+from textseg.models.groupvit import GroupViTCfg, GroupViTVisionCfg
+from textseg.weights.convert import Converted, floats
 
 NAME = "groupvit_nvlabs"
 TRAINING_ONLY = ("multi_label_logit_scale",)
@@ -116,10 +117,10 @@ def convert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_state_dict(sd: dict[str, torch.Tensor]) -> GroupViT:
+def convert_state(sd: dict[str, torch.Tensor]) -> Converted:
+    """An NVlabs ``MultiLabelContrastive`` state dict -> ``("groupvit", config, state)``."""
     sd = _strip(sd)
-    model = GroupViT(infer_cfg(sd))
-    return load_state(model, {k: v.float() for k, v in convert_state_dict(sd).items()}, "groupvit (NVlabs)")
+    return Converted("groupvit", asdict(infer_cfg(sd)), floats(convert_state_dict(sd)))
 
 
 def _tensors(raw) -> dict:
@@ -134,5 +135,5 @@ def detect(raw) -> bool:
     return "img_encoder.pos_embed" in sd and "text_encoder.token_embedding.weight" in sd
 
 
-def build(raw) -> GroupViT:
-    return from_state_dict(_tensors(raw))
+def convert(raw) -> Converted:
+    return convert_state(_tensors(raw))

@@ -16,7 +16,8 @@ import re
 import torch
 
 from textseg.errors import CheckpointError
-from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from textseg.models.clip import CLIPConfig, TextConfig, VisionConfig
+from textseg.weights.convert import Converted, floats
 
 NAME = "hf_clip"
 
@@ -123,17 +124,10 @@ def config_from_hf(config: dict | None, sd: dict[str, torch.Tensor]) -> CLIPConf
     return CLIPConfig(embed_dim=embed, vision=vision, text=text)
 
 
-def build(raw) -> CLIP:
-    from textseg.weights.load import check_state_dict
-
+def convert(raw) -> Converted:
     sd = _strip(raw.tensors)
-    model = CLIP(config_from_hf(raw.config, sd))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in to_native(sd).items()}
-    check_state_dict(model, state, f"{raw.path}: CLIP (Hugging Face)")
-    pp = folder_preprocess_cfg(raw)
-    if pp:
-        model.preprocess_cfg = pp
-    return model.eval()
+    return Converted("clip", config_from_hf(raw.config, sd).to_dict(), floats(to_native(sd)),
+                     preprocess=folder_preprocess_cfg(raw))
 
 
 def folder_preprocess_cfg(raw):

@@ -19,7 +19,7 @@ the file is either mapped or explicitly dropped, and the model's key set must be
 The ResNet-101 few-shot variant (``net.pretrained.layer1`` ...) is recognised and refused with a
 clear message.
 
-Reading stays safe: :func:`textseg.weights.load.read_checkpoint` uses ``torch.load(weights_only=True)``.
+Reading stays safe: :func:`textseg.weights.read.read_checkpoint` uses ``torch.load(weights_only=True)``.
 A Lightning file whose extra entries (``hyper_parameters``) need classes that are not plain containers
 fails there; ``textseg convert --trust-checkpoint demo_e200.ckpt lseg.safetensors`` then unpickles it
 once (explicitly trusted) and writes native safetensors that load safely from then on.
@@ -33,6 +33,8 @@ import re
 import torch
 
 from textseg.errors import CheckpointError
+from textseg.models.lseg import LSegConfig
+from textseg.weights.convert import Converted, floats
 
 NAME = "lseg_official"
 
@@ -57,10 +59,8 @@ def _count(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := rx.match(k))})
 
 
-def infer_config(t: dict[str, torch.Tensor]):
+def infer_config(t: dict[str, torch.Tensor]) -> LSegConfig:
     """The :class:`LSegConfig` of an (already prefix-stripped) official state dict, from shapes."""
-    from textseg.models.lseg import LSegConfig
-
     if "pretrained.layer1.0.weight" in t or any(k.startswith("pretrained.layer1.") for k in t):
         raise CheckpointError("this is the ResNet-101 lang-seg variant (net.pretrained.layer1 ...), which textseg "
                               "does not support; use the ViT checkpoints (demo_e200.ckpt, *_l16 / *_b32 few-shot)")
@@ -143,16 +143,9 @@ def map_keys(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build(raw):
-    from textseg.models.lseg import build_lseg
-    from textseg.weights.load import check_state_dict
-
+def convert(raw) -> Converted:
     t = {_strip(k): v for k, v in raw.tensors.items()}
     cfg = infer_config(t)
-    model = build_lseg(cfg, pretrained=False)
     state = map_keys(t)
     state["logit_scale"] = torch.tensor(math.log(1 / 0.07))
-    check_state_dict(model, {k: v.float() for k, v in state.items()}, f"{raw.path}: lang-seg")
-    model.card = {"format": "lang-seg", "source": str(raw.path)}
-    return model.eval()
-
+    return Converted("lseg", cfg.to_dict(), floats(state), card={"format": "lang-seg", "source": str(raw.path)})

@@ -1,59 +1,37 @@
 """textseg's native format: a ``.safetensors`` file of the model's own state dict whose metadata
 ``textseg_card`` holds a JSON card: ``{"format": "textseg", "architecture": "clip", "config": {...},
 "preprocess": {...}, "source": ..., ...}`` (written by :func:`textseg.weights.load.save_model`; a
-sidecar ``<file>.json`` repeats it with the file's sha256). ``preprocess`` is
+sidecar ``<file>.json`` repeats it with the file's sha256). ``architecture`` is a key of
+:data:`textseg.models.registry.MODELS`, ``config`` what its builder takes. ``preprocess`` is
 :meth:`PreprocessCfg.to_dict` (``image_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
 ``crop_offset``; older cards without the last two read as a plain resize + round crop).
-
-``ARCHITECTURES`` maps the card's architecture to ``"module:Class"``; the class provides
-``from_config_dict(dict)`` (a model with random weights of that shape). Other models add one line.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from textseg.errors import CheckpointError
 from textseg.models.base import PreprocessCfg
+from textseg.weights.convert import Converted
 
 NAME = "native"
-
-ARCHITECTURES: dict[str, str] = {
-    "cam": "textseg.wsss.cam:CAMNet",
-    "clip": "textseg.models.clip:CLIP",
-    "groupvit": "textseg.models.groupvit:GroupViT",
-    "lseg": "textseg.models.lseg:LSeg",
-}
 
 
 def detect(raw) -> bool:
     try:
         card = raw.card
     except CheckpointError:
-        return True  # ours, but broken: build() reports it
+        return True  # ours, but broken: convert() reports it
     return isinstance(card, dict) and card.get("format") == "textseg"
 
 
-def build(raw):
-    from textseg.weights.load import check_state_dict
-
+def convert(raw) -> Converted:
     card = raw.card
-    arch = card.get("architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{raw.path}: textseg checkpoint of unknown architecture {arch!r} "
-                              f"(known: {', '.join(ARCHITECTURES)})")
-    module_name, cls_name = ARCHITECTURES[arch].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    try:
-        model = cls.from_config_dict(card["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{raw.path}: the card's {arch} config is invalid ({type(e).__name__}: {e})") from None
+    arch, config = card.get("architecture"), card.get("config")
+    if not isinstance(arch, str) or not isinstance(config, dict):
+        raise CheckpointError(f"{raw.path}: the textseg card lacks its architecture name or config object")
     pp = card.get("preprocess")
-    if pp:
-        try:
-            model.preprocess_cfg = PreprocessCfg.from_dict(pp)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{raw.path}: the card's preprocess entry is invalid ({type(e).__name__}: {e})") from None
-    check_state_dict(model, raw.tensors, f"{raw.path}: textseg {arch}")
-    model.card = card
-    return model.eval()
+    try:
+        preprocess = PreprocessCfg.from_dict(pp) if pp else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{raw.path}: the card's preprocess entry is invalid ({type(e).__name__}: {e})") from None
+    return Converted(arch, config, raw.tensors, preprocess=preprocess, card=card)

@@ -20,7 +20,7 @@ import json
 
 from textseg.errors import CheckpointError
 from textseg.models.base import PreprocessCfg
-from textseg.weights.convert import openai
+from textseg.weights.convert import Converted, openai
 
 NAME = "open_clip"
 CONFIG_NAME = "open_clip_config.json"
@@ -95,12 +95,15 @@ def preprocess_from_config(cfg: dict, image_size: int, who: str) -> PreprocessCf
     return PreprocessCfg(image_size=size, mean=mean, std=std, interpolation=interp)
 
 
-def build(raw, act: str | None = None):
+def convert(raw, act: str | None = None) -> Converted:
+    """``act`` overrides the activation (``textseg convert --act``); by default it comes from
+    ``open_clip_config.json``, else from the file's name (:func:`guess_act`)."""
     cfg = hub_config(raw)
     if act is None:
         model_cfg = (cfg or {}).get("model_cfg") or {}
         act = ("quick_gelu" if model_cfg.get("quick_gelu") else "gelu") if cfg is not None else guess_act(raw)
-    model = openai.from_state(strip_module(raw.tensors), f"{raw.path}: CLIP (OpenCLIP)", act)
-    if cfg is not None:
-        model.preprocess_cfg = preprocess_from_config(cfg, model.cfg.vision.image_size, f"{raw.path}: {CONFIG_NAME}")
-    return model
+    out = openai.convert_state(strip_module(raw.tensors), act)
+    if cfg is None:
+        return out
+    image_size = out.config["vision"]["image_size"]
+    return out._replace(preprocess=preprocess_from_config(cfg, image_size, f"{raw.path}: {CONFIG_NAME}"))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from textseg.errors import CheckpointError
-from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from textseg.models.clip import CLIPConfig, TextConfig, VisionConfig
+from textseg.weights.convert import Converted, floats
 
 NAME = "openai"
 _DROP = ("input_resolution", "context_length", "vocab_size")
@@ -78,14 +79,11 @@ def to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_state(sd: dict[str, torch.Tensor], who: str, act: str = "quick_gelu") -> CLIP:
-    from textseg.weights.load import check_state_dict
-
+def convert_state(sd: dict[str, torch.Tensor], act: str = "quick_gelu") -> Converted:
+    """An OpenAI-layout state dict -> ``("clip", config, textseg state dict)``."""
     sd = clean_state(sd)
-    model = CLIP(config_from_state(sd, act))
-    check_state_dict(model, {k: v.float() if v.is_floating_point() else v for k, v in to_native(sd).items()}, who)
-    return model.eval()
+    return Converted("clip", config_from_state(sd, act).to_dict(), floats(to_native(sd)))
 
 
-def build(raw) -> CLIP:
-    return from_state(raw.tensors, f"{raw.path}: CLIP (OpenAI layout)")
+def convert(raw) -> Converted:
+    return convert_state(raw.tensors)

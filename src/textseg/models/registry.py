@@ -1,0 +1,50 @@
+"""Every model architecture textseg builds, by name: ``architecture -> builder(config) -> model``
+(as segment-anything's ``sam_model_registry``).
+
+A builder takes the architecture's config as the plain JSON dict a native checkpoint card stores
+(:meth:`config_dict` of the model) and returns the model with random weights of that shape, except
+where the model ships with packaged pretrained weights (:data:`PACKAGED`): those builders load them.
+Checkpoint converters (:mod:`textseg.weights.convert`) name one of these architectures;
+:func:`textseg.weights.load.load_model` builds it here and loads the converted weights strictly.
+
+Adding an architecture is one import and one entry in :data:`MODELS` (plus its tiny config in
+``tests/test_models.py``, which builds, runs and round-trips every entry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from textseg.errors import CheckpointError
+from textseg.models.base import DualEncoder
+from textseg.models.clip import CLIP
+from textseg.models.groupvit import GroupViT
+from textseg.models.lseg import LSeg
+from textseg.models.offline import OfflineModel
+from textseg.wsss.cam import CAMNet
+
+Builder = Callable[[dict], DualEncoder]
+
+MODELS: dict[str, Builder] = {
+    "cam": CAMNet.from_config_dict,
+    "clip": CLIP.from_config_dict,
+    "groupvit": GroupViT.from_config_dict,
+    "lseg": LSeg.from_config_dict,
+    "offline": OfflineModel.from_config_dict,
+}
+
+# Architectures whose builder loads packaged weights: ``load_model(name)`` needs no checkpoint.
+PACKAGED: tuple[str, ...] = ("offline",)
+DEFAULT_MODEL = "offline"
+
+
+def build_model(architecture: str, config: dict | None = None, who: str = "") -> DualEncoder:
+    """``MODELS[architecture](config)``; an unknown name or an invalid config is one
+    :class:`CheckpointError` line (prefixed by ``who``, e.g. the checkpoint's path)."""
+    where = f"{who}: " if who else ""
+    if architecture not in MODELS:
+        raise CheckpointError(f"{where}unknown model architecture {architecture!r} (known: {', '.join(MODELS)})")
+    try:
+        return MODELS[architecture](dict(config or {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}invalid {architecture} config ({type(e).__name__}: {e})") from None
