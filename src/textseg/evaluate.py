@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from textseg.data.base import IGNORE_INDEX, SegDataset
+from textseg.constants import IGNORE_INDEX
+from textseg.data.base import SegDataset
 from textseg.errors import TextsegError
 from textseg.metrics import ConfusionMatrix, SegMetrics
 

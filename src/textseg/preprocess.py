@@ -132,8 +132,8 @@ def cfg_from_hf_processor(c: dict, who: str = "preprocessor_config.json") -> Pre
     defaults (short side 224, crop 224, bicubic, OpenAI mean/std), as transformers does. Its
     pipeline: resize the short side to ``size`` (PIL), centre-crop ``crop_size`` (``floor``
     offsets), rescale by 1/255, normalise. Forms it cannot express raise :class:`CheckpointError`."""
+    from textseg.constants import OPENAI_MEAN, OPENAI_STD
     from textseg.errors import CheckpointError
-    from textseg.models.base import OPENAI_MEAN, OPENAI_STD
 
     def side(v, keys):
         if isinstance(v, dict):

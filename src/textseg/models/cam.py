@@ -35,10 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from textseg.errors import CheckpointError, TextsegError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
 
 

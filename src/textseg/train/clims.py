@@ -54,13 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from textseg.data.image_labels import canonical, load_image_labels, multi_hot, prompt_name, read_class_list
 from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder
 from textseg.models.cam import CAMConfig, CAMNet, load_cam, save_cam
 
 CLAMP_LO, CLAMP_HI = 1e-4, 0.9999
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # The official recipes (CVI-SZU/CLIMS). VOC: run_sample.py's defaults, which its README command uses.
 # COCO: the README's training command (2 GPUs x 16 images, 8 epochs, lr 5e-4, hyper 2,14,1.25,0.2,
