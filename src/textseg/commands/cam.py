@@ -162,11 +162,12 @@ def _rank() -> int:
 
 # ------------------------------------------------------------------------------------------- make
 def _items(args):
-    from textseg.data.image_labels import load_image_labels, read_split
+    from textseg.data.image_labels import load_image_labels
+    from textseg.data.splits import split_ids
 
     items = load_image_labels(args.data, args.labels or None, args.images or None)
     if args.split:
-        keep = read_split(args.data, args.split)
+        keep = set(split_ids(args.data, args.split))
         items = [it for it in items if it.id in keep]
     return items
 
@@ -264,9 +265,9 @@ def run_eval(args) -> int:
     root, cams = Path(args.data), Path(args.cams)
     files = sorted(cams.glob("*.npz"))
     if args.split:
-        from textseg.data.image_labels import read_split
+        from textseg.data.splits import split_ids
 
-        keep = read_split(root, args.split)
+        keep = set(split_ids(root, args.split))
         files = [f for f in files if f.stem in keep]
     if not files:
         raise TextsegError(f"{cams}: no .npz CAM files (run `textseg cam make` first)")
