@@ -16,5 +16,5 @@ def add_label_arguments(group) -> None:
 
 def add_templates_argument(group, default: str | None) -> None:
     """``--templates`` (:func:`textseg.prompts.resolve_templates`); ``default`` is the command's own."""
-    shown = f" (default: {default})" if default else ""
+    shown = f" (default: {default})" if default else " (default: the protocol's, else imagenet)"
     group.add_argument("--templates", default=default, help=TEMPLATES_HELP + shown)

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from textseg.commands import add_templates_argument
 from textseg.data import DATASETS
 
 
@@ -40,8 +41,9 @@ def add_parser(sub) -> None:
     d.add_argument("--split", default=None, help="split (default: the benchmark's evaluation split; "
                    "folder: all images, or splits/<split>.txt)")
     d.add_argument("--masks", default=None, help="folder layout: mask folder (default masks)")
-    d.add_argument("--classes", default=None, help="class-name file overriding the shipped one "
-                   "('name: prompt; prompt' per line) or a shipped list name (voc21, ade150, ...)")
+    d.add_argument("--classes", default=None, help="class-name file overriding the shipped one (the "
+                   "labels-file format: one class a line, 'name: prompt; prompt') or a shipped list name "
+                   "(voc21, ade150, ...)")
     d.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N images only")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="model name (default: the offline model); 'oracle' = "
@@ -61,7 +63,7 @@ def add_parser(sub) -> None:
     m.add_argument("--threshold", type=_threshold, default=None,
                    help="background threshold on the best class probability (number, auto, none)")
     m.add_argument("--pamr", action="store_true", default=None, help="refine logits with PAMR")
-    m.add_argument("--templates", default=None, help="prompt templates: imagenet, simple, none")
+    add_templates_argument(m, None)  # None: the protocol's templates, else SegmentCfg's (imagenet)
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="write the JSON report here")
     o.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
