@@ -99,50 +99,31 @@ def _init_distributed(device: str | None):
 def run(args) -> int:
     import torch
 
-    from textseg.data.benchmarks import build_dataset
     from textseg.errors import TextsegError
-    from textseg.evaluate import OraclePredictor, SegmenterPredictor, evaluate, format_table, save_worst
+    from textseg.evaluate import format_table, run_benchmark
 
     rank, world, device = _init_distributed(args.device)
     if args.threads is not None:
         if args.threads < 1:
             raise TextsegError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    dataset = build_dataset(args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes)
-    if args.limit is not None and args.limit < 1:
-        raise TextsegError("--limit must be >= 1")
-    if args.model == "oracle":
-        if args.weights:
-            raise TextsegError("--model oracle takes no --weights")
-        predictor = OraclePredictor()
-    else:
-        from textseg.weights.load import load_model
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(args.model, args.weights, device=device)
-        predictor = SegmenterPredictor(
-            model, dataset, protocol=args.protocol, mode=args.mode,
-            slide=tuple(args.slide) if args.slide else None, short_side=args.short_side,
-            threshold=args.threshold, pamr=args.pamr, templates=args.templates,
-        )
-        predictor.config.update(model=getattr(model, "name", type(model).__name__), weights=args.weights,
-                                device=str(device))
-        if rank == 0:
-            for w in predictor.warnings:
-                print(f"textseg eval: warning: {w}", file=sys.stderr)
-    keep, on_worst = 5, None  # the report always names the 5 worst images
+    keep, dump = 5, None  # the report always names the 5 worst images
     if args.dump_worst:
         try:
             keep = int(args.dump_worst[0])
         except ValueError:
             raise TextsegError(f"--dump-worst K DIR: K must be an integer, got {args.dump_worst[0]!r}") from None
-        on_worst = save_worst(args.dump_worst[1], dataset.class_names)
-    result = evaluate(dataset, predictor, limit=args.limit, strict=args.strict,
-                      progress=not args.no_progress, keep_worst=keep, on_worst=on_worst)
-    report = result.report()
-    report["config"].update(dataset=args.dataset, root=str(args.root), split=args.split, masks=args.masks,
-                            classes=args.classes, limit=args.limit)
+        dump = args.dump_worst[1]
+    options = {} if args.model == "oracle" else dict(
+        protocol=args.protocol, mode=args.mode, slide=tuple(args.slide) if args.slide else None,
+        short_side=args.short_side, threshold=args.threshold, pamr=args.pamr, templates=args.templates)
+    result, report, warnings = run_benchmark(
+        args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes, model=args.model,
+        weights=args.weights, device=device, limit=args.limit, strict=args.strict, progress=not args.no_progress,
+        keep_worst=keep, dump_worst=dump, **options)
     if rank == 0:
+        for w in warnings:
+            print(f"textseg eval: warning: {w}", file=sys.stderr)
         if args.out:
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)
