@@ -131,16 +131,8 @@ def run_segmenter(args) -> None:
     if args.set == "camvid":
         ds = FolderDataset(DATA / "camvid", split=args.split)
     else:
-        # COCO-MINI has no splits/ folder: a scratch folder of links adds splits/{train2017,val2017}.txt
-        root = Path(os.environ.get("TMPDIR", "/tmp")) / "textseg_coco_mini_splits"
-        (root / "splits").mkdir(parents=True, exist_ok=True)
-        src = DATA / "coco-mini"
-        for name in ("images", "masks", "masks_voc21", "classes.txt", "classes_voc21.txt"):
-            if not (root / name).exists():
-                (root / name).symlink_to(src / name)
-        meta = json.loads((src / "images_meta.json").read_text())
-        for sp in ("train2017", "val2017"):
-            (root / "splits" / f"{sp}.txt").write_text("\n".join(sorted(m["image"] for m in meta if m["split"] == sp)))
+        # COCO-MINI's splits come from its images_meta.json (textseg.data.splits reads it)
+        root = DATA / "coco-mini"
         masks, classes = ("masks_voc21", "classes_voc21.txt") if args.set == "voc21" else ("masks", "classes.txt")
         ds = FolderDataset(root, split=None if args.split == "all" else args.split, masks=masks, classes=classes)
     model = OfflineModel(OfflineCfg(variant=args.variant, output_stride=args.output_stride))

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from textseg.classify import classify, text_classifier
 from textseg.cli import main
 from textseg.examples import example_path
 from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from textseg.preprocess import preprocess
 from textseg.prompts import IMAGENET_TEMPLATES
 from textseg.weights.load import load_model, save_model
+from textseg.zeroshot import classify, text_classifier
 
 CAT, COFFEE = str(example_path("chelsea")), str(example_path("coffee"))
 
@@ -57,7 +57,7 @@ def test_cli_json_and_table(tiny, capsys, tmp_path):
     labels_file = tmp_path / "labels.txt"
     labels_file.write_text("cat\n\ncoffee cup\ntree\n")
     assert main(["classify", CAT, COFFEE, "--labels-file", str(labels_file), "--weights", str(tiny), "--json",
-                 "--template", "{}"]) == 0
+                 "--templates", "{}"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     rows = [json.loads(x) for x in lines]

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from clip_layouts import hf_to_openai, random_hf_clip
 from PIL import Image
 
-from textseg.classify import classify, image_logits
 from textseg.cli import main
 from textseg.examples import example_path
 from textseg.models.base import PreprocessCfg
 from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from textseg.preprocess import preprocess
 from textseg.weights.load import load_model, save_model
+from textseg.zeroshot import classify, image_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,7 +108,7 @@ def hf_probs(hf, pixels: torch.Tensor) -> torch.Tensor:
 def cli_probs(weights, capsys) -> torch.Tensor:
     capsys.readouterr()
     assert main(["classify", *IMAGES, "--labels", ",".join(LABELS), "--weights", str(weights), "--json",
-                 "--template", "{}"]) == 0
+                 "--templates", "{}"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [r["labels"] for r in rows] == [LABELS, LABELS]
     return torch.tensor([r["probs"] for r in rows])
@@ -176,7 +176,7 @@ def test_classify_groupvit_nvlabs_pth_equals_transformers(groupvit_hf, capsys, t
     got = cli_probs(path, capsys)
     assert expect.max() > 0.5
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=0)
-    # ... and the API / web app path (textseg.classify.classify) gives the same
+    # ... and the API / web app path (textseg.classify) gives the same
     torch.testing.assert_close(classify(load_model(weights=path), IMAGES, LABELS, templates="{}"), expect,
                                atol=1e-5, rtol=0)
 

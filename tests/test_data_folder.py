@@ -94,11 +94,12 @@ def test_real_camvid_test_split(camvid):
 
 
 def test_class_file_format_and_shipped_lists(tmp_path):
-    from textseg.data.classnames import BUILTIN, load_classes, parse_class_line
+    from textseg.data.classnames import BUILTIN, load_classes
+    from textseg.text import LabelClass, parse_class_spec
 
-    assert parse_class_line("tvmonitor: tv monitor; television") == ("tvmonitor", ["tv monitor", "television"])
-    assert parse_class_line("person, person in shirt") == ("person", ["person", "person in shirt"])
-    assert parse_class_line("sign symbol") == ("sign symbol", ["sign symbol"])
+    assert parse_class_spec("tvmonitor: tv monitor; television") == LabelClass("tvmonitor", ("tv monitor", "television"))
+    assert parse_class_spec("person, person in shirt") == LabelClass("person", ("person", "person in shirt"))
+    assert parse_class_spec("sign symbol") == LabelClass("sign symbol", ("sign symbol",))
     sizes = {"voc21": 21, "voc20": 20, "context60": 60, "context59": 59, "coco_object": 81,
              "coco_stuff": 171, "ade150": 150, "cityscapes": 19}
     assert set(sizes) == set(BUILTIN)

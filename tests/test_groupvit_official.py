@@ -21,6 +21,7 @@ from PIL import Image
 from textseg.cli import main as cli
 from textseg.models.clip import TextConfig
 from textseg.models.groupvit import GroupViT, GroupViTCfg, GroupViTVisionCfg
+from textseg.preprocess import normalize, resize_to_tensor
 from textseg.segment.segmenter import SegmentCfg, Segmenter
 
 NAMES = ["cat", "dog", "grass", "sky", "car", "tree", "road"]  # 7 > 5: the image-level top-5 drops two
@@ -138,7 +139,8 @@ def test_segmenter_resize_and_rescale_to_original(model):
     res = seg.segment(image, NAMES)
     size = (32, int(64 * 32 / 48 + 0.5))
     assert size == (32, 43) and tuple(res.logits_lowres.shape[-2:]) == size
-    pixels = seg._normalise(seg._to_tensor(Image.fromarray(image), size))  # textseg's resampling (not under test)
+    pcfg = model.preprocess_cfg  # textseg's resampling (not under test)
+    pixels = normalize(resize_to_tensor(Image.fromarray(image), size, pcfg.interpolation), pcfg.mean, pcfg.std)
     ref = mmseg_inference(model, pixels, class_text(model), with_bg=True, slide=(32, 16), ori_shape=(48, 64))
     torch.testing.assert_close(res.logits, to_textseg_order(ref, True)[0], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(res.label_map, official_labels(ref, True))
@@ -230,6 +232,6 @@ def test_serve_segment_is_official(model):
                         files={"image": ("x.png", buf.getvalue(), "image/png")})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["mode"] == "official" and [x["name"] for x in body["labels"]] == [*NAMES, "background"]
+    assert body["mode"] == "official" and [x["name"] for x in body["legend"]] == [*NAMES, "background"]
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
     np.testing.assert_array_equal(mask, official_labels(ref, True))

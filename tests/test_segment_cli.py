@@ -71,7 +71,7 @@ def test_directory_with_every_mode_and_a_corrupt_file(capsys, tmp_path, weights,
         assert mask.size == expected_sizes[stem] and ov.size == expected_sizes[stem], stem
         assert mask.mode == "P" and np.asarray(mask).max() < 4
         detail = json.loads((out_dir / f"{stem}.json").read_text())
-        assert detail["mode"] == "naclip" and detail["size"] == list(expected_sizes[stem])
+        assert detail["mode"] == "naclip" and [detail["width"], detail["height"]] == list(expected_sizes[stem])
         assert {"encode_image", "embed_text", "upsample"} <= set(detail["timings"])
 
 

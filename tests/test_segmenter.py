@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from seg_tiny import TinyColourModel
 
 from textseg.errors import TextsegError
+from textseg.preprocess import canvas_size
 from textseg.segment import SegmentCfg, Segmenter
 from textseg.segment.pamr import pamr
-from textseg.segment.slide import argmax_bands, crop_boxes, interp_matrix, resized_size, upsample
+from textseg.segment.slide import argmax_bands, crop_boxes, interp_matrix, upsample
 from textseg.text import LabelClass, TextEmbeddingCache, parse_labels, read_labels_file
 
 TPL = ("a photo of a {}.", "a {}.")
@@ -56,7 +57,7 @@ def test_labels_file(tmp_path):
                  encoding="utf-8")
     classes = read_labels_file(p)
     assert [c.name for c in classes] == ["background", "person", "猫", "tv"]
-    assert classes[1].synonyms == ("person", "man, woman")
+    assert classes[1].synonyms == ("person", "man", "woman")  # "," or ";" between synonyms in a file
     assert classes[3].synonyms == ("television", "monitor")
     with pytest.raises(TextsegError, match="cannot read"):
         read_labels_file(tmp_path / "missing.txt")
@@ -255,9 +256,9 @@ def test_errors():
 
 # ----------------------------------------------------------------------------- geometry
 def test_resized_size_and_crops():
-    assert resized_size(480, 640, 448, 1792, 16) == (448, 592)  # 597.3 -> 592
-    assert resized_size(1, 1, 448, 1792, 16) == (448, 448)
-    assert resized_size(10, 10000, 448, 1792, 16) == (16, 1792)
+    assert canvas_size(480, 640, 448, 1792, 16) == (448, 592)  # 597.3 -> 592
+    assert canvas_size(1, 1, 448, 1792, 16) == (448, 448)
+    assert canvas_size(10, 10000, 448, 1792, 16) == (16, 1792)
     boxes = crop_boxes(448, 592, 224, 112)
     assert boxes[0] == (0, 0, 224, 224) and boxes[-1] == (224, 368, 448, 592)
     assert all(y1 - y0 == 224 and x1 - x0 == 224 for y0, x0, y1, x1 in boxes)

@@ -50,7 +50,7 @@ def test_segment_happy_path_with_pngs(client):
     r = seg(client, red_blue(), labels="red, blue", threshold="0", return_mask="true", return_overlay="true")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert [lab["name"] for lab in body["labels"]][:2] == ["red", "blue"]
+    assert [lab["name"] for lab in body["legend"]][:2] == ["red", "blue"]
     assert body["fractions"]["red"] == pytest.approx(0.5, abs=0.05)
     assert body["fractions"]["blue"] == pytest.approx(0.5, abs=0.05)
     assert (body["width"], body["height"]) == (64, 48)
@@ -60,7 +60,7 @@ def test_segment_happy_path_with_pngs(client):
     m = np.asarray(mask)
     assert (m[:, :28] == 0).all() and (m[:, 36:] == 1).all()  # value = label index
     assert overlay.size[0] >= 64 and overlay.size[1] >= 48
-    assert len({tuple(lab["color"]) for lab in body["labels"]}) == len(body["labels"])
+    assert len({tuple(lab["color"]) for lab in body["legend"]}) == len(body["legend"])
 
 
 def test_relabel_by_image_id_skips_image_tower(client, model):
@@ -70,7 +70,7 @@ def test_relabel_by_image_id_skips_image_tower(client, model):
     assert again.status_code == 200, again.text
     assert model.dense_calls == calls  # features came from the cache
     assert again.json()["image_features_cached"] is True
-    assert [lab["name"] for lab in again.json()["labels"]][:3] == ["blue", "red", "green"]
+    assert [lab["name"] for lab in again.json()["legend"]][:3] == ["blue", "red", "green"]
 
 
 def test_text_cache_shared_across_requests(client, model):
@@ -134,7 +134,7 @@ def test_labels_are_data_not_html_or_paths(client, tmp_path):
     evil = "<img src=x onerror=alert(1)>, ../../../../tmp/owned"
     r = seg(client, red_blue(), labels=evil, return_mask="true")
     assert r.status_code == 200, r.text
-    names = [lab["name"] for lab in r.json()["labels"]]
+    names = [lab["name"] for lab in r.json()["legend"]]
     assert names[:2] == ["<img src=x onerror=alert(1)>", "../../../../tmp/owned"]
     assert not (tmp_path / "owned").exists()
 

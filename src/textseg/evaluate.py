@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from textseg.data.base import IGNORE_INDEX, SegDataset
+from textseg.constants import IGNORE_INDEX
+from textseg.data.base import SegDataset
 from textseg.errors import TextsegError
 from textseg.metrics import ConfusionMatrix, SegMetrics
 
@@ -434,3 +435,40 @@ def save_worst(out_dir: str | Path, class_names: list[str]) -> Callable:
         both.save(out / f"{stem}_overlay.jpg", quality=90)
 
     return write
+
+
+def run_benchmark(dataset: str, root: str | Path, *, split: str | None = None, masks: str | None = None,
+                  classes: str | None = None, model: str | None = None, weights: str | None = None,
+                  device: str | None = None, limit: int | None = None, strict: bool = False,
+                  progress: bool = True, keep_worst: int = 5, dump_worst: str | Path | None = None,
+                  **options) -> tuple[EvalResult, dict, list[str]]:
+    """``textseg eval`` as a function: read the benchmark, load the model (``model="oracle"``: the
+    ground truth as prediction), run :func:`evaluate` (sharded when ``torch.distributed`` is
+    initialised) -> ``(result, report, warnings)``. ``options`` go to :class:`SegmenterPredictor`
+    (``protocol``, ``mode``, ``slide``, ``short_side``, ``threshold``, ``pamr``, ``templates``);
+    ``dump_worst`` writes the ``keep_worst`` worst images there (:func:`save_worst`)."""
+    from textseg.data.benchmarks import build_dataset
+
+    data = build_dataset(dataset, root, split=split, masks=masks, classes=classes)
+    if limit is not None and limit < 1:
+        raise TextsegError("--limit must be >= 1")
+    warnings: list[str] = []
+    if model == "oracle":
+        if weights:
+            raise TextsegError("--model oracle takes no --weights")
+        predictor = OraclePredictor()
+    else:
+        from textseg.weights.load import load_model
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        net = load_model(model, weights, device=device)
+        predictor = SegmenterPredictor(net, data, **options)
+        predictor.config.update(model=getattr(net, "name", type(net).__name__), weights=weights, device=str(device))
+        warnings = list(predictor.warnings)
+    on_worst = save_worst(dump_worst, data.class_names) if dump_worst is not None else None
+    result = evaluate(data, predictor, limit=limit, strict=strict, progress=progress, keep_worst=keep_worst,
+                      on_worst=on_worst)
+    report = result.report()
+    report["config"].update(dataset=dataset, root=str(root), split=split, masks=masks, classes=classes, limit=limit)
+    return result, report, warnings
+

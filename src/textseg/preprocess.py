@@ -12,6 +12,12 @@ PIL images and ``H x W x 3`` uint8 arrays take exactly that path. Tensors
 
 >>> pixels = preprocess(Image.open("cat.jpg"), model.preprocess_cfg)       # 3 x 224 x 224
 >>> batch = preprocess_batch([img1, img2], model.preprocess_cfg)            # 2 x 3 x 224 x 224
+
+This module is the one image-to-tensor path: classification (:func:`preprocess`), the Segmenter's
+dense input (:func:`canvas_size` or :func:`keep_ratio_size`, then :func:`resize_to_tensor` and
+:func:`normalize`) and training datasets (:func:`pil_to_tensor`) share
+its functions. Sizes: :func:`resized_size` takes and returns PIL's ``(width, height)``; the dense
+sizes (:func:`canvas_size`, :func:`keep_ratio_size`) take and return torch's ``(height, width)``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from textseg.errors import ImageError
+from textseg.errors import ImageError, TextsegError
 from textseg.models.base import PreprocessCfg
 
 _PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
@@ -33,10 +39,37 @@ _PIL_CODES = {int(code): name for name, code in _PIL_FILTERS.items()}
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """``(w, h)`` with the short side ``size`` and the long side ``int(size * long / short)``."""
+    """``(w, h)`` with the short side ``size`` and the long side ``int(size * long / short)`` (PIL's
+    ``(width, height)`` order, torchvision's ``Resize(size)``)."""
     if width <= height:
         return size, int(size * height / width)
     return int(size * width / height), size
+
+
+def _round_to(x: float, cell: int) -> int:
+    return max(cell, int(round(x / cell)) * cell)
+
+
+def _dense_scale(height: int, width: int, short_side: int | None, max_side: int) -> float:
+    if height < 1 or width < 1:
+        raise TextsegError(f"empty image ({width}x{height})")
+    scale = 1.0 if not short_side else short_side / min(height, width)
+    return min(scale, max_side / max(height, width))
+
+
+def canvas_size(height: int, width: int, short_side: int | None, max_side: int, cell: int) -> tuple[int, int]:
+    """``(H', W')`` the Segmenter resizes an image to: short side ``short_side`` (None = keep the
+    scale), long side at most ``max_side``, both rounded to multiples of ``cell`` (the model's
+    dense stride)."""
+    scale = _dense_scale(height, width, short_side, max_side)
+    return _round_to(height * scale, cell), _round_to(width * scale, cell)
+
+
+def keep_ratio_size(height: int, width: int, short_side: int | None, max_side: int) -> tuple[int, int]:
+    """``(H', W')`` of mmcv's keep-ratio ``Resize`` (the official GroupViT / mmseg pipelines): the
+    scale of :func:`canvas_size`, sides ``int(side * scale + 0.5)``, no rounding to a stride."""
+    scale = _dense_scale(height, width, short_side, max_side)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def crop_box(width: int, height: int, size: int, offset: str = "round") -> tuple[int, int, int, int]:
@@ -49,10 +82,27 @@ def crop_box(width: int, height: int, size: int, offset: str = "round") -> tuple
     return left, top, left + size, top + size
 
 
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of a ``3 x H x W`` or ``B x 3 x H x W`` tensor."""
+    return (x - torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)) / torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+
+
 def _normalize(x: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
-    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(-1, 1, 1)
-    std = torch.tensor(cfg.std, dtype=x.dtype).view(-1, 1, 1)
-    return (x - mean) / std
+    return normalize(x, cfg.mean, cfg.std)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> ``3 x H x W`` float tensor in ``[0, 1]`` (``uint8 / 255``, torchvision's
+    ``ToTensor``)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def resize_to_tensor(img: Image.Image, size: tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
+    """An RGB PIL image resized to ``size = (H, W)`` with PIL (``reducing_gap=3``: PIL's fast
+    pre-reduction for large downscales) -> ``1 x 3 x H x W`` float tensor in ``[0, 1]``."""
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), _PIL_FILTERS.get(interpolation, Image.BICUBIC), reducing_gap=3.0)
+    return pil_to_tensor(img)[None]
 
 
 def _pil(img: Image.Image, cfg: PreprocessCfg, crop: bool) -> torch.Tensor:
@@ -68,8 +118,7 @@ def _pil(img: Image.Image, cfg: PreprocessCfg, crop: bool) -> torch.Tensor:
             canvas.paste(img, ((canvas.width - w) // 2, (canvas.height - h) // 2))
             img = canvas
         img = img.crop(crop_box(img.width, img.height, size, cfg.crop_offset))
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return _normalize(arr.float() / 255.0, cfg)
+    return _normalize(pil_to_tensor(img), cfg)
 
 
 def _tensor(x: torch.Tensor, cfg: PreprocessCfg, crop: bool) -> torch.Tensor:
@@ -132,8 +181,8 @@ def cfg_from_hf_processor(c: dict, who: str = "preprocessor_config.json") -> Pre
     defaults (short side 224, crop 224, bicubic, OpenAI mean/std), as transformers does. Its
     pipeline: resize the short side to ``size`` (PIL), centre-crop ``crop_size`` (``floor``
     offsets), rescale by 1/255, normalise. Forms it cannot express raise :class:`CheckpointError`."""
+    from textseg.constants import OPENAI_MEAN, OPENAI_STD
     from textseg.errors import CheckpointError
-    from textseg.models.base import OPENAI_MEAN, OPENAI_STD
 
     def side(v, keys):
         if isinstance(v, dict):

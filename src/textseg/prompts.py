@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from textseg.errors import TextsegError
+
 SINGLE_TEMPLATE = "a photo of a {}."
 IDENTITY_TEMPLATE = "{}"
 
@@ -109,24 +113,33 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "simple": SIMPLE_TEMPLATES,
     "single": (SINGLE_TEMPLATE,),
     "identity": (IDENTITY_TEMPLATE,),
+    "none": (IDENTITY_TEMPLATE,),  # alias of identity: the label as is
 }
 
 
-def resolve_templates(templates: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
-    """``None`` -> the 80-prompt ensemble; a set name ("imagenet", "simple", "single", "identity");
-    a single template string containing ``{}``; or a sequence of templates."""
-    from textseg.errors import TextsegError
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """The one vocabulary of prompt templates (``--templates`` on every command, ``templates=`` in
+    the API): a set name (``imagenet`` = the 80 OpenAI prompts, ``simple`` = their 7-prompt subset,
+    ``single`` = ``"a photo of a {}."``, ``identity`` / ``none`` = the label as is), one literal
+    template containing ``{}`` (``"a photo of a {}."``), or a sequence of such templates.
 
+    There is no implicit default: every caller states its own (segment, eval and serve: ``imagenet``,
+    classify: ``imagenet`` as OpenAI's zero-shot ImageNet, CLIP training: ``simple``); ``None`` is an
+    error rather than a silent choice.
+    """
     if templates is None:
-        return IMAGENET_TEMPLATES
+        raise TextsegError("no prompt templates given: use imagenet, simple, single, identity or a text with {}")
     if isinstance(templates, str):
         if templates in TEMPLATE_SETS:
             return TEMPLATE_SETS[templates]
+        if "{}" not in templates:
+            raise TextsegError(f"unknown template set {templates!r}: use {', '.join(TEMPLATE_SETS)} "
+                               "or a template with {} for the label")
         templates = (templates,)
     out = tuple(templates)
     if not out:
         raise TextsegError("no prompt templates given")
     for t in out:
-        if t.count("{}") != 1:
+        if not isinstance(t, str) or t.count("{}") != 1:
             raise TextsegError(f"prompt template {t!r} must contain exactly one '{{}}' for the label")
     return out

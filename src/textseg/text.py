@@ -1,9 +1,26 @@
-"""The text side of segmentation: label parsing (classes with synonyms) and a text-embedding cache.
+"""The text side of segmentation: the label grammar (classes with synonyms) and a text-embedding cache.
 
-A label spec is a string like ``"cat, dog; puppy, grass"``: commas separate classes, semicolons
-separate synonyms of one class (its first synonym is its display name). A class is scored as the
-**max over its synonyms** of the per-pixel logits; each synonym's embedding is the model's prompt
-ensemble (``DualEncoder.embed_texts``: mean over templates, L2-normalised).
+The label grammar, the one parser of class names in textseg (``segment``, ``classify``, ``eval``,
+``serve`` and ``cam`` all read labels through it):
+
+- **Command line / one string** (``--labels``, the web app's ``labels`` field,
+  ``parse_labels("cat, dog; puppy, grass")``): ``,`` separates classes, ``;`` separates the
+  synonyms of one class -> ``cat``, ``dog`` (scored by "dog" and "puppy"), ``grass``.
+- **File** (``--labels-file``, ``--classes``, the shipped ``textseg/data/classnames/*.txt``;
+  :func:`read_labels_file`): one line is one class, in class-id order; within a line ``,`` or ``;``
+  separate synonyms (the ``cls_*.txt`` format of SCLIP / NACLIP / ClearCLIP, which separate them
+  with ``,``); ``name: prompt; prompt`` gives a display name that differs from the prompts
+  (``tvmonitor: tv monitor; television``). Blank lines and ``#`` comments are skipped. So the line
+  ``person, person in shirt`` is one class ``person`` with two prompts, for every command.
+- **Python sequence** (``parse_labels(["tv: television; tv monitor", ["sofa", "couch"]])``): each
+  item is one class, a string read like a file line, a list of synonyms, or a :class:`LabelClass`.
+
+The display name is the ``name:`` part, else the first synonym. Whitespace is normalised and empty
+entries dropped; repeated synonyms of a class are merged; two classes with the same name
+(case-insensitively) are an error. A class is scored as the **max over its synonyms** of the logits
+(per pixel for segmentation, per image for classification); each synonym's embedding is the
+model's prompt ensemble (``DualEncoder.embed_texts``: mean over templates, L2-normalised;
+templates resolved by :func:`textseg.prompts.resolve_templates`).
 
 :class:`TextEmbeddingCache` remembers every ``(templates, text)`` embedding a model has computed (in
 memory, shared by every Segmenter of that model; optionally on disk keyed by a fingerprint of the
@@ -23,6 +40,7 @@ from pathlib import Path
 import torch
 
 from textseg.errors import TextsegError
+from textseg.prompts import resolve_templates
 
 BACKGROUND = "background"
 MAX_LABELS = 65_000  # label maps are written as 16-bit PNGs beyond 254 labels
@@ -43,7 +61,7 @@ def _clean(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def _make_class(synonyms: Iterable[str]) -> LabelClass | None:
+def _make_class(synonyms: Iterable[str], name: str | None = None) -> LabelClass | None:
     syn = []
     for s in synonyms:
         if not isinstance(s, str):
@@ -53,34 +71,44 @@ def _make_class(synonyms: Iterable[str]) -> LabelClass | None:
             raise TextsegError(f"label {s[:40]!r}... is {len(s)} characters long; the limit is {MAX_LABEL_CHARS}")
         if s and s not in syn:
             syn.append(s)
-    return LabelClass(syn[0], tuple(syn)) if syn else None
+    name = _clean(name) if name else ""
+    if name and not syn:
+        syn = [name]
+    return LabelClass(name or syn[0], tuple(syn)) if syn else None
+
+
+def parse_class_spec(spec: str, separators: str = ",;") -> LabelClass | None:
+    """One class from ``"[name:] synonym<sep>synonym..."`` (a line of a labels file with the default
+    ``separators``; one comma-separated item of ``--labels`` with ``";"``). None when it is empty.
+
+    ``"tvmonitor: tv monitor; television"`` -> ``LabelClass("tvmonitor", ("tv monitor", "television"))``;
+    ``"person, person in shirt"`` -> ``LabelClass("person", ("person", "person in shirt"))``."""
+    name, sep, rest = spec.partition(":")
+    if not (sep and name.strip() and not any(c in name for c in separators)):
+        name, rest = None, spec  # no display name (or the colon belongs to a synonym)
+    return _make_class(re.split(f"[{re.escape(separators)}]", rest), name)
 
 
 def parse_labels(labels: str | Sequence[str | Sequence[str] | LabelClass]) -> list[LabelClass]:
-    """Parse labels into classes.
-
-    Accepts ``"cat,dog;puppy"`` (commas between classes, ``;`` between synonyms), a list of strings
-    (each one class, ``;`` between synonyms), a list of synonym lists, or :class:`LabelClass` items.
-    Whitespace is normalised, empty entries are dropped. Raises :class:`TextsegError` when no label
-    is left, a class name repeats (case-insensitively) or there are more than ``MAX_LABELS``.
-    """
+    """Classes from a labels string (``"cat, dog; puppy"``: ``,`` between classes, ``;`` between
+    synonyms) or a sequence (one class per item: a string read as a file line, a list of synonyms,
+    or a :class:`LabelClass`); the grammar is in the module docstring. Raises :class:`TextsegError`
+    when no label is left, a class name repeats (case-insensitively) or there are more than
+    ``MAX_LABELS``."""
     if isinstance(labels, str):
-        items: list = labels.split(",")
+        classes = [parse_class_spec(item, ";") for item in labels.split(",")]
     elif isinstance(labels, LabelClass):
-        items = [labels]
+        classes = [_make_class(labels.synonyms, labels.name)]
     else:
-        items = list(labels)
-    classes: list[LabelClass] = []
-    for item in items:
-        if isinstance(item, LabelClass):
-            cls = _make_class(item.synonyms)
-            cls = LabelClass(_clean(item.name) or cls.name, cls.synonyms) if cls else None
-        elif isinstance(item, str):
-            cls = _make_class(item.split(";"))
-        else:
-            cls = _make_class(item)
-        if cls is not None:
-            classes.append(cls)
+        classes = []
+        for item in labels:
+            if isinstance(item, LabelClass):
+                classes.append(_make_class(item.synonyms, item.name))
+            elif isinstance(item, str):
+                classes.append(parse_class_spec(item))
+            else:
+                classes.append(_make_class(item))
+    classes = [c for c in classes if c is not None]
     if not classes:
         raise TextsegError('no labels given: pass class names such as --labels "cat,dog;puppy,grass"')
     if len(classes) > MAX_LABELS:
@@ -95,44 +123,28 @@ def parse_labels(labels: str | Sequence[str | Sequence[str] | LabelClass]) -> li
 
 
 def read_labels_file(path: str | Path) -> list[LabelClass]:
-    """One class per line, ``;`` between synonyms; ``name: prompt; prompt`` gives a display name
-    that differs from the prompts (the format of ``textseg/data/classnames/*.txt``). Blank lines
-    and ``#`` comments are ignored."""
+    """Classes of a labels file: one class per line (``[name:] prompt; prompt``, ``,`` or ``;``
+    between prompts), blank lines and ``#`` comments skipped (the grammar is in the module
+    docstring)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TextsegError(f"cannot read labels file {path}: {e}") from None
-    items: list = []
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        name, sep, rest = line.partition(":")
-        if sep and name.strip() and rest.strip() and ";" not in name:
-            cls = _make_class(rest.split(";"))
-            if cls is not None:
-                items.append(LabelClass(_clean(name), cls.synonyms))
-        else:
-            items.append(line)
-    return parse_labels(items)
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise TextsegError(f"labels file {path} holds no classes")
+    return parse_labels(lines)
 
 
-def resolve_templates(templates: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"imagenet"`` (the 80 CLIP templates), ``"simple"``, ``"none"`` (the label as is), or a list of
-    templates each containing ``{}``."""
-    if templates is None or templates == "none":
-        return ("{}",)
-    if isinstance(templates, str):
-        if templates in ("imagenet", "simple"):
-            from textseg import prompts  # the CLIP core's template lists
-
-            return tuple(prompts.IMAGENET_TEMPLATES if templates == "imagenet" else prompts.SIMPLE_TEMPLATES)
-        if "{}" in templates:
-            return (templates,)
-        raise TextsegError(f"unknown template set {templates!r}: use imagenet, simple, none or a text with {{}}")
-    out = tuple(templates)
-    if not out or any("{}" not in t for t in out):
-        raise TextsegError("every prompt template must contain '{}' (where the label goes)")
-    return out
+def load_labels(labels: str | None = None, labels_file: str | Path | None = None) -> list[LabelClass]:
+    """Classes from exactly one of a labels string (``--labels``) and a labels file (``--labels-file``)."""
+    if labels is not None and labels_file is not None:
+        raise TextsegError("give either --labels or --labels-file, not both")
+    if labels_file is not None:
+        return read_labels_file(labels_file)
+    if labels is None:
+        raise TextsegError('no labels: pass --labels "cat,dog;puppy,grass" or --labels-file FILE')
+    return parse_labels(labels)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -233,8 +245,9 @@ class TextEmbeddingCache:
         os.replace(tmp, path)
 
     @torch.no_grad()
-    def embed(self, texts: Sequence[str], templates: str | Sequence[str] | None = "imagenet") -> torch.Tensor:
-        """``N`` texts -> ``N x D`` embeddings (as returned by ``model.embed_texts``), on CPU, float32."""
+    def embed(self, texts: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
+        """``N`` texts -> ``N x D`` embeddings (as returned by ``model.embed_texts``), on CPU, float32;
+        ``templates`` as :func:`textseg.prompts.resolve_templates`."""
         if not texts:
             raise TextsegError("no texts to embed")
         tpl = resolve_templates(templates)

@@ -1,25 +1,24 @@
 """``textseg classify IMAGE... --labels "a,b,c"``: zero-shot classification, top-k per image.
 
 With ``--json`` each image gives one line ``{"image": ..., "labels": [...], "probs": [...]}``
-(probabilities in label order, full float precision). Images are read batch by batch (bounded
-memory); an unreadable image stops the run with a one-line error."""
+(class names and probabilities in class order, full float precision). Labels follow the one
+label grammar of :mod:`textseg.text` (a class with synonyms scores the max over them). Images are
+read batch by batch (bounded memory); an unreadable image stops the run with a one-line error."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from textseg.commands import add_label_arguments, add_templates_argument
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("classify", help="zero-shot classification of images against text labels",
                        description="Zero-shot classification: which of the given labels fits each image best.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,a red car"')
-    src.add_argument("--labels-file", metavar="FILE", help="text file with one label per line")
-    p.add_argument("--template", default=None,
-                   help='prompt template with {} for the label ("{}" = the label as is); '
-                        "default: the 80 OpenAI ImageNet templates; also: imagenet, simple")
+    add_label_arguments(p)
+    add_templates_argument(p, "imagenet")  # the 80-prompt ensemble, as OpenAI's zero-shot ImageNet
     p.add_argument("--weights", metavar="W", help="checkpoint file or folder (format detected)")
     p.add_argument("--model", metavar="M", help="model name (see `textseg models`); default: offline")
     p.add_argument("--top-k", type=int, default=5, help="labels shown per image (default 5)")
@@ -29,27 +28,14 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def read_labels(args) -> list[str]:
-    from pathlib import Path
-
-    from textseg.classify import check_labels
-    from textseg.errors import TextsegError
-
-    if args.labels_file:
-        try:
-            text = Path(args.labels_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise TextsegError(f"cannot read labels file {args.labels_file}: {e}") from None
-        labels = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    else:
-        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
-    return check_labels(labels)
-
-
 def run(args) -> int:
     from textseg.errors import TextsegError
+    from textseg.prompts import resolve_templates
+    from textseg.text import load_labels
 
-    labels = read_labels(args)
+    classes = load_labels(args.labels, args.labels_file)
+    labels = [c.name for c in classes]
+    templates = resolve_templates(args.templates)
     if args.top_k < 1 or args.batch_size < 1:
         raise TextsegError("--top-k and --batch-size must be at least 1")
     from textseg.io import list_images, load_image
@@ -60,13 +46,12 @@ def run(args) -> int:
     if len(paths) == 1:
         load_image(paths[0])  # fail on a bad image before loading the model
 
-    from textseg.classify import DEFAULT_TEMPLATES, classify_batches
     from textseg.weights.load import load_model
+    from textseg.zeroshot import classify_batches
 
     model = load_model(name=args.model, weights=args.weights, device=args.device)
-    templates = args.template if args.template is not None else DEFAULT_TEMPLATES
     done = 0
-    for probs in classify_batches(model, paths, labels, templates, args.batch_size, progress=True):
+    for probs in classify_batches(model, paths, classes, templates, args.batch_size, progress=True):
         for path, row in zip(paths[done:], probs.tolist()):
             if args.json:
                 print(json.dumps({"image": str(path), "labels": labels, "probs": row}))

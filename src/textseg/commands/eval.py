@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from textseg.commands import add_templates_argument
 from textseg.data import DATASETS
 
 
@@ -40,8 +41,9 @@ def add_parser(sub) -> None:
     d.add_argument("--split", default=None, help="split (default: the benchmark's evaluation split; "
                    "folder: all images, or splits/<split>.txt)")
     d.add_argument("--masks", default=None, help="folder layout: mask folder (default masks)")
-    d.add_argument("--classes", default=None, help="class-name file overriding the shipped one "
-                   "('name: prompt; prompt' per line) or a shipped list name (voc21, ade150, ...)")
+    d.add_argument("--classes", default=None, help="class-name file overriding the shipped one (the "
+                   "labels-file format: one class a line, 'name: prompt; prompt') or a shipped list name "
+                   "(voc21, ade150, ...)")
     d.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N images only")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="model name (default: the offline model); 'oracle' = "
@@ -61,7 +63,7 @@ def add_parser(sub) -> None:
     m.add_argument("--threshold", type=_threshold, default=None,
                    help="background threshold on the best class probability (number, auto, none)")
     m.add_argument("--pamr", action="store_true", default=None, help="refine logits with PAMR")
-    m.add_argument("--templates", default=None, help="prompt templates: imagenet, simple, none")
+    add_templates_argument(m, None)  # None: the protocol's templates, else SegmentCfg's (imagenet)
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="write the JSON report here")
     o.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
@@ -97,50 +99,31 @@ def _init_distributed(device: str | None):
 def run(args) -> int:
     import torch
 
-    from textseg.data.benchmarks import build_dataset
     from textseg.errors import TextsegError
-    from textseg.evaluate import OraclePredictor, SegmenterPredictor, evaluate, format_table, save_worst
+    from textseg.evaluate import format_table, run_benchmark
 
     rank, world, device = _init_distributed(args.device)
     if args.threads is not None:
         if args.threads < 1:
             raise TextsegError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    dataset = build_dataset(args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes)
-    if args.limit is not None and args.limit < 1:
-        raise TextsegError("--limit must be >= 1")
-    if args.model == "oracle":
-        if args.weights:
-            raise TextsegError("--model oracle takes no --weights")
-        predictor = OraclePredictor()
-    else:
-        from textseg.weights.load import load_model
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(args.model, args.weights, device=device)
-        predictor = SegmenterPredictor(
-            model, dataset, protocol=args.protocol, mode=args.mode,
-            slide=tuple(args.slide) if args.slide else None, short_side=args.short_side,
-            threshold=args.threshold, pamr=args.pamr, templates=args.templates,
-        )
-        predictor.config.update(model=getattr(model, "name", type(model).__name__), weights=args.weights,
-                                device=str(device))
-        if rank == 0:
-            for w in predictor.warnings:
-                print(f"textseg eval: warning: {w}", file=sys.stderr)
-    keep, on_worst = 5, None  # the report always names the 5 worst images
+    keep, dump = 5, None  # the report always names the 5 worst images
     if args.dump_worst:
         try:
             keep = int(args.dump_worst[0])
         except ValueError:
             raise TextsegError(f"--dump-worst K DIR: K must be an integer, got {args.dump_worst[0]!r}") from None
-        on_worst = save_worst(args.dump_worst[1], dataset.class_names)
-    result = evaluate(dataset, predictor, limit=args.limit, strict=args.strict,
-                      progress=not args.no_progress, keep_worst=keep, on_worst=on_worst)
-    report = result.report()
-    report["config"].update(dataset=args.dataset, root=str(args.root), split=args.split, masks=args.masks,
-                            classes=args.classes, limit=args.limit)
+        dump = args.dump_worst[1]
+    options = {} if args.model == "oracle" else dict(
+        protocol=args.protocol, mode=args.mode, slide=tuple(args.slide) if args.slide else None,
+        short_side=args.short_side, threshold=args.threshold, pamr=args.pamr, templates=args.templates)
+    result, report, warnings = run_benchmark(
+        args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes, model=args.model,
+        weights=args.weights, device=device, limit=args.limit, strict=args.strict, progress=not args.no_progress,
+        keep_worst=keep, dump_worst=dump, **options)
     if rank == 0:
+        for w in warnings:
+            print(f"textseg eval: warning: {w}", file=sys.stderr)
         if args.out:
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)

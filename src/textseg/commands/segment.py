@@ -5,8 +5,9 @@
 
 Per image it writes ``<out>/<stem>_mask.png`` (palette PNG, value = label index, 255 = unlabelled;
 16-bit when there are more than 255 labels), ``<stem>_overlay.png`` (input size, legend) and
-``<stem>.json`` (labels, pixel fraction per label, timings). Commas separate labels, ``;`` separates
-synonyms of one label. With ``--json`` one object per image per line goes to stdout:
+``<stem>.json`` (:meth:`SegmentResult.to_record`, the web app's record, plus the files, model and
+mode). Labels follow the one label grammar (:mod:`textseg.text`): commas separate labels, ``;``
+separates synonyms of one label. With ``--json`` one object per image per line goes to stdout:
 ``{"image", "labels", "fractions", "mask", "overlay", "seconds"}`` (``{"image", "error"}`` for an
 image that failed). A bad image is reported and the others are still processed (exit code 1).
 """
@@ -18,6 +19,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from textseg.commands import add_label_arguments, add_templates_argument
 
 DEFAULT_MAX_MEGAPIXELS = 100.0
 
@@ -41,10 +44,8 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     lab = p.add_argument_group("labels")
-    lab.add_argument("--labels", default=None, help='comma-separated labels, ";" between synonyms: "cat,dog;puppy"')
-    lab.add_argument("--labels-file", default=None, help="one label per line (';' between synonyms)")
-    lab.add_argument("--templates", default="imagenet",
-                     help="prompt templates: imagenet (80), simple, none, or one template with {}")
+    add_label_arguments(lab)
+    add_templates_argument(lab, "imagenet")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="model name or preset (default: the offline model)")
     m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
@@ -69,19 +70,6 @@ def add_parser(sub) -> None:
     o.add_argument("--no-legend", action="store_true", help="overlay without legend")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def _classes(args):
-    from textseg.errors import TextsegError
-    from textseg.text import parse_labels, read_labels_file
-
-    if args.labels is not None and args.labels_file is not None:
-        raise TextsegError("give either --labels or --labels-file, not both")
-    if args.labels_file is not None:
-        return read_labels_file(args.labels_file)
-    if args.labels is None:
-        raise TextsegError('no labels: pass --labels "cat,dog;puppy,grass" or --labels-file FILE')
-    return parse_labels(args.labels)
 
 
 def _check_size(path: Path, max_mp: float) -> None:
@@ -118,8 +106,11 @@ def run(args) -> int:
 
     from textseg.errors import TextsegError
     from textseg.io import list_images
+    from textseg.prompts import resolve_templates
+    from textseg.text import load_labels
 
-    classes = _classes(args)  # label errors first, before any model loads
+    classes = load_labels(args.labels, args.labels_file)  # label errors first, before any model loads
+    templates = resolve_templates(args.templates)
     if args.short_side is not None and args.short_side < 0:
         raise TextsegError(f"--short-side must be >= 0, got {args.short_side}")
     if args.temperature <= 0:
@@ -133,11 +124,8 @@ def run(args) -> int:
 
     from textseg.io import load_image
     from textseg.segment import SegmentCfg, Segmenter
-    from textseg.text import resolve_templates
-    from textseg.viz import overlay, save_label_map
     from textseg.weights.load import load_model
 
-    templates = resolve_templates(args.templates)
     model = load_model(args.model, args.weights, device=args.device)
     cfg = SegmentCfg(
         mode=args.mode,
@@ -164,13 +152,11 @@ def run(args) -> int:
             image = load_image(path)
             res = seg.segment(image, classes)
             stem = _out_stem(path, used)
-            mask_path = save_label_map(out_dir / f"{stem}_mask.png", res.label_map, res.labels, res.background_index)
             t1 = time.perf_counter()
-            ov = overlay(image, res.label_map, res.labels, background_index=res.background_index,
-                         fractions=res.fractions, legend=not args.no_legend)
-            ov_path = out_dir / f"{stem}_overlay.png"
-            ov.save(ov_path)
-            timings = dict(res.timings, write=time.perf_counter() - t1)
+            mask_path, ov_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+            res.mask_image().save(mask_path, optimize=False)
+            res.overlay(image, legend=not args.no_legend).save(ov_path)
+            res.timings["write"] = time.perf_counter() - t1
         except TextsegError as e:
             failed += 1
             bar.write(f"textseg segment: error: {e}", file=sys.stderr)
@@ -178,20 +164,12 @@ def run(args) -> int:
                 print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
             continue
         seconds = time.perf_counter() - t0
-        record = {
-            "image": str(path),
-            "labels": res.labels,
-            "fractions": res.fractions,
-            "mask": str(mask_path),
-            "overlay": str(ov_path),
-            "seconds": round(seconds, 4),
-        }
-        detail = dict(record, size=[image.width, image.height], model=getattr(model, "name", type(model).__name__),
-                      mode=seg.mode, background_index=res.background_index, dropped=res.dropped,
-                      timings={k: round(v, 4) for k, v in timings.items()})
+        files = {"image": str(path), "mask": str(mask_path), "overlay": str(ov_path), "seconds": round(seconds, 4)}
+        detail = dict(files, **res.to_record(), model=getattr(model, "name", type(model).__name__), mode=seg.mode)
         (out_dir / f"{stem}.json").write_text(json.dumps(detail, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        if args.json:
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+        if args.json:  # the short form: image, labels, fractions, files, seconds
+            line = {k: detail[k] for k in ("image", "labels", "fractions", "mask", "overlay", "seconds")}
+            print(json.dumps(line, ensure_ascii=False), flush=True)
         else:
             top = sorted(((f, n) for n, f in res.fractions.items() if f > 0), reverse=True)[:6]
             shares = ", ".join(f"{n} {100 * f:.1f}%" for f, n in top)

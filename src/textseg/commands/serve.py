@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from textseg.commands import add_templates_argument
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the upload-and-type web page and the REST API (FastAPI + uvicorn)")
@@ -15,6 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request time limit in seconds")
     p.add_argument("--workers", type=int, default=1, help="threads running the model")
     p.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; more get 503")
+    add_templates_argument(p, "imagenet")
     p.set_defaults(func=run)
 
 
@@ -31,7 +34,7 @@ def run(args) -> int:
         workers=args.workers,
         max_queue=args.max_queue,
     )
-    app = create_app(model_name=args.model, weights=args.weights, settings=settings)
+    app = create_app(model_name=args.model, weights=args.weights, settings=settings, templates=args.templates)
     print(f"textseg serving {app.state.service.model.name!r} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from textseg.constants import IGNORE_INDEX  # noqa: F401  (re-exported)
 from textseg.data.classnames import ClassList
 from textseg.errors import TextsegError
 from textseg.io import load_image
-
-IGNORE_INDEX = 255
 
 
 class DatasetError(TextsegError):

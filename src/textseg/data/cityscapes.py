@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from textseg.data.base import IGNORE_INDEX, DatasetError, SegDataset, read_label_png
+from textseg.constants import IGNORE_INDEX
+from textseg.data.base import DatasetError, SegDataset, read_label_png
 from textseg.data.classnames import ClassList, load_classes
 
 # labelId -> trainId for the 19 evaluated classes (cityscapesScripts labels.py).

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from textseg.data.base import IGNORE_INDEX, DatasetError, SegDataset, read_label_png
+from textseg.constants import IGNORE_INDEX
+from textseg.data.base import DatasetError, SegDataset, read_label_png
 from textseg.data.classnames import ClassList, load_classes
 
 # 0-based COCO category ids with no category (the stuffthingmaps' 182 slots minus 171 classes).

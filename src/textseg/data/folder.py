@@ -20,6 +20,8 @@ import numpy as np
 
 from textseg.data.base import DatasetError, SegDataset, read_label_png
 from textseg.data.classnames import load_classes
+from textseg.data.splits import split_ids
+from textseg.errors import TextsegError
 from textseg.io import IMAGE_EXTENSIONS
 
 
@@ -28,24 +30,6 @@ def _resolve(root: Path, value: str | Path, what: str, is_dir: bool) -> Path:
         if (cand.is_dir() if is_dir else cand.is_file()):
             return cand
     raise DatasetError(f"{what} {value!r} found neither under {root} nor as a path")
-
-
-def read_split(path: Path) -> list[str]:
-    """Ids from a split file: one per line; blank lines and ``#`` comments skipped; a leading
-    ``images/`` and an image extension are stripped."""
-    if not path.is_file():
-        raise DatasetError(f"split file {path} not found")
-    ids = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.split()[0]
-        if line.startswith("images/"):
-            line = line[len("images/") :]
-        p = Path(line)
-        ids.append(p.stem if p.suffix.lower() in IMAGE_EXTENSIONS else line)
-    return ids
 
 
 class FolderDataset(SegDataset):
@@ -84,13 +68,10 @@ class FolderDataset(SegDataset):
         if split is None:
             ids = sorted(self._images)
         else:
-            split_file = self.root / "splits" / f"{split}.txt"
-            if not split_file.is_file():
-                have = sorted(p.stem for p in (self.root / "splits").glob("*.txt"))
-                raise DatasetError(
-                    f"{self.root}: no split {split!r} (splits/{split}.txt); available: {have or 'none'}"
-                )
-            ids = read_split(split_file)
+            try:
+                ids = split_ids(self.root, split)
+            except TextsegError as e:
+                raise DatasetError(str(e)) from None
         if not ids:
             raise DatasetError(f"{self.root}: no images found" + (f" in split {split!r}" if split else ""))
         super().__init__(ids, load_classes(classes, default="voc21"), transform)

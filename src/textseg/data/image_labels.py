@@ -25,6 +25,7 @@ import torch
 
 from textseg.errors import TextsegError
 from textseg.io import IMAGE_EXTENSIONS
+from textseg.text import parse_labels, read_labels_file
 
 ALIASES = {
     "airplane": "aeroplane",
@@ -71,15 +72,9 @@ class LabeledImage:
 
 
 def class_file_names(path: str | Path) -> list[str]:
-    """Class names of a ``classes.txt``, one a line, in order (the first synonym of a
-    ``name: a; b`` / ``a; b`` / ``a, b`` line; blank lines and ``#`` comments skipped)."""
-    names = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        names.append((line.split(":")[0] if ":" in line else line.split(";")[0].split(",")[0]).strip())
-    return names
+    """Class names of a ``classes.txt``, one a line, in order (the display name of each line in the
+    one label grammar, :func:`textseg.text.read_labels_file`)."""
+    return [c.name for c in read_labels_file(path)]
 
 
 def read_class_list(source: str | Path | list[str]) -> list[str]:
@@ -92,7 +87,7 @@ def read_class_list(source: str | Path | list[str]) -> list[str]:
         if p.is_file():
             names = class_file_names(p)
         elif "," in str(source) or not p.suffix:
-            names = [n.strip() for n in str(source).split(",")]
+            names = [c.name for c in parse_labels(str(source))]
         else:
             raise TextsegError(f"{source}: no such class list file")
     names = [n for n in names if n]
@@ -236,15 +231,3 @@ def load_image_labels(source: str | Path, labels: str | Path | None = None,
         f"{source}: no image-level labels found (expected labels.json, VOC Annotations/ or "
         "ImageSets/Main/*_<split>.txt, or pass --labels FILE)"
     )
-
-
-def read_split(root: str | Path, split: str | None) -> set[str] | None:
-    """Ids of ``splits/<split>.txt`` (folder layout), ``None`` when ``split`` is None."""
-    if split is None:
-        return None
-    f = Path(root) / "splits" / f"{split}.txt"
-    if not f.is_file():
-        f = Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not f.is_file():
-        raise TextsegError(f"{root}: no split file for {split!r}")
-    return {ln.strip() for ln in f.read_text().splitlines() if ln.strip()}

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from textseg.data.splits import split_ids
 from textseg.errors import ImageError, TextsegError
 from textseg.io import IMAGE_EXTENSIONS, load_image
 
@@ -96,20 +97,6 @@ def read_captions(path: str | Path, root: str | Path | None = None) -> list[Capt
     return records
 
 
-def split_ids(root: str | Path, split: str) -> set[str]:
-    """Image ids of ``split``: ``<root>/splits/<split>.txt`` or ``images_meta.json``'s ``split`` field."""
-    root = Path(root)
-    listed = root / "splits" / f"{split}.txt"
-    if listed.is_file():
-        return {line.strip() for line in listed.read_text().splitlines() if line.strip()}
-    meta = root / "images_meta.json"
-    if meta.is_file():
-        ids = {str(m["image"]) for m in json.loads(meta.read_text()) if m.get("split") == split}
-        if ids:
-            return ids
-    raise TextsegError(f"split {split!r} not found in {root} (no splits/{split}.txt, no such split in images_meta.json)")
-
-
 def pick_caption(seed: int, epoch: int, index: int, n: int) -> int:
     """Deterministic caption choice for ``(seed, epoch, index)`` among ``n`` (same in every process)."""
     return random.Random(f"{seed}:{epoch}:{index}").randrange(n)
@@ -159,7 +146,7 @@ class CaptionDataset(_SkipCounter, Dataset):
         self.root = root = Path(root)
         self.records = read_captions(root / captions, root)
         if split:
-            keep = split_ids(root, split)
+            keep = set(split_ids(root, split))
             self.records = [r for r in self.records if r.key in keep]
             if not self.records:
                 raise TextsegError(f"no captioned image of split {split!r} in {root}")

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from textseg.data.base import IGNORE_INDEX, DatasetError, SegDataset, read_label_png
+from textseg.constants import IGNORE_INDEX
+from textseg.data.base import DatasetError, SegDataset, read_label_png
 from textseg.data.classnames import ClassList, load_classes
-from textseg.data.folder import read_split
+from textseg.data.splits import read_split_file
 
 # The 59 PASCAL Context classes as ids of the 459-class labels.txt (sorted = alphabetical names).
 CONTEXT59_IDS = (
@@ -82,7 +83,7 @@ class VOCDataset(SegDataset):
             raise DatasetError(f"{self.dir}: no split {split!r} (ImageSets/Segmentation/{split}.txt)")
         self.background = background
         self.name = "voc" if background else "voc20"
-        super().__init__(read_split(split_file), load_classes(classes, "voc21" if background else "voc20"),
+        super().__init__(read_split_file(split_file), load_classes(classes, "voc21" if background else "voc20"),
                          transform)
 
     def image_path(self, index: int) -> Path:
@@ -142,7 +143,7 @@ class ContextDataset(SegDataset):
             raise DatasetError(f"{self.dir}: no split {split!r} (ImageSets/SegmentationContext or Main)")
         self.background = background
         self.name = "context" if background else "context59"
-        super().__init__(read_split(split_file), load_classes(classes, "context60" if background else "context59"),
+        super().__init__(read_split_file(split_file), load_classes(classes, "context60" if background else "context59"),
                          transform)
 
     def image_path(self, index: int) -> Path:

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
+from textseg.constants import OPENAI_MEAN, OPENAI_STD  # noqa: F401  (re-exported)
 
 CROP_OFFSETS = ("round", "floor")
 

@@ -49,12 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder, PreprocessCfg
 from textseg.models.clip import TextConfig, TextTransformer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Background thresholds of the GroupViT paper and of NVlabs' released evaluation configs.
 BACKGROUND_THRESHOLDS = {
     "paper": {"voc": 0.9, "context": 0.5},

@@ -56,18 +56,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from textseg import viz
 from textseg.errors import TextsegError
 from textseg.io import load_image
+from textseg.preprocess import canvas_size, keep_ratio_size, normalize, resize_to_tensor
 from textseg.segment.pamr import NACLIP_DILATIONS, pamr
-from textseg.segment.slide import (
-    BAND_BUDGET,
-    argmax_bands,
-    crop_boxes,
-    resized_size,
-    stitch,
-    upsample,
-    upsample_bands,
-)
+from textseg.segment.slide import BAND_BUDGET, argmax_bands, crop_boxes, stitch, upsample, upsample_bands
 from textseg.text import BACKGROUND, LabelClass, TextEmbeddingCache, parse_labels
 
 Labels = str | Sequence[str | Sequence[str] | LabelClass]
@@ -183,6 +177,35 @@ class SegmentResult:
         """``N x H x W`` softmax over labels at the original size."""
         return self.logits.softmax(dim=0)
 
+    def to_record(self) -> dict:
+        """The per-image JSON record, the same for ``textseg segment`` (its ``<stem>.json`` and
+        ``--json`` lines) and the web app's ``/v1/segment``: ``labels`` (names in label-map index
+        order), ``legend`` (per label: ``name``, ``index``, ``color`` = RGB of the mask / overlay
+        palette, ``fraction``), ``fractions`` (name -> pixel fraction), ``background_index``,
+        ``dropped``, ``width``, ``height`` and ``timings`` (seconds per stage). Callers add their
+        own keys (files written, image id, model, mode)."""
+        colors = viz.palette(self.labels, self.background_index)
+        return {
+            "labels": list(self.labels),
+            "legend": [{"name": n, "index": i, "color": [int(c) for c in colors[i]], "fraction": self.fractions[n]}
+                       for i, n in enumerate(self.labels)],
+            "fractions": dict(self.fractions),
+            "background_index": self.background_index,
+            "dropped": list(self.dropped),
+            "width": int(self.size[1]),
+            "height": int(self.size[0]),
+            "timings": {k: round(float(v), 6) for k, v in self.timings.items()},
+        }
+
+    def mask_image(self) -> Image.Image:
+        """The label map as a PNG-ready image (palette; 16-bit beyond 255 labels; 255 = unlabelled)."""
+        return viz.label_map_image(self.label_map, self.labels, self.background_index)
+
+    def overlay(self, image, legend: bool = True) -> Image.Image:
+        """The label map blended over ``image`` (the segmented image), with a legend of fractions."""
+        return viz.overlay(load_image(image), self.label_map, self.labels, background_index=self.background_index,
+                           fractions=self.fractions, legend=legend)
+
 
 @dataclass
 class _View:
@@ -237,20 +260,6 @@ class Segmenter:
         return p.device if p is not None else torch.device("cpu")
 
     # ---------------------------------------------------------------- image side
-    def _to_tensor(self, img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-        pcfg = self.model.preprocess_cfg
-        resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(pcfg.interpolation, Image.BICUBIC)
-        if img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), resample, reducing_gap=3.0)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return x[None]
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        pcfg = self.model.preprocess_cfg
-        mean = torch.tensor(pcfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(pcfg.std, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x - mean) / std
-
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         p = next(self.model.parameters(), None)
@@ -268,16 +277,13 @@ class Segmenter:
 
     def _resized(self, height: int, width: int, short: int | None) -> tuple[int, int]:
         if not self.pixel_res:
-            return resized_size(height, width, short, self.cfg.max_side, self.cell)
+            return canvas_size(height, width, short, self.cfg.max_side, self.cell)
         # mmcv's keep-ratio Resize (the official pipelines, mmseg Resize(scale=(max_side, short),
-        # keep_ratio=True)): int(side * scale + 0.5)
-        if height < 1 or width < 1:
-            raise TextsegError(f"empty image ({width}x{height})")
-        scale = 1.0 if not short else short / min(height, width)
-        scale = min(scale, self.cfg.max_side / max(height, width))
-        # (an image side below the patch size is grown to one patch: the official code would fail)
+        # keep_ratio=True)); an image side below the patch size is grown to one patch (the official
+        # code would fail there)
         least = 1 if self.pixel_mode else int(getattr(self.model, "dense_stride", 1))
-        return max(least, int(height * scale + 0.5)), max(least, int(width * scale + 0.5))
+        h, w = keep_ratio_size(height, width, short, self.cfg.max_side)
+        return max(least, h), max(least, w)
 
     def _crop_geometry(self, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
         if self.cfg.slide is None:
@@ -305,11 +311,12 @@ class Segmenter:
             if short is None and s != 1.0:
                 short = max(1, round(min(img.height, img.width) * s))
             size = self._resized(img.height, img.width, short)
-            x = self._to_tensor(img, size)
+            pcfg = self.model.preprocess_cfg
+            x = resize_to_tensor(img, size, pcfg.interpolation)  # 1 x 3 x H' x W' in [0, 1]
             if si == 0:
                 ps = max(1, self.cfg.pamr_stride)
                 self._image_small = F.interpolate(x, size=(max(1, size[0] // ps), max(1, size[1] // ps)), mode="area")
-            x = self._normalise(x)
+            x = normalize(x, pcfg.mean, pcfg.std)
             if si == 0:
                 self._image_input = x
             boxes = self._crop_geometry(size)

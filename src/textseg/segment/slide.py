@@ -22,22 +22,6 @@ from textseg.errors import TextsegError
 BAND_BUDGET = 1 << 24
 
 
-def _round_to(x: float, cell: int) -> int:
-    return max(cell, int(round(x / cell)) * cell)
-
-
-def resized_size(
-    height: int, width: int, short_side: int | None, max_side: int, cell: int
-) -> tuple[int, int]:
-    """Size ``(H', W')`` the image is resized to: short side ``short_side`` (None = keep the scale),
-    long side at most ``max_side``, both rounded to multiples of ``cell``."""
-    if height < 1 or width < 1:
-        raise TextsegError(f"empty image ({width}x{height})")
-    scale = 1.0 if not short_side else short_side / min(height, width)
-    scale = min(scale, max_side / max(height, width))
-    return _round_to(height * scale, cell), _round_to(width * scale, cell)
-
-
 def crop_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
     """Sliding-window crops ``(y0, x0, y1, x1)`` covering a ``height x width`` image.
 

@@ -4,8 +4,10 @@
 
 - ``GET /``: a single page (static, no CDN, no build step): drop an image, type labels, see the overlay.
 - ``POST /v1/segment``: multipart ``image`` (or ``image_id`` of an earlier upload) + ``labels``
-  (``"cat, sofa; couch"``) + options -> JSON labels, colours, pixel fractions, timings and, on request,
-  the label-map PNG and the overlay PNG (base64).
+  (``"cat, sofa; couch"``, the one label grammar of :mod:`textseg.text`) + options -> the per-image
+  record of :meth:`~textseg.segment.SegmentResult.to_record` (the one ``textseg segment`` writes:
+  ``labels``, ``legend`` with colours, pixel ``fractions``, timings, ...) plus ``image_id``, ``mode``
+  and, on request, the label-map PNG and the overlay PNG (base64).
 - ``POST /v1/classify``: multipart ``image`` + ``labels`` -> zero-shot probabilities.
 - ``GET /v1/models``, ``GET /healthz``; the OpenAPI schema at ``/openapi.json``.
 
@@ -37,6 +39,8 @@ from PIL import Image
 from textseg import __version__
 from textseg.errors import ImageError, TextsegError
 from textseg.io import load_image
+from textseg.prompts import resolve_templates
+from textseg.text import parse_labels
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -70,12 +74,13 @@ class _Entry:
 class SegmentService:
     """Model + caches + bounded execution, independent of HTTP (usable from tests)."""
 
-    def __init__(self, model, settings: ServeSettings):
+    def __init__(self, model, settings: ServeSettings, templates: str = "imagenet"):
         from textseg.segment.segmenter import SegmentCfg
 
         self.model = model
         self.settings = settings
-        self.base_cfg = SegmentCfg()
+        self.templates = resolve_templates(templates)  # segment and classify alike
+        self.base_cfg = SegmentCfg(templates=self.templates)
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="textseg")
         self._admitted = 0
         self._admit_lock = threading.Lock()
@@ -135,8 +140,6 @@ class SegmentService:
 
     # ------------------------------------------------------------------ work (runs in the pool)
     def segment(self, image_id: str, labels, mode, threshold, want_mask: bool, want_overlay: bool) -> dict:
-        from textseg import viz
-
         t0 = time.perf_counter()
         cached = (image_id, mode) in self._images
         entry = self.entry(image_id, mode)
@@ -147,38 +150,21 @@ class SegmentService:
             else:
                 seg.cfg = replace(seg.cfg, threshold=self.base_cfg.threshold)
             result = seg.predict(labels)
-        colors = viz.palette(result.labels, result.background_index)
-        out = {
-            "image_id": image_id,
-            "width": result.size[1],
-            "height": result.size[0],
-            "labels": [
-                {"name": n, "index": i, "color": [int(c) for c in colors[i]], "fraction": result.fractions[n]}
-                for i, n in enumerate(result.labels)
-            ],
-            "fractions": result.fractions,
-            "dropped": result.dropped,
-            "mode": seg.mode,
-            "image_features_cached": cached,
-            "timings": result.timings,
-        }
+        out = {"image_id": image_id, **result.to_record(), "mode": seg.mode, "image_features_cached": cached}
         if want_mask:
-            out["mask_png"] = _png_b64(viz.label_map_image(result.label_map, result.labels, result.background_index))
+            out["mask_png"] = _png_b64(result.mask_image())
         if want_overlay:
-            image = load_image(self.image_bytes(image_id) or b"")
-            out["overlay_png"] = _png_b64(viz.overlay(image, result.label_map, result.labels,
-                                                      background_index=result.background_index,
-                                                      fractions=result.fractions))
+            out["overlay_png"] = _png_b64(result.overlay(self.image_bytes(image_id) or b""))
         out["seconds"] = time.perf_counter() - t0
         return out
 
-    def classify(self, data: bytes, labels: list[str]) -> dict:
-        from textseg.classify import classify
+    def classify(self, data: bytes, classes) -> dict:
+        from textseg.zeroshot import classify
 
         image = load_image(data)
         with self.model_lock:
-            probs = classify(self.model, [image], labels)[0]
-        return {"labels": labels, "probs": [float(p) for p in probs]}
+            probs = classify(self.model, [image], classes, self.templates)[0]
+        return {"labels": [c.name for c in classes], "probs": [float(p) for p in probs]}
 
 
 def _png_b64(img: Image.Image) -> str:
@@ -214,8 +200,7 @@ def _check_image(data: bytes, settings: ServeSettings) -> None:
 
 
 def _parse_labels(labels: str, settings: ServeSettings):
-    from textseg.text import parse_labels
-
+    """The one label grammar (:func:`textseg.text.parse_labels`) plus this server's size limits."""
     if len(labels) > settings.max_labels * (settings.max_label_chars + 1):
         raise HTTPException(422, "labels text too long")
     try:
@@ -232,15 +217,16 @@ def _parse_labels(labels: str, settings: ServeSettings):
 
 
 def create_app(model=None, *, model_name: str | None = None, weights: str | None = None,
-               settings: ServeSettings | None = None) -> FastAPI:
+               settings: ServeSettings | None = None, templates: str = "imagenet") -> FastAPI:
     """The ASGI app. Pass a loaded ``model``, or ``model_name`` / ``weights`` to load one at start-up
-    (nothing given: the offline default model)."""
+    (nothing given: the offline default model). ``templates``: the prompt templates of every request
+    (:func:`textseg.prompts.resolve_templates`; default the 80 OpenAI prompts)."""
     settings = settings or ServeSettings()
     if model is None:
         from textseg.weights.load import load_model
 
         model = load_model(model_name, weights)
-    service = SegmentService(model.eval(), settings)
+    service = SegmentService(model.eval(), settings, templates)
 
     app = FastAPI(title="textseg", version=__version__,
                   description="Segment anything you can name: zero-shot segmentation and classification.")
@@ -321,6 +307,6 @@ def create_app(model=None, *, model_name: str | None = None, weights: str | None
         classes = _parse_labels(labels, settings)
         data = await _read_upload(image, settings)
         _check_image(data, settings)
-        return await service.run(service.classify, data, [c.name for c in classes])
+        return await service.run(service.classify, data, classes)
 
     return app

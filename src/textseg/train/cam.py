@@ -347,9 +347,9 @@ def build_trainer(cfg: CAMTrainCfg, callbacks: Sequence[Callable[[Trainer], None
     class_names = resolve_classes(cfg.data)
     items = load_image_labels(cfg.data.root, cfg.data.labels or None, cfg.data.images or None)
     if cfg.data.split:
-        from textseg.data.image_labels import read_split
+        from textseg.data.splits import split_ids
 
-        keep = read_split(cfg.data.root, cfg.data.split)
+        keep = set(split_ids(cfg.data.root, cfg.data.split))
         items = [it for it in items if it.id in keep]
     dataset = CAMTrainDataset(items, class_names, cfg.data.crop_size, cfg.data.scale)
     if not any(int(t.sum() > 0) for t in dataset.targets):

@@ -34,13 +34,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from textseg.constants import IGNORE_INDEX
 from textseg.errors import TextsegError
 from textseg.models.lseg import LSeg, LSegConfig, build_lseg, upsample_logits
 from textseg.train import checkpoint as ckpt_io
 from textseg.train import dist
 from textseg.weights.load import save_model
-
-IGNORE = 255
 
 
 @dataclass
@@ -137,7 +136,7 @@ class LabelledSegData(torch.utils.data.Dataset):
             ph, pw = max(ch - h, 0), max(cw - w, 0)
             if ph or pw:
                 img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
-                mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE)
+                mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
             y0, x0 = origin
             img, mask = img[y0 : y0 + ch, x0 : x0 + cw], mask[y0 : y0 + ch, x0 : x0 + cw]
         return (torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
@@ -190,20 +189,20 @@ class LSegLoss(nn.Module):
                 texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         dense = self.model.encode_dense(pixels)
         total = pixels.new_zeros((), dtype=torch.float32)
-        count = (masks != IGNORE).sum()
+        count = (masks != IGNORE_INDEX).sum()
         for d in ds.unique().tolist():
             sel = ds == d
             logits = self.model.dense_logits(dense[sel], texts[d])
             logits = upsample_logits(logits.float(), pixels.shape[-2:], self.model.dense_stride)
             w = self.weights[d] if d < len(self.weights) else None
-            total = total + F.cross_entropy(logits, masks[sel], weight=w, ignore_index=IGNORE, reduction="sum")
+            total = total + F.cross_entropy(logits, masks[sel], weight=w, ignore_index=IGNORE_INDEX, reduction="sum")
         return total / count.clamp_min(1), count
 
 
 def build_from_clip(mcfg: LSegConfig, path: str | None) -> LSeg:
     """LSeg whose CLIP parts (the ViT image tower for backbone ``clip``, the text tower for text
     encoder ``clip``) start from the CLIP checkpoint at ``path`` (any format ``load_model`` reads)."""
-    from textseg.models.base import OPENAI_MEAN, OPENAI_STD
+    from textseg.constants import OPENAI_MEAN, OPENAI_STD
     from textseg.weights.load import load_model
 
     if not path:
@@ -254,7 +253,7 @@ def median_frequency_weights(dataset) -> torch.Tensor:
     pixels, image_pixels = np.zeros(n), np.zeros(n)
     for i in range(len(dataset)):
         m = np.asarray(dataset.load_mask(i)).ravel()
-        counts = np.bincount(m[m != IGNORE], minlength=n)[:n]
+        counts = np.bincount(m[m != IGNORE_INDEX], minlength=n)[:n]
         pixels += counts
         image_pixels += (counts > 0) * m.size
     seen = pixels > 0

@@ -45,13 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from textseg.data.image_labels import canonical
 from textseg.errors import CheckpointError, TextsegError
 from textseg.models.base import DualEncoder, PreprocessCfg
 from textseg.weights.read import check_state_dict
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
 
 

@@ -50,12 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from textseg.data.image_labels import canonical, prompt_name
 from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder
 
 CLAMP_LO, CLAMP_HI = 1e-4, 0.9999
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------- background words

@@ -23,8 +23,8 @@ from textseg.data.image_labels import (
     class_file_names,
     load_image_labels,
     multi_hot,
-    read_split,
 )
+from textseg.data.splits import split_ids
 from textseg.errors import CheckpointError, TextsegError
 from textseg.io import load_image
 from textseg.wsss.cam import CAMNet, load_cam
@@ -60,7 +60,7 @@ def labelled_items(root, labels: str = "", images: str = "", split: str = ""):
     restricted to a split."""
     items = load_image_labels(root, labels or None, images or None)
     if split:
-        keep = read_split(root, split)
+        keep = set(split_ids(root, split))
         items = [it for it in items if it.id in keep]
     return items
 
@@ -148,7 +148,7 @@ def evaluate_cams(root: str | Path, cams: str | Path, masks: str = "masks", mask
     root, cams = Path(root), Path(cams)
     files = _cam_files(cams)
     if split:
-        keep = read_split(root, split)
+        keep = set(split_ids(root, split))
         files = [f for f in files if f.stem in keep]
         if not files:
             raise TextsegError(f"{cams}: no CAM file of split {split!r}")

@@ -1,14 +1,15 @@
-"""Benchmark class-name files shipped with textseg (package data) and the class-file format.
+"""Benchmark class-name files shipped with textseg (package data), read with the one label grammar.
 
-Format: one class per line, in class-id order (line ``i`` = id ``i``)::
+Format (:mod:`textseg.text`, the same for every command): one class per line, in class-id order
+(line ``i`` = id ``i``)::
 
     person; person in shirt; person in jeans                 <- prompts; display name = the first
     tvmonitor: television monitor; tv monitor; television    <- "display name:" then the prompts
     background: sky; wall; tree; grass; road                 <- background given by stuff words
 
-``;`` separates prompts (synonyms); files in the SCLIP / ClearCLIP / NACLIP style, which separate
-them with ``,``, are read unchanged (a line without ``;`` is split on ``,``). A class scores the max
-over its prompts (those works' convention). Blank lines and ``#`` comments are skipped.
+``;`` or ``,`` separates prompts (synonyms), so files in the SCLIP / ClearCLIP / NACLIP style, which
+separate them with ``,``, are read unchanged. A class scores the max over its prompts (those works'
+convention). Blank lines and ``#`` comments are skipped.
 
 The shipped files (``builtin_class_file(name)``, names in ``BUILTIN``) carry the prompts of SCLIP's
 ``configs/cls_*.txt`` (github wangf3014/SCLIP), also used by NACLIP and ClearCLIP, so the protocol
@@ -18,11 +19,13 @@ presets reproduce their numbers; display names are the benchmark's official name
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from textseg.errors import TextsegError
+from textseg.text import LabelClass, parse_labels, read_labels_file
 
 
 @dataclass(frozen=True)
@@ -41,33 +44,16 @@ BUILTIN = (
 )
 
 
-def parse_class_line(line: str) -> tuple[str, list[str]]:
-    """``"tvmonitor: tv monitor; television"`` -> ``("tvmonitor", ["tv monitor", "television"])``;
-    ``"person, person in shirt"`` -> ``("person", ["person", "person in shirt"])``."""
-    name = None
-    if ":" in line:
-        name, line = (x.strip() for x in line.split(":", 1))
-    sep = ";" if ";" in line else ","
-    prompts = [n.strip() for n in line.split(sep) if n.strip()]
-    if not prompts:
-        prompts = [name] if name else []
-    return (name or (prompts[0] if prompts else "")), prompts
+def class_list(classes: Sequence[LabelClass]) -> ClassList:
+    """:class:`~textseg.text.LabelClass` items -> :class:`ClassList` (names, prompts)."""
+    return ClassList([c.name for c in classes], [list(c.synonyms) for c in classes])
 
 
 def read_class_file(path: str | Path) -> ClassList:
-    """Read a class file -> :class:`ClassList`."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a class file -> :class:`ClassList` (:func:`textseg.text.read_labels_file`)."""
+    if not Path(path).is_file():
         raise TextsegError(f"{path}: class-name file not found")
-    classes = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        classes.append(parse_class_line(line))
-    if not classes:
-        raise TextsegError(f"{path}: class-name file holds no classes")
-    return ClassList([n for n, _ in classes], [p for _, p in classes])
+    return class_list(read_labels_file(path))
 
 
 def builtin_class_file(name: str) -> Path:
@@ -88,7 +74,8 @@ def load_classes(classes: str | Path | list | ClassList | None, default: str) ->
         if isinstance(classes, str) and classes in BUILTIN:
             return read_class_file(builtin_class_file(classes))
         return read_class_file(classes)
-    out = [parse_class_line(c) if isinstance(c, str) else (str(c[0]), [str(x) for x in c]) for c in classes]
-    if not out or any(not p for _, p in out):
+    items = list(classes)
+    parsed = parse_labels(items) if items else []
+    if not items or len(parsed) != len(items):  # an empty item would shift every later class id
         raise TextsegError("class list must be non-empty and hold a name for every class")
-    return ClassList([n for n, _ in out], [p for _, p in out])
+    return class_list(parsed)

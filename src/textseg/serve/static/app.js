@@ -82,7 +82,7 @@
       const body = await resp.json();
       if (!resp.ok) throw new Error(body.detail || resp.statusText);
       state.imageId = body.image_id;
-      state.labels = body.labels;
+      state.labels = body.legend;
       const [overlay, mask] = await Promise.all([
         loadImage("data:image/png;base64," + body.overlay_png),
         loadImage("data:image/png;base64," + body.mask_png)]);
