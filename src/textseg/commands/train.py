@@ -42,7 +42,7 @@ def run_recipe(args, config_cls, train_fn) -> int:
     import yaml
 
     from textseg.train.config import config_to_dict, load_config
-    from textseg.train.dist import cleanup, is_main
+    from textseg.distributed import cleanup, is_main
 
     cfg = load_config(config_cls, args.config, args.overrides)
     if args.print_config:

@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from textseg.errors import TextsegError
 from textseg.train import checkpoint as ckpt_lib
 from textseg.train.config import config_to_dict, save_config
-from textseg.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist
+from textseg.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist
 
 
 @dataclass
