@@ -135,6 +135,19 @@ class TrainConfig:
     tensorboard: bool = True
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (0: leave torch's setting), restored after.
+    Recipes wrap model building in it too, so setup and training use the same thread count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -578,13 +591,8 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train until ``total_steps`` (or :meth:`stop`); returns the last train metrics merged with
         the last evaluation. Checkpoints at the end."""
-        threads = torch.get_num_threads()
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        try:
+        with cpu_threads(self.cfg.threads):
             return self._fit()
-        finally:
-            torch.set_num_threads(threads)
 
     def _fit(self) -> dict[str, float]:
         from tqdm.auto import tqdm
