@@ -41,8 +41,8 @@ def run_recipe(args, config_cls, train_fn) -> int:
 
     import yaml
 
-    from textseg.train.config import config_to_dict, load_config
     from textseg.distributed import cleanup, is_main
+    from textseg.train.config import config_to_dict, load_config
 
     cfg = load_config(config_cls, args.config, args.overrides)
     if args.print_config:

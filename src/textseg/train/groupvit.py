@@ -216,20 +216,9 @@ def build_trainer(cfg: GroupViTRecipeConfig):
 
 
 def train_groupvit(cfg: GroupViTRecipeConfig) -> dict:
-    """Train, then (rank 0) export the weights as ``<out_dir>/groupvit.safetensors`` (native format,
-    loadable with ``--weights``). Returns the final metrics."""
-    from pathlib import Path
-
-    from textseg.train.dist import is_main
-    from textseg.weights.load import save_model
-
+    """Train, then export the weights as ``<out_dir>/model.safetensors`` (native format, loadable
+    with ``--weights``). Returns the final metrics."""
     trainer = build_trainer(cfg)
     result = trainer.fit()
-    if is_main():
-        model = trainer.module.model
-        if trainer.ema is not None:
-            model = trainer.ema.module.model
-        path = Path(cfg.train.out_dir) / "groupvit.safetensors"
-        save_model(model, path, {"source": "textseg train groupvit", "steps": trainer.step})
-        result["weights"] = str(path)
-    return result
+    path = trainer.save_model(trainer.final_module().model, {"source": "textseg train groupvit"})
+    return {**result, "weights": str(path)}

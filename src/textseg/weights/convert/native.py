@@ -20,6 +20,7 @@ ARCHITECTURES: dict[str, str] = {
     "clip": "textseg.models.clip:CLIP",
     "groupvit": "textseg.models.groupvit:GroupViT",
     "lseg": "textseg.models.lseg:LSeg",
+    "lit": "textseg.models.lit:LiTModel",
 }
 
 
