@@ -233,10 +233,10 @@ def build_from_clip(mcfg: LSegConfig, path: str | None) -> LSeg:
     from textseg.weights.load import load_model
 
     if not path:
-        raise TextsegError("backbone / text encoder 'clip' needs --init-from CLIP_CHECKPOINT (no CLIP weights ship)")
+        raise TextsegError("backbone / text encoder 'clip' needs --set model.init_from=CLIP_CHECKPOINT (no CLIP weights ship)")
     clip = load_model(weights=path)
     if clip.name != "clip":
-        raise TextsegError(f"--init-from {path} is a {clip.name!r} checkpoint, not CLIP")
+        raise TextsegError(f"model.init_from {path} is a {clip.name!r} checkpoint, not CLIP")
     changes: dict = {}
     if mcfg.text_encoder == "clip":
         changes.update(text_cfg=dataclasses.asdict(clip.cfg.text), embed_dim=clip.cfg.embed_dim)
