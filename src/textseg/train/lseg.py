@@ -47,7 +47,7 @@ IGNORE = 255
 class LSegDataSection:
     roots: list[str] = field(default_factory=list)  # dataset roots, "root" or "root:split"
     train_split: str = "train"
-    val_split: str | None = "val"  # validated after each epoch (null / "none": no validation)
+    val_split: str | None = "val"  # validated every train.eval_every_epochs and at the end ("none": never)
     template: str = "{}"  # prompt around each label, e.g. "a photo of a {}."
     crop: tuple[int, int] = (352, 480)  # h, w (multiples of 32)
     scale: tuple[float, float] = (0.5, 2.0)  # random scale range, relative to the stored image size
