@@ -1,7 +1,7 @@
 """Show what GroupViT groups: one colour overlay per grouping stage (the official demo's
 "all_groups" view), plus the stages side by side.
 
-    .venv/bin/python scripts/groupvit_groups.py photo.jpg --weights groupvit.safetensors --out out/groups
+    .venv/bin/python scripts/groupvit_groups.py photo.jpg --weights runs/groupvit/model.safetensors --out out/groups
     # -> out/groups/photo_stage0.png (64 groups), photo_stage1.png (8 groups), photo_groups.png
 
 Any GroupViT checkpoint works (NVlabs .pth, Hugging Face folder, native safetensors). The image is

@@ -7,10 +7,12 @@
 set -euo pipefail
 DATA=${1:-../shared/data/camvid}
 OUT=${2:-runs/lseg_camvid}
-textseg train lseg --data "$DATA" --backbone lite0 --text-encoder minilm --light \
-  --crop 160 224 --scale 0.4 0.75 --epochs 8 --batch-size 4 --lr 1e-3 --backbone-lr-mult 0.25 \
-  --class-balance --freeze-bn --freeze-stages 4 --workers 1 --threads 1 \
-  --val-every 3 --eval-scale 0.5 --image-size 180 --out "$OUT" --resume
+# A rerun resumes from the newest checkpoint in $OUT (train.resume=auto).
+textseg train lseg --set "data.roots=[$DATA]" --set model.backbone=lite0 --set model.text_encoder=minilm \
+  --set model.light=true --set "data.crop=[160,224]" --set "data.scale=[0.4,0.75]" --set train.epochs=8 \
+  --set train.batch_size=4 --set train.lr=1e-3 --set model.backbone_lr_mult=0.25 --set data.class_balance=true \
+  --set model.freeze_bn=true --set model.freeze_stages=4 --set train.num_workers=1 --set train.threads=1 \
+  --set train.eval_every_epochs=3 --set data.eval_scale=0.5 --set model.image_size=180 --set "train.out_dir=$OUT"
 
 printf "sky\nbuilding\npole\nstreet\nsidewalk\ntrees\nsign symbol\nfence\nautomobile\nperson\ncyclist\n" \
   > "$OUT/camvid_synonyms.txt"

@@ -17,7 +17,6 @@ The device machine receives at most 64 MiB, which the MiniLM weights do not fit 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -33,15 +32,21 @@ DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data
 TEMPLATE = "{}"
 
 
-def recipe(time_limit: float):
+def recipe(time_limit: float, dry: bool = False):
+    from textseg.train.config import load_config
     from textseg.train.lseg import LSegTrainConfig
 
-    return LSegTrainConfig(
-        data=[str(PACK / "camvid")], backbone="lite0", text_encoder="minilm", features=128, light=False,
-        crop=(352, 480), scale=(0.5, 2.0), epochs=150, batch_size=16, lr=1e-3, backbone_lr_mult=0.25,
-        class_balance=True, freeze_bn=False, freeze_stages=0, workers=12, val_every=50, log_every=50,
-        out_dir="/tmp/run", time_limit=time_limit, save_every=0, keep_last=1, image_size=360, template=TEMPLATE,
-    )
+    sets = [f"data.roots=[{PACK / 'camvid'}]", "model.backbone=lite0", "model.text_encoder=minilm",
+            "model.features=128", "model.light=false", "data.crop=[352,480]", "data.scale=[0.5,2.0]",
+            "train.epochs=150", "train.batch_size=16", "train.lr=1e-3", "model.backbone_lr_mult=0.25",
+            "data.class_balance=true", "model.freeze_bn=false", "model.freeze_stages=0", "train.num_workers=12",
+            "train.eval_every_epochs=50", "train.log_every=50", "train.out_dir=/tmp/run",
+            f"train.time_limit={time_limit}", "train.keep_last=1", "model.image_size=360",
+            f"data.template={TEMPLATE!r}", "train.progress=false"]
+    if dry:  # a few CPU steps to check the script before spending device time
+        sets += ["train.steps=2", "train.num_workers=0", "train.batch_size=2", "data.crop=[128,128]",
+                 "data.val_split=none", "model.features=16"]
+    return load_config(LSegTrainConfig, None, sets)
 
 
 def prepare() -> None:
@@ -100,20 +105,20 @@ def train(time_limit: float) -> None:
 
     mm.minilm = tokenizer_only
     tl.label_embeddings = label_embeddings
-    cfg = recipe(time_limit)
-    if os.environ.get("DRY"):  # a few CPU steps to check the script before spending device time
-        cfg = dataclasses.replace(cfg, max_steps=2, workers=0, batch_size=2, crop=(128, 128), val_every=0, features=16)
+    cfg = recipe(time_limit, dry=bool(os.environ.get("DRY")))
     t0 = time.time()
     res = tl.train(cfg)
     print("RESULT", json.dumps(res), "wall", round(time.time() - t0, 1), flush=True)
-    ck = load_checkpoint(latest_checkpoint(cfg.out_dir))
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ck["model"].items()
-             if not k.startswith("text_encoder.")}
+    run = Path(cfg.train.out_dir)
+    ck = load_checkpoint(latest_checkpoint(run / "checkpoints"))  # the text tower is not in checkpoints
+    prefix = "loss.model."
+    state = {k[len(prefix):]: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ck["model"].items()}
+    card = json.loads(Path(str(run / "model.safetensors") + ".json").read_text())
     out = Path(os.environ["OUT"])
     save_file(state, str(out / "lseg_image_side.safetensors"),
-              metadata={"model_config": json.dumps(ck["model_config"]), "step": str(ck["step"]),
-                        "epoch": str(ck["epoch"]), "recipe": json.dumps(dataclasses.asdict(cfg), default=str)})
-    shutil.copy(Path(cfg.out_dir) / "log.jsonl", out / "log.jsonl")
+              metadata={"model_config": json.dumps(card["config"]), "step": str(ck["step"]),
+                        "epoch": str(ck["epoch"]), "recipe": json.dumps(ck["config"], default=str)})
+    shutil.copy(run / "log.jsonl", out / "log.jsonl")
     print("exported step", ck["step"], "epoch", ck["epoch"])
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def check_gather() -> dict:
-    from textseg.train.dist import get_rank, get_world_size
+    from textseg.distributed import get_rank, get_world_size
     from textseg.train.groupvit import multi_label_loss
     from textseg.train.losses import info_nce
 
@@ -55,7 +55,7 @@ def main(out_json: str) -> None:
     from groupvit_synthetic import SceneDataset
     from synthetic_scenes import make_scenes
 
-    from textseg.train.dist import init_distributed, is_main
+    from textseg.distributed import init_distributed, is_main
     from textseg.train.engine import TrainConfig, Trainer, seed_everything
     from textseg.train.groupvit import GroupViTCollate, GroupViTModelCfg, GroupViTTrainModule
 

@@ -217,3 +217,25 @@ def test_learns_from_captions_alone_quick(tmp_path, capsys):
     # seeded, one thread: deterministic on CPU
     assert presence_after >= max(0.8, presence_before + 0.3), (presence_before, presence_after)
     assert groups["groups_per_image"] >= 1.5, groups
+
+
+def test_stop_resume_equals_uninterrupted_and_the_model_file_segments(caption_folder, tmp_path, capsys):
+    from train_util import stop_resume_matches
+
+    from textseg.train.config import load_config
+    from textseg.train.groupvit import GroupViTRecipeConfig, build_trainer, train_groupvit
+
+    sets = [s for s in TINY if s != "--set" and not s.startswith("train.steps")]
+
+    def make_cfg(out):
+        return load_config(GroupViTRecipeConfig, None, [*sets, f"data.train={caption_folder}", "train.steps=4",
+                                                        "train.ckpt_every=1", "train.log_every=1",
+                                                        "train.device=cpu", f"train.out_dir={out}"])
+
+    weights = stop_resume_matches(build_trainer, train_groupvit, make_cfg, tmp_path, steps=4, stop_at=2)
+    img = caption_folder / "images" / "0.png"
+    code, stdout, stderr = run_cli(capsys, "segment", str(img), "--weights", str(weights), "--labels", "star,circle",
+                                   "--short-side", "32", "--threshold", "none", "--out", str(tmp_path / "seg"),
+                                   "--json", "--no-progress")
+    assert code == 0, stderr[-2000:]
+    assert set(json.loads(stdout.strip().splitlines()[-1])["fractions"]) == {"star", "circle"}

@@ -377,10 +377,12 @@ def make_folder_dataset(root: Path, n: int = 12, size: int = 64, seed: int = 0) 
     return root
 
 
-def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "lseg", "--data", str(data), "--crop", "64", "64", "--scale", "0.8", "1.25",
-            "--batch-size", "2", "--light", "--features", "16", "--workers", "0", "--threads", "1",
-            "--log-every", "1", "--out", str(out), *extra]
+def train_args(data: Path, out: Path, *sets: str, light: bool = True) -> list[str]:
+    """``textseg train lseg`` on a tiny folder dataset; ``sets`` are extra ``key=value`` overrides."""
+    base = [f"data.roots=[{data}]", "data.crop=[64,64]", "data.scale=[0.8,1.25]", "train.batch_size=2",
+            f"model.light={str(light).lower()}", "model.features=16", "train.num_workers=0", "train.threads=1",
+            "train.log_every=1", f"train.out_dir={out}", "train.progress=false", "train.tensorboard=false"]
+    return ["train", "lseg", *(a for kv in (*base, *sets) for a in ("--set", kv))]
 
 
 def read_log(out: Path) -> list[dict]:
@@ -394,12 +396,12 @@ def test_training_learns_and_keeps_the_text_encoder_bit_identical(tmp_path):
 
     data = make_folder_dataset(tmp_path / "scenes")
     out = tmp_path / "run"
-    assert main(train_args(data, out, "--max-steps", "24", "--lr", "3e-3", "--val-every", "1")) == 0
+    assert main(train_args(data, out, "train.steps=24", "train.lr=3e-3", "train.eval_every_epochs=1")) == 0
     log = read_log(out)
     losses = [e["loss"] for e in log if "loss" in e]
     assert len(losses) == 24
     assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4]), losses
-    val = [e for e in log if e.get("val")]
+    val = [e for e in log if e["kind"] == "eval"]
     assert val and val[-1]["miou"] > 40  # 3 classes, learnt from 24 tiny steps
     model = load_model("lseg", weights=out / "model.safetensors")
     # the default recipe keeps lang-seg's fixed temperature through training, saving and loading
@@ -424,9 +426,8 @@ def test_training_from_a_clip_checkpoint_keeps_its_text_tower(tmp_path):
     save_model(clip, tmp_path / "clip.safetensors")
     data = make_folder_dataset(tmp_path / "scenes", n=4)
     out = tmp_path / "run"
-    args = train_args(data, out, "--max-steps", "2", "--val-split", "none", "--backbone", "clip",
-                      "--text-encoder", "clip", "--init-from", str(tmp_path / "clip.safetensors"))
-    args.remove("--light")
+    args = train_args(data, out, "train.steps=2", "data.val_split=none", "model.backbone=clip",
+                      "model.text_encoder=clip", f"model.init_from={tmp_path / 'clip.safetensors'}", light=False)
     assert main(args) == 0
     model = load_model("lseg", weights=out / "model.safetensors")
     assert model.cfg.backbone == "clip" and model.cfg.embed_dim == 32 and model.image_encoder.hooks == (0, 1, 2, 3)
@@ -468,15 +469,15 @@ def test_torchrun_two_processes_gloo_loss_falls(tmp_path):
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-           "-m", "textseg.cli", *train_args(data, out, "--max-steps", "16", "--lr", "3e-3", "--val-split", "none",
-                                            "--device", "cpu")]
+           "-m", "textseg.cli", *train_args(data, out, "train.steps=16", "train.lr=3e-3", "data.val_split=none",
+                                            "train.device=cpu")]
     code, log_text = run_torchrun(cmd, env=_env(), timeout=240, cwd=tmp_path, outputs=[out])
     assert code == 0, log_text[-5000:]
     log = read_log(out)
     losses = [e["loss"] for e in log if "loss" in e]
     assert len(losses) == 16  # rank 0 logs the mean over both ranks
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
-    ckpt = torch.load(sorted(out.glob("step_*.pt"))[-1], weights_only=True)
+    ckpt = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 16
 
 
@@ -485,30 +486,33 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_state(tmp_path):
     from textseg.train.checkpoint import checkpoint_path, load_checkpoint
 
     data = make_folder_dataset(tmp_path / "scenes", n=8)
-    common = ("--max-steps", "16", "--save-every", "1", "--val-split", "none", "--lr", "3e-3")
+    common = ("train.steps=16", "train.ckpt_every=1", "data.val_split=none", "train.lr=3e-3")
     ref = tmp_path / "ref"
     assert main(train_args(data, ref, *common)) == 0  # uninterrupted reference (keeps the last 2 steps)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "textseg.cli", *train_args(data, out, *common, "--resume")]
+    ckpts = out / "checkpoints"
+    cmd = [sys.executable, "-m", "textseg.cli", *train_args(data, out, *common, "train.resume=auto")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("step_*.pt")):
+    while time.time() < deadline and not list(ckpts.glob("step_*.pt")):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: a real crash
     proc.wait()
-    assert list(out.glob("step_*.pt")), "the run was killed before its first checkpoint"
-    done = max(int(p.stem.split("_")[1]) for p in out.glob("step_*.pt"))
+    assert list(ckpts.glob("step_*.pt")), "the run was killed before its first checkpoint"
+    done = max(int(p.stem.split("_")[1]) for p in ckpts.glob("step_*.pt"))
     assert done < 16, "the run finished before it could be killed"
-    state_at_kill = load_checkpoint(checkpoint_path(out, done))
+    state_at_kill = load_checkpoint(checkpoint_path(ckpts, done))
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert f"resumed from {checkpoint_path(out, done)} at step {done}" in resumed.stdout
+    assert f"resumed from {checkpoint_path(ckpts, done)} at step {done}" in resumed.stdout
     steps = [e["step"] for e in read_log(out) if "loss" in e]
     assert steps[-(16 - done):] == list(range(done + 1, 17))  # continues at the next step, none repeated
-    first_after = load_checkpoint(checkpoint_path(out, 16))
-    want = load_checkpoint(checkpoint_path(ref, 16))
+    first_after = load_checkpoint(checkpoint_path(ckpts, 16))
+    want = load_checkpoint(checkpoint_path(ref / "checkpoints", 16))
+    # the frozen text tower is rebuilt from its packaged weights, not stored in the checkpoints
+    assert not any(k.startswith("loss.model.text_encoder.") for k in want["model"])
     assert first_after["step"] == want["step"] == 16
     for k, v in want["model"].items():
         torch.testing.assert_close(first_after["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
@@ -517,16 +521,24 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_state(tmp_path):
         assert int(got["step"]) == int(s["step"]) == 16
         torch.testing.assert_close(got["exp_avg_sq"], s["exp_avg_sq"], rtol=1e-3, atol=1e-9)
     assert state_at_kill["optimizer"]["param_groups"][0]["lr"] > want["optimizer"]["param_groups"][0]["lr"]
-    assert not math.isnan(first_after["model"]["logit_scale"].item())
+    assert not math.isnan(first_after["model"]["loss.model.logit_scale"].item())
+    # the run's model file segments through the CLI
+    from textseg.cli import main as cli
+
+    image = tmp_path / "scene.png"
+    Image.open(data / "images" / "s000.png").save(image)
+    assert cli(["segment", str(image), "--weights", str(out / "model.safetensors"), "--labels", "road, sky, car",
+                "--out", str(tmp_path / "seg")]) == 0
+    assert list((tmp_path / "seg").iterdir())
 
 
-def test_cli_learn_logit_scale_flag_reaches_the_recipe(monkeypatch, tmp_path):
+def test_cli_learn_logit_scale_setting_reaches_the_recipe(monkeypatch, tmp_path):
     import textseg.train.lseg as recipe
     from textseg.cli import main
 
     seen = []
-    monkeypatch.setattr(recipe, "train", lambda cfg: seen.append(cfg) or {"step": 0, "seconds": 0, "loss": 0.0,
-                                                                          "val": []})
-    assert main(["train", "lseg", "--data", str(tmp_path), "--out", str(tmp_path / "a")]) == 0
-    assert main(["train", "lseg", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--learn-logit-scale"]) == 0
-    assert [c.learn_logit_scale for c in seen] == [False, True]
+    monkeypatch.setattr(recipe, "train", lambda cfg: seen.append(cfg) or {"step": 0, "loss": 0.0})
+    base = ["train", "lseg", "--set", f"data.roots=[{tmp_path}]"]
+    assert main([*base, "--set", f"train.out_dir={tmp_path / 'a'}"]) == 0
+    assert main([*base, "--set", f"train.out_dir={tmp_path / 'b'}", "--set", "model.learn_logit_scale=true"]) == 0
+    assert [c.model.learn_logit_scale for c in seen] == [False, True]

@@ -32,6 +32,7 @@ TINY: dict[str, dict] = {
                        vit_layers=4, vit_heads=2, vit_image_size=64, vit_hooks=(0, 1, 2, 3),
                        vit_reassemble=(8, 16, 32, 32), text_cfg=asdict(TINY_TEXT), image_size=64).to_dict(),
     "offline": {},  # the real packaged EfficientNet-Lite0 + MiniLM + bridge
+    "lit": {"image_variant": "lite0", "embed_dim": 16},  # heads on the packaged towers
     "cam": {"class_names": ["a cat", "grass", "a red car"], "backbone": "tiny", "image_size": 32},  # = LABELS
 }
 # extra configs of a registered architecture worth covering (id -> (architecture, config))

@@ -139,3 +139,38 @@ def test_lit_heads_on_cached_frozen_towers(folders, tmp_path):
     img, txt, owner = tower_features(trainer.module.model, train_ds, 16, torch.device("cpu"), f"{tmp_path}/cache")
     torch.testing.assert_close(img, trainer.dataset.image_feats)
     torch.testing.assert_close(txt, trainer.dataset.text_feats)
+
+
+@pytest.mark.parametrize("arch", ["clip", "lit"])
+def test_stop_resume_equals_uninterrupted_and_the_model_file_classifies(arch, folders, tmp_path, capsys):
+    """Full CLIP and LiT (locked packaged towers, cached features, only the heads in checkpoints):
+    stop + resume = uninterrupted, then ``textseg classify --weights OUT/model.safetensors``."""
+    from train_util import stop_resume_matches
+
+    from textseg.train.clip import train_clip
+    from textseg.weights.load import load_model
+
+    train, _ = folders
+    if arch == "clip":
+        sets = [s for s in TINY if not s.startswith("train.resume")]
+    else:
+        sets = ["model.arch=lit", "model.embed_dim=16", f"model.feature_cache={tmp_path}/cache",
+                "train.batch_size=12", "train.lr=3e-3", "train.progress=false", "train.tensorboard=false",
+                "train.device=cpu"]
+
+    def make_cfg(out):
+        return load_config(ClipRecipeConfig, None, [*sets, f"data.train={train}", "train.steps=6", "train.ckpt_every=2",
+                                                    "train.log_every=1", f"train.out_dir={out}"])
+
+    weights = stop_resume_matches(build_trainer, train_clip, make_cfg, tmp_path, steps=6, stop_at=3)
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "step_00000006.pt", weights_only=True)
+    if arch == "lit":  # only the heads and the scale: the towers are the packaged ones
+        assert sorted(ckpt["model"]) == ["model.image_proj.weight", "model.logit_scale", "model.text_proj.weight"]
+    model = load_model(weights=weights)
+    assert model.name == arch
+    capsys.readouterr()
+    image = sorted((train / "images").iterdir())[0]
+    assert main(["classify", str(image), "--weights", str(weights), "--labels", "red block,green block,blue block",
+                 "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.dumps(rec).count("block") >= 3

@@ -203,3 +203,20 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
     longer = _trainer(_cfg(tmp_path, steps=8, warmup_steps=0, ema_decay=None), 0)
     assert longer.step == 4
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * LRSchedule(8)(4))
+
+
+@pytest.mark.parametrize("recipe", ["clip", "lseg", "groupvit"])
+def test_recipe_help_shows_config_and_set_and_no_mirrored_flags(recipe, capsys):
+    """Every training recipe is driven by ``--config FILE --set a.b=c`` only: its help lists those
+    and the recipe-wide switches, never a flag mirroring a config field."""
+    import re
+
+    from textseg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", recipe, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text))
+    assert {"--config", "--set"} <= flags
+    assert flags <= {"--config", "--set", "--print-config", "--json", "--help"}, flags

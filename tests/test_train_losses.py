@@ -75,7 +75,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from textseg.train.dist import all_gather_with_grad, cleanup, get_rank, get_world_size, init_distributed
+    from textseg.distributed import cleanup, get_rank, get_world_size, init_distributed
+    from textseg.train.dist import all_gather_with_grad
     from textseg.train.engine import TrainConfig, Trainer
 
     info = init_distributed("cpu")

@@ -36,9 +36,7 @@ def run_torchrun(cmd: list[str], env: dict | None = None, timeout: float = 120, 
                  outputs: Sequence[Path] = ()) -> tuple[int, str]:
     """``(returncode, stdout + stderr)`` of ``cmd``, retried once after a gloo exit abort (the
     ``outputs`` folders are removed first, so the retry starts from scratch)."""
-    env = dict(os.environ) if env is None else dict(env)
-    # unbuffered: each line is one write, so the workers' lines never split one another
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = dict(os.environ) if env is None else env
     code, out = _run_once(cmd, env, timeout, cwd)
     if code != 0 and GLOO_EXIT_ABORT in out:
         for path in outputs:

@@ -35,6 +35,7 @@ import torch
 
 from textseg.constants import IGNORE_INDEX
 from textseg.data.base import SegDataset
+from textseg.distributed import get_rank, get_world_size, is_dist
 from textseg.errors import TextsegError
 from textseg.metrics import ConfusionMatrix, SegMetrics
 
@@ -288,9 +289,7 @@ def versions() -> dict:
 def _dist():
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist, dist.get_rank(), dist.get_world_size()
-    return None, 0, 1
+    return (dist, get_rank(), get_world_size()) if is_dist() else (None, 0, 1)
 
 
 def image_miou(counts: torch.Tensor) -> float:

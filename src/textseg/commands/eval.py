@@ -12,7 +12,6 @@ against itself (100.0: a check of the reader and the metric).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from textseg.commands import add_templates_argument
@@ -74,35 +73,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _init_distributed(device: str | None):
-    """Join the torchrun group when launched by torchrun; returns (rank, world, device)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    else:
-        device = "cpu"
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def run(args) -> int:
     import torch
 
+    from textseg.distributed import cleanup, init_distributed
     from textseg.errors import TextsegError
     from textseg.evaluate import format_table, run_benchmark
 
-    rank, world, device = _init_distributed(args.device)
+    info = init_distributed(args.device, share_cpu_threads=True)
+    rank, device = info.rank, info.device
     if args.threads is not None:
         if args.threads < 1:
             raise TextsegError("--threads must be >= 1")
@@ -135,13 +114,6 @@ def run(args) -> int:
                 print(f"error: {e['error']}", file=sys.stderr)
             if len(result.errors) > 20:
                 print(f"... and {len(result.errors) - 20} more errors (see --out)", file=sys.stderr)
-    _shutdown()
+    cleanup()
     return 0 if result.images > 0 else 1
 
-
-def _shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

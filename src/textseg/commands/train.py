@@ -41,8 +41,8 @@ def run_recipe(args, config_cls, train_fn) -> int:
 
     import yaml
 
+    from textseg.distributed import cleanup, is_main
     from textseg.train.config import config_to_dict, load_config
-    from textseg.train.dist import cleanup, is_main
 
     cfg = load_config(config_cls, args.config, args.overrides)
     if args.print_config:
@@ -50,9 +50,10 @@ def run_recipe(args, config_cls, train_fn) -> int:
         return 0
     try:
         result = train_fn(cfg)
+        main = is_main()  # asked before cleanup(): without a process group every rank is "main"
     finally:
         cleanup()
-    if is_main():
+    if main:
         if args.json:
             print(json.dumps(result))
         else:

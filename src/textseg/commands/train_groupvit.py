@@ -8,7 +8,7 @@ Every setting lives in :class:`textseg.train.groupvit.GroupViTRecipeConfig` (mod
 loss / train sections); ``--config`` overrides its defaults from YAML, ``--set key.sub=value``
 (repeatable) overrides both. The resolved config is saved as ``<train.out_dir>/config.yaml``; a
 restarted run resumes from the newest checkpoint there (``--set train.resume=none`` to start over).
-The trained weights are exported as ``<train.out_dir>/groupvit.safetensors`` for
+The trained weights are exported as ``<train.out_dir>/model.safetensors`` for
 ``textseg segment --weights``.
 """
 

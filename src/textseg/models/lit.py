@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,15 @@ class LiTModel(DualEncoder):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.preprocess_cfg = PreprocessCfg(image_size=self.image.cfg.image_size, mean=(0.5, 0.5, 0.5),
                                             std=(0.5, 0.5, 0.5), interpolation="bicubic")
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
+
+    @classmethod
+    def from_config_dict(cls, d: dict) -> LiTModel:
+        """The architecture of a saved LiT (the native format's builder); the checkpoint then
+        supplies every weight, so the packaged image weights are not read first."""
+        return cls(LiTConfig(**{**d, "pretrained": False}))
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.text.tokenize(list(texts))

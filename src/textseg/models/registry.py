@@ -19,6 +19,7 @@ from textseg.errors import CheckpointError
 from textseg.models.base import DualEncoder
 from textseg.models.clip import CLIP
 from textseg.models.groupvit import GroupViT
+from textseg.models.lit import LiTModel
 from textseg.models.lseg import LSeg
 from textseg.models.offline import OfflineModel
 from textseg.wsss.cam import CAMNet
@@ -29,6 +30,7 @@ MODELS: dict[str, Builder] = {
     "cam": CAMNet.from_config_dict,
     "clip": CLIP.from_config_dict,
     "groupvit": GroupViT.from_config_dict,
+    "lit": LiTModel.from_config_dict,
     "lseg": LSeg.from_config_dict,
     "offline": OfflineModel.from_config_dict,
 }

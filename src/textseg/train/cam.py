@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from textseg.data.image_labels import canonical, load_image_labels, multi_hot, read_class_list
+from textseg.distributed import barrier, init_distributed
 from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder
-from textseg.train.dist import barrier, init_distributed
 from textseg.train.engine import TrainConfig, Trainer, seed_everything
 from textseg.wsss.cam import CAMConfig, CAMNet, load_backbone_weights
 from textseg.wsss.clims import CLIMSLoss, CLIMSWeights, baseline_loss

@@ -5,7 +5,12 @@ A training checkpoint is a dict of tensors and plain Python values only, so it l
 
     {"format": "textseg-train", "version": 1, "step": int, "epoch": int, "batch_in_epoch": int,
      "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ..., "ema": state_dict | None,
-     "rng": [per-rank rng dicts], "config": resolved config dict, "world_size": int}
+     "rng": [per-rank rng dicts], "config": resolved config dict, "world_size": int,
+     "total_steps": int, "elapsed": float}
+
+written by :meth:`textseg.train.engine.Trainer.save_checkpoint` for every recipe, as
+``<out_dir>/checkpoints/step_XXXXXXXX.pt`` (``model`` / ``ema`` leave out the keys under the
+training module's ``checkpoint_skip`` prefixes: packaged frozen towers rebuilt at construction).
 
 Files are written to a temporary name in the same folder, fsynced, then renamed, so a crash while
 saving never leaves a truncated ``step_*.pt`` behind.

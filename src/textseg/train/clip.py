@@ -11,7 +11,8 @@ Two architectures (``model.arch``):
 
 Loss: symmetric InfoNCE over the global batch (features gathered across ranks with gradient,
 ``loss.local_loss`` = open_clip's local-loss memory trick), logit scale learnable and clamped at 100.
-Evaluation (every ``train.eval_every`` steps and at the end): image->text and text->image
+The run ends with ``<train.out_dir>/model.safetensors`` (CLIP or LiT, native format) for
+``textseg segment/classify --weights``. Evaluation (every ``train.eval_every`` steps and at the end): image->text and text->image
 retrieval R@1/5/10 on ``data.val`` and, when ``eval.zeroshot`` and the folder has ``labels.json``
 + ``classes.txt``, zero-shot multi-label classification (top-1 / top-5 hit rate).
 
@@ -34,12 +35,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from textseg.data.imagetext import CaptionDataset, ImageTextCollate, TarShardDataset, pick_caption
+from textseg.distributed import is_main, print0
 from textseg.errors import TextsegError
 from textseg.models.clip import CLIPConfig
 from textseg.preprocess import Preprocess
 from textseg.prompts import resolve_templates
 from textseg.train.checkpoint import atomic_save
-from textseg.train.dist import is_main, print0
 from textseg.train.engine import TrainConfig, Trainer, seed_everything
 from textseg.train.losses import MAX_LOGIT_SCALE, ClipLoss
 
@@ -129,6 +130,11 @@ class ClipTrainModule(nn.Module):
         super().__init__()
         self.model, self.lock_image, self.lock_text = model, lock_image, lock_text
         self.loss = ClipLoss(local_loss=local_loss)
+        # LiT's locked towers are the packaged pretrained ones, rebuilt identically: not checkpointed
+        # (a locked CLIP tower is random-initialised, so it is kept).
+        if getattr(model, "name", "") == "lit":
+            self.checkpoint_skip = tuple(p for p, locked in (("model.image.", lock_image),
+                                                             ("model.text.", lock_text)) if locked)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -302,7 +308,7 @@ class ClipEvaluator:
 # ------------------------------------------------------------------------------------------ recipe
 def build_trainer(cfg: ClipRecipeConfig) -> Trainer:
     """Model, data, evaluator and engine for ``cfg`` (call ``.fit()`` on the result)."""
-    from textseg.train.dist import init_distributed
+    from textseg.distributed import init_distributed
 
     d = cfg.data
     if not d.train:
@@ -342,5 +348,9 @@ def build_trainer(cfg: ClipRecipeConfig) -> Trainer:
 
 
 def train_clip(cfg: ClipRecipeConfig) -> dict[str, float]:
-    """Build and run; returns the final train metrics merged with the last evaluation."""
-    return build_trainer(cfg).fit()
+    """Build and run, then write the dual encoder as ``<out_dir>/model.safetensors`` (native format,
+    loadable with ``--weights``); returns the final train metrics merged with the last evaluation."""
+    trainer = build_trainer(cfg)
+    result = trainer.fit()
+    path = trainer.save_model(trainer.final_module().model, {"source": "textseg train clip"})
+    return {**result, "weights": str(path)}

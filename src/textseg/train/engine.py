@@ -45,7 +45,9 @@ Example (runs alone, or ``torchrun --nproc_per_node 2 my_recipe.py`` for DDP)::
 What it writes (rank 0) under ``cfg.out_dir``: ``config.yaml`` (the resolved config),
 ``checkpoints/step_XXXXXXXX.pt`` (every ``ckpt_every`` steps and at the end; the newest
 ``keep_last`` are kept), ``log.jsonl`` (one JSON object per log/eval event) and TensorBoard events
-in ``tb/`` when ``tensorboard`` is installed. With ``resume="auto"`` a restarted run continues from
+in ``tb/`` when ``tensorboard`` is installed; the recipe ends with :meth:`Trainer.save_model`, the
+native ``model.safetensors`` (+ ``.json`` card) that ``textseg segment/classify/eval --weights``
+loads. Every recipe's checkpoints share this one layout (:mod:`textseg.train.checkpoint`). With ``resume="auto"`` a restarted run continues from
 the newest checkpoint in ``out_dir`` and reaches bit-identical weights to an uninterrupted run
 (CPU, ``num_workers=0`` or augmentations that draw their randomness from the sample index).
 """
@@ -68,10 +70,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from textseg.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist
 from textseg.errors import TextsegError
 from textseg.train import checkpoint as ckpt_lib
 from textseg.train.config import config_to_dict, save_config
-from textseg.train.dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist
+from textseg.weights.load import save_model as save_native_model
 
 
 @dataclass
@@ -79,22 +82,32 @@ class TrainConfig:
     """Engine settings (the ``train:`` section of every recipe config).
 
     ``batch_size`` is per process and per micro-batch: the global batch of one optimizer step is
-    ``batch_size * grad_accum * world_size``. ``steps`` counts optimizer steps. ``lr`` is the peak
-    learning rate reached after ``warmup_steps`` of linear warm-up; then ``schedule`` decays it
-    ("cosine" to ``min_lr_ratio * lr``, "poly" with ``poly_power``, or "constant"). ``amp``:
-    "none", "bf16" (GPU or CPU) or "fp16" (GPU only, with a GradScaler). ``clip_grad``: max global
-    grad norm (null = off). ``ema_decay``: keep an exponential moving average of the weights (used
-    for evaluation and saved in checkpoints). ``resume``: "auto" (newest checkpoint in
-    ``out_dir/checkpoints`` if any), "none", or a checkpoint path. ``eval_every``/``ckpt_every``/
-    ``log_every``: in optimizer steps, 0 = only at the end.
+    ``batch_size * grad_accum * world_size``. ``steps`` counts optimizer steps. ``epochs`` (> 0,
+    map-style data only) sets the run length to ``epochs`` passes over the data instead, capped at
+    ``steps`` when ``steps`` > 0. ``optimizer``: "adamw" (``betas``, ``eps``) or "sgd"
+    (``momentum``). ``lr`` is the peak learning rate reached after ``warmup_steps`` of linear
+    warm-up; then ``schedule`` decays it ("cosine" to ``min_lr_ratio * lr``, "poly" with
+    ``poly_power``, or "constant"). ``amp``: "none", "bf16" (GPU or CPU), "fp16" (GPU only, with a
+    GradScaler) or "auto" (bf16 on GPU, none on CPU). ``clip_grad``: max global grad norm (null =
+    off). ``ema_decay``: keep an exponential moving average of the weights (used for evaluation and
+    saved in checkpoints). ``resume``: "auto" (newest checkpoint in ``out_dir/checkpoints`` if
+    any), "none", or a checkpoint path. ``eval_every``/``ckpt_every``/``log_every``: in optimizer
+    steps, 0 = only at the end; ``eval_every_epochs``/``ckpt_every_epochs``: also at the end of every
+    n-th epoch (map-style data). ``time_limit`` (seconds, 0 = none): at each epoch's end the run is
+    shortened to what the measured speed allows in the time left (the schedule then ends at the
+    new last step; the first epoch of a process, which pays for start-up, is not measured unless
+    the time is already up). ``threads``: torch CPU threads during ``fit`` (0 = torch's default).
     """
 
     out_dir: str = "runs/train"
     steps: int = 1000
+    epochs: int = 0
     batch_size: int = 32
     grad_accum: int = 1
+    optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.1
+    momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     schedule: str = "cosine"
@@ -112,10 +125,27 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     ckpt_every: int = 0
+    eval_every_epochs: int = 0
+    ckpt_every_epochs: int = 0
     keep_last: int = 2
     resume: str = "auto"
+    time_limit: float = 0.0
+    threads: int = 0
     progress: bool = True
     tensorboard: bool = True
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (0: leave torch's setting), restored after.
+    Recipes wrap model building in it too, so setup and training use the same thread count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:
@@ -153,6 +183,29 @@ class LRSchedule:
         else:
             decay = (1.0 - progress) ** self.power
         return self.min_ratio + (1.0 - self.min_ratio) * decay
+
+
+def build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``groups``. A group may carry ``lr_mult`` (its learning rate is
+    ``cfg.lr * lr_mult``, and the schedule scales it like every other) and its own
+    ``weight_decay`` (default ``cfg.weight_decay``)."""
+    groups = [{**g, "lr": cfg.lr * g.get("lr_mult", 1.0)} for g in groups]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise TextsegError(f"train.optimizer must be adamw or sgd, got {cfg.optimizer!r}")
+
+
+def set_bn_eval(module: nn.Module) -> None:
+    """Put every BatchNorm layer inside ``module`` in eval mode with frozen affine parameters
+    (call it before building the Trainer, and again from the training module's ``train()``)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -277,7 +330,7 @@ def _fmt(v: float) -> str:
 
 
 class Trainer:
-    """Runs ``cfg.steps`` optimizer steps of ``module`` on ``dataset``.
+    """Runs ``cfg.steps`` (or ``cfg.epochs`` worth of) optimizer steps of ``module`` on ``dataset``.
 
     Args:
         cfg: engine settings.
@@ -288,14 +341,20 @@ class Trainer:
         eval_fn: ``eval_fn(model, step) -> dict[str, float]``, called on every rank under
             ``torch.no_grad()`` with the unwrapped module (its EMA copy when ``ema_decay`` is set) in
             eval mode, every ``eval_every`` steps and at the end; rank 0's result is logged.
-        optimizer: default AdamW over :func:`param_groups` with ``lr``/``betas``/``eps``/
-            ``weight_decay``; pass your own for other optimizers or per-group learning rates
-            (the schedule multiplies every group's initial lr).
+        optimizer: default ``cfg.optimizer`` (:func:`build_optimizer`) over ``groups``; pass your own
+            for other optimizers (the schedule multiplies every group's initial lr).
+        groups: parameter groups for the default optimizer (each may set ``lr_mult`` and
+            ``weight_decay``); default :func:`param_groups` (no decay on biases / norms / scalars).
         config: the full recipe config (a dataclass) saved as ``out_dir/config.yaml`` and inside
             checkpoints; defaults to ``cfg``.
         callbacks: ``fn(trainer)`` called after every optimizer step (after logging/eval/saving);
             ``trainer.step``, ``trainer.last_metrics`` are available; call ``trainer.stop()`` to end
             ``fit`` early.
+
+    Frozen parts rebuilt identically at construction (packaged pretrained towers) may be left out
+    of checkpoints: the training module lists their state-dict key prefixes in a
+    ``checkpoint_skip`` attribute (a tuple of str); loading then requires exactly those keys to be
+    missing. The final model file is written by :meth:`save_model`.
 
     Attributes: ``info`` (:class:`DistInfo`), ``device``, ``step``, ``epoch``, ``optimizer``,
     ``scheduler``, ``scaler``, ``ema`` (or None), ``out_dir``, ``ckpt_dir``.
@@ -312,15 +371,18 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         config: Any = None,
         callbacks: Sequence[Callable[[Trainer], None]] = (),
+        groups: list[dict] | None = None,
     ):
-        if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.steps < 1:
-            raise TextsegError("train.steps, train.batch_size and train.grad_accum must be >= 1")
-        if cfg.amp not in ("none", "bf16", "fp16"):
-            raise TextsegError(f"train.amp must be none, bf16 or fp16, got {cfg.amp!r}")
+        if cfg.grad_accum < 1 or cfg.batch_size < 1 or (cfg.steps < 1 and cfg.epochs < 1):
+            raise TextsegError("train.batch_size and train.grad_accum must be >= 1, and train.steps "
+                               "or train.epochs too")
+        if cfg.amp not in ("none", "bf16", "fp16", "auto"):
+            raise TextsegError(f"train.amp must be none, bf16, fp16 or auto, got {cfg.amp!r}")
         self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.device)
         self.device = self.info.device
-        if cfg.amp == "fp16" and self.device.type != "cuda":
+        self.amp = ("bf16" if self.device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
+        if self.amp == "fp16" and self.device.type != "cuda":
             raise TextsegError("train.amp=fp16 needs a GPU; use bf16 or none on CPU")
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -328,17 +390,37 @@ class Trainer:
         self.eval_fn, self.callbacks = eval_fn, list(callbacks)
         self.dataset, self.collate_fn = dataset, collate_fn
         self.step = self.epoch = self.batch_in_epoch = 0
+        self._fit_t0 = 0.0
+        self.resumed_from: Path | None = None
         self.last_metrics: dict[str, float] = {}
         self._stop = False
         self._logger = _Logger(self.out_dir, self.info.is_main, cfg.tensorboard, lambda s: print(s, flush=True))
 
         self.module = module.to(self.device)
-        self.optimizer = optimizer or torch.optim.AdamW(
-            param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-        )
-        self.schedule = LRSchedule(cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.poly_power)
+        self._skip = tuple(getattr(module, "checkpoint_skip", ()))
+        self.optimizer = optimizer or build_optimizer(
+            cfg, groups if groups is not None else param_groups(self.module, cfg.weight_decay))
+        self._sampler = None
+        self._batches_per_epoch = 0
+        if not isinstance(dataset, IterableDataset):
+            self._sampler = ShardedSampler(len(dataset), self.info.rank, self.info.world_size, cfg.shuffle, cfg.seed)
+            self._batches_per_epoch = len(dataset) // self.info.world_size // cfg.batch_size
+            if self._batches_per_epoch < 1:
+                raise TextsegError(
+                    f"dataset has {len(dataset)} samples: fewer than one batch of {cfg.batch_size} per process"
+                )
+        elif cfg.epochs or cfg.eval_every_epochs or cfg.ckpt_every_epochs or cfg.time_limit:
+            raise TextsegError("train.epochs, *_every_epochs and time_limit need a map-style dataset "
+                               "(an iterable one has no known epoch length)")
+        self.total_steps = cfg.steps
+        if cfg.epochs:
+            by_epochs = max(1, cfg.epochs * self._batches_per_epoch // cfg.grad_accum)
+            self.total_steps = min(cfg.steps, by_epochs) if cfg.steps > 0 else by_epochs
+        self.elapsed = 0.0  # training seconds of earlier processes of this run (time_limit)
+        self.schedule = LRSchedule(self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                                   cfg.poly_power)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.ema = ModelEMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if is_dist() and self.info.world_size > 1:
@@ -349,17 +431,10 @@ class Trainer:
             )
         else:
             self.model = self.module
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         self._autocast = (
             (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         )
-        self._sampler = None
-        if not isinstance(dataset, IterableDataset):
-            self._sampler = ShardedSampler(len(dataset), self.info.rank, self.info.world_size, cfg.shuffle, cfg.seed)
-            if len(dataset) // self.info.world_size < cfg.batch_size:
-                raise TextsegError(
-                    f"dataset has {len(dataset)} samples: fewer than one batch of {cfg.batch_size} per process"
-                )
 
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -396,7 +471,22 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
 
+    def epochs_done(self, step: int | None = None) -> int:
+        """Whole passes over a map-style dataset completed after ``step`` optimizer steps."""
+        step = self.step if step is None else step
+        return step * self.cfg.grad_accum // self._batches_per_epoch if self._batches_per_epoch else 0
+
     # ---------------------------------------------------------------- state
+    def _model_state(self, module: nn.Module) -> dict:
+        return {k: v for k, v in module.state_dict().items() if not (self._skip and k.startswith(self._skip))}
+
+    def _load_model_state(self, module: nn.Module, state: dict) -> None:
+        result = module.load_state_dict(state, strict=not self._skip)
+        if self._skip:
+            missing = [k for k in result.missing_keys if not k.startswith(self._skip)]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
     def state_dict(self) -> dict:
         """The checkpoint content (see :mod:`textseg.train.checkpoint`). Collective under DDP."""
         rng = ckpt_lib.capture_rng_state()
@@ -413,11 +503,13 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.info.world_size,
-            "model": self.module.state_dict(),
+            "total_steps": self.total_steps,
+            "elapsed": self.elapsed + (time.perf_counter() - self._fit_t0 if self._fit_t0 else 0.0),
+            "model": self._model_state(self.module),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "ema": self._model_state(self.ema.module) if self.ema else None,
             "rng": rng_all,
             "config": config_to_dict(self.config),
         }
@@ -435,11 +527,15 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Restore everything saved by :meth:`state_dict` (strict model keys)."""
         try:
-            self.module.load_state_dict(state["model"], strict=True)
+            self._load_model_state(self.module, state["model"])
         except RuntimeError as e:
             raise TextsegError(f"checkpoint does not match the model: {str(e).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        # The schedule's shape comes from the current config (so train.steps can be extended on resume).
+        # The schedule's shape comes from the current config (so train.steps can be extended on
+        # resume), except a run shortened by train.time_limit, which keeps its shortened end.
+        if self.cfg.time_limit and state.get("total_steps"):
+            self.total_steps = self.schedule.total_steps = min(self.total_steps, int(state["total_steps"]))
+        self.elapsed = float(state.get("elapsed", 0.0))
         sched = dict(state["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups))
         self.scheduler.load_state_dict(sched)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
@@ -448,7 +544,7 @@ class Trainer:
         if self.ema is not None:
             if state.get("ema") is None:
                 raise TextsegError("train.ema_decay is set but the checkpoint has no EMA weights")
-            self.ema.load_state_dict(state["ema"])
+            self._load_model_state(self.ema.module, state["ema"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         rng = state.get("rng") or []
         if len(rng) == self.info.world_size:
@@ -493,31 +589,43 @@ class Trainer:
         return result
 
     def fit(self) -> dict[str, float]:
-        """Train until ``cfg.steps`` (or :meth:`stop`); returns the last train metrics merged with
+        """Train until ``total_steps`` (or :meth:`stop`); returns the last train metrics merged with
         the last evaluation. Checkpoints at the end."""
+        with cpu_threads(self.cfg.threads):
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         self._stop = False
         show = self.info.is_main and cfg.progress
-        pbar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
+        pbar = tqdm(total=self.total_steps, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
         if show:
             self._logger.write = pbar.write
         self.module.train()
         batches = self._batches()
         sums: dict[str, torch.Tensor] = {}
         n_logged, t_last = 0, time.perf_counter()
+        self._fit_t0 = t_last
+        epoch_mark = (self.step, t_last, True)  # (first step, start time, first epoch of this process)
         result: dict[str, float] = {}
         saved_at = -1
         try:
-            while self.step < cfg.steps and not self._stop:
+            while self.step < self.total_steps and not self._stop:
                 metrics = self._train_step(batches)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_logged += 1
                 self.step += 1
                 pbar.update(1)
-                end = self.step == cfg.steps
+                epochs = self.epochs_done()
+                epoch_end = bool(self._batches_per_epoch) and epochs > self.epochs_done(self.step - 1)
+                if epoch_end and cfg.time_limit:
+                    self._fit_time_limit(epoch_mark)
+                    pbar.total = self.total_steps
+                    epoch_mark = (self.step, time.perf_counter(), False)
+                end = self.step >= self.total_steps
                 if (cfg.log_every and self.step % cfg.log_every == 0) or end:
                     now = time.perf_counter()
                     keys = sorted(sums)
@@ -534,10 +642,12 @@ class Trainer:
                     self._logger.log("train", self.step, self.last_metrics)
                     pbar.set_postfix(loss=f"{self.last_metrics.get('loss', float('nan')):.4f}")
                     sums, n_logged, t_last = {}, 0, time.perf_counter()
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or end:
+                if (_every(cfg.eval_every, self.step) or end
+                        or epoch_end and _every(cfg.eval_every_epochs, epochs)):
                     result = self.evaluate()
                     t_last = time.perf_counter()
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or end:
+                if (_every(cfg.ckpt_every, self.step) or end
+                        or epoch_end and _every(cfg.ckpt_every_epochs, epochs)):
                     self.save_checkpoint()
                     saved_at = self.step
                     t_last = time.perf_counter()
@@ -550,6 +660,35 @@ class Trainer:
             self._logger.write = lambda s: print(s, flush=True)
             self._logger.flush()
         return {"step": self.step, **self.last_metrics, **result}
+
+    def _fit_time_limit(self, epoch_mark: tuple[int, float, bool]) -> None:
+        """Shorten the run to what the speed of the epoch just finished allows in the time left
+        (the schedule then ends at the new last step). Every rank computes the same value."""
+        first_step, t0, first = epoch_mark
+        now = time.perf_counter()
+        elapsed = self.elapsed + now - self._fit_t0
+        if self.step <= first_step or (first and elapsed < self.cfg.time_limit):
+            return
+        per_step = float(all_reduce_mean(torch.tensor((now - t0) / (self.step - first_step), device=self.device)))
+        fit = self.step + max(0, int((self.cfg.time_limit - elapsed) / per_step))
+        if fit < self.total_steps:
+            self._print(f"time limit {self.cfg.time_limit:.0f}s: training stops at step {fit} "
+                        f"instead of {self.total_steps}")
+            self.total_steps = self.schedule.total_steps = fit
+
+    def final_module(self) -> nn.Module:
+        """The trained training module: its EMA copy when ``ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.module
+
+    def save_model(self, model: nn.Module, card: dict | None = None, name: str = "model.safetensors") -> Path:
+        """Write ``model`` (a :class:`~textseg.models.base.DualEncoder` taken from
+        :meth:`final_module`) as the run's native model file ``out_dir/name`` (safetensors + JSON
+        card, loadable with ``--weights``) on rank 0; every rank must call. Returns the path."""
+        path = self.out_dir / name
+        if self.info.is_main:
+            save_native_model(model, path, {"steps": self.step, **(card or {})})
+        barrier()
+        return path
 
     def _train_step(self, batches: Iterator[Any]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -578,3 +717,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.module)
         return metrics
+
+
+def _every(n: int, count: int) -> bool:
+    return bool(n) and count % n == 0

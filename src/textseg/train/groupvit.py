@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from textseg.data.imagetext import sample_rng
+from textseg.distributed import get_rank, get_world_size
 from textseg.models.groupvit import GroupViT
 from textseg.prompts import IMAGENET_TEMPLATES
-from textseg.train.dist import all_gather_with_grad, get_rank, get_world_size
+from textseg.train.dist import all_gather_with_grad
 from textseg.train.engine import TrainConfig
 from textseg.train.losses import LogitScale, info_nce
 from textseg.train.nouns import noun_prompts
@@ -226,9 +227,9 @@ def build_trainer(cfg: GroupViTRecipeConfig):
     from pathlib import Path
 
     from textseg.data.imagetext import CaptionDataset, TarShardDataset
+    from textseg.distributed import init_distributed
     from textseg.errors import TextsegError
     from textseg.prompts import resolve_templates
-    from textseg.train.dist import init_distributed
     from textseg.train.engine import Trainer, seed_everything
 
     info = init_distributed(cfg.train.device)
@@ -260,20 +261,9 @@ def build_trainer(cfg: GroupViTRecipeConfig):
 
 
 def train_groupvit(cfg: GroupViTRecipeConfig) -> dict:
-    """Train, then (rank 0) export the weights as ``<out_dir>/groupvit.safetensors`` (native format,
-    loadable with ``--weights``). Returns the final metrics."""
-    from pathlib import Path
-
-    from textseg.train.dist import is_main
-    from textseg.weights.load import save_model
-
+    """Train, then export the weights as ``<out_dir>/model.safetensors`` (native format, loadable
+    with ``--weights``). Returns the final metrics."""
     trainer = build_trainer(cfg)
     result = trainer.fit()
-    if is_main():
-        model = trainer.module.model
-        if trainer.ema is not None:
-            model = trainer.ema.module.model
-        path = Path(cfg.train.out_dir) / "groupvit.safetensors"
-        save_model(model, path, {"source": "textseg train groupvit", "steps": trainer.step})
-        result["weights"] = str(path)
-    return result
+    path = trainer.save_model(trainer.final_module().model, {"source": "textseg train groupvit"})
+    return {**result, "weights": str(path)}

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textseg.train.dist import all_gather_with_grad, get_rank, get_world_size
+from textseg.distributed import get_rank, get_world_size
+from textseg.train.dist import all_gather_with_grad
 
 MAX_LOGIT_SCALE = 100.0
 
