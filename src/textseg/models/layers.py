@@ -184,8 +184,8 @@ class Block(nn.Module):
     """Pre-norm transformer block over ``B x T x C``: ``x + drop_path(attn(norm1(x)))``, then
     ``x + drop_path(mlp(norm2(x)))``.
 
-    ``layout`` fixes the names (module docstring; the norms are reachable as ``norm1``/``norm2``
-    whatever their state-dict names). ``mlp_hidden`` defaults to ``int(dim * mlp_ratio)``;
+    ``layout`` fixes the names (module docstring: ``norm1``/``norm2`` or ``ln_1``/``ln_2``).
+    ``mlp_hidden`` defaults to ``int(dim * mlp_ratio)``;
     ``attn_layer`` is the attention class (called ``attn_layer(dim, heads, layout=...)``);
     ``drop_path`` the stochastic-depth rate of both branches (0 = identity)."""
 
@@ -204,17 +204,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden or int(dim * mlp_ratio), act=act, names=mlp_names)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    @property
-    def norm1(self) -> nn.Module:
-        return self._modules[self._norm_names[0]]
-
-    @property
-    def norm2(self) -> nn.Module:
-        return self._modules[self._norm_names[1]]
-
     def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), causal=causal, attn_mask=attn_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        norm1, norm2 = (self._modules[n] for n in self._norm_names)
+        x = x + self.drop_path(self.attn(norm1(x), causal=causal, attn_mask=attn_mask))
+        return x + self.drop_path(self.mlp(norm2(x)))
 
 
 # ----------------------------------------------------------------------------------------------
