@@ -42,22 +42,22 @@ def test_vit_intermediates_match_forward():
     model = tiny_vit()
     x = torch.randn(2, 3, 32, 32)
     out = model.visual.forward_intermediates(x, return_last_qkv=True)
-    assert len(out["tokens"]) == 3 and out["grid"] == (4, 4)
-    assert out["tokens"][0].shape == (2, 17, 32)
-    final = model.visual.head(out["tokens"][-1][:, 0])
+    assert len(out.intermediates) == 3 and out["grid"] == (4, 4)
+    assert out.intermediates[0].shape == (2, 17, 32)
+    final = model.visual.head(out.intermediates[-1][:, 0])
     torch.testing.assert_close(final, model.encode_image(x), rtol=0, atol=1e-6)
     last = model.visual.blocks[-1]
-    torch.testing.assert_close(last(out["last_input"]), out["tokens"][-1])
+    torch.testing.assert_close(last(out["last_input"]), out.intermediates[-1])
     q, k, v = out["q"], out["k"], out["v"]
     assert q.shape == (2, 2, 17, 16)
     attn = torch.softmax(q @ k.transpose(-1, -2) * last.attn.scale, dim=-1) @ v
     x_in = out["last_input"]
     torch.testing.assert_close(last.attn.project(attn), last.attn(last.ln_1(x_in)), atol=1e-5, rtol=1e-5)
     # indices: int = last n, list of blocks, negative indices
-    assert len(model.visual.forward_intermediates(x, indices=2)["tokens"]) == 2
-    sel = model.visual.forward_intermediates(x, indices=[0, -1])["tokens"]
-    torch.testing.assert_close(sel[0], out["tokens"][0])
-    torch.testing.assert_close(sel[1], out["tokens"][2])
+    assert len(model.visual.forward_intermediates(x, indices=2).intermediates) == 2
+    sel = model.visual.forward_intermediates(x, indices=[0, -1]).intermediates
+    torch.testing.assert_close(sel[0], out.intermediates[0])
+    torch.testing.assert_close(sel[1], out.intermediates[2])
     with pytest.raises(ValueError):
         model.visual.forward_intermediates(x, indices=[5])
 
@@ -65,7 +65,7 @@ def test_vit_intermediates_match_forward():
 def test_vit_other_input_sizes():
     model = tiny_vit()
     out = model.visual.forward_intermediates(torch.randn(1, 3, 48, 64), indices=1)
-    assert out["grid"] == (6, 8) and out["tokens"][0].shape == (1, 49, 32)
+    assert out["grid"] == (6, 8) and out.intermediates[0].shape == (1, 49, 32)
     assert model.encode_image(torch.randn(1, 3, 48, 64)).shape == (1, 24)
     assert model.encode_dense(torch.randn(1, 3, 48, 64)).shape == (1, 24, 6, 8)
     assert model.dense_stride == 8
@@ -96,8 +96,8 @@ def test_resnet_shapes_intermediates_and_other_sizes():
     emb = model.encode_image(x)
     assert emb.shape == (2, 24)
     out = model.visual.forward_intermediates(x)
-    assert [s.shape[1:] for s in out["stages"]] == [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
-    torch.testing.assert_close(model.visual.attnpool(out["attnpool_input"]), emb)
+    assert [s.shape[1:] for s in out.intermediates] == [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
+    torch.testing.assert_close(model.visual.attnpool(out.final), emb)
     assert model.encode_image(torch.randn(1, 3, 96, 128)).shape == (1, 24)
     assert model.encode_dense(torch.randn(1, 3, 96, 128)).shape[2:] == (3, 4)
     assert model.dense_stride == 32

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from textseg.errors import TextsegError
 from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+from textseg.models.clip_dense import CLIP_DENSE_MODES, clip_dense_features, neighbourhood_bias
 from textseg.segment import SegmentCfg, Segmenter
-from textseg.segment.dense_clip import CLIP_DENSE_MODES, clip_dense_features, neighbourhood_bias
 
 
 def perturbed(model: CLIP, seed: int = 0) -> CLIP:
@@ -168,7 +168,7 @@ def test_sclip_keeps_the_ffn():
     vis = model.visual
     blk = vis.blocks[-1]
     with torch.no_grad():
-        x = vis.forward_intermediates(pixels, indices=[len(vis.blocks) - 2])["tokens"][-1]
+        x = vis.forward_intermediates(pixels, indices=[len(vis.blocks) - 2]).intermediates[-1]
         q, k, v = blk.attn.qkv(blk.ln_1(x))
         no_ffn = x + blk.attn.project(F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v))
         no_ffn = vis.head(no_ffn[:, 1:]).transpose(1, 2).reshape(1, -1, 4, 4)
@@ -214,7 +214,7 @@ def test_resnet_value_path():
     pixels = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         ours = clip_dense_features(model, pixels, "maskclip")
-        x = model.visual.forward_intermediates(pixels, indices=[])["attnpool_input"]
+        x = model.visual.forward_intermediates(pixels, indices=[]).final
         pool = model.visual.attnpool
         ref = torch.einsum("oc,bchw->bohw", pool.v_proj.weight, x) + pool.v_proj.bias.view(1, -1, 1, 1)
         ref = torch.einsum("oc,bchw->bohw", pool.c_proj.weight, ref) + pool.c_proj.bias.view(1, -1, 1, 1)

@@ -64,11 +64,12 @@ def test_imagenet_top1_on_real_photos(lite0):
 def test_dense_geometry_and_dilation(lite0):
     x = torch.randn(1, 3, 97, 131)  # odd size: TF-SAME padding must still give ceil(H / stride)
     with torch.no_grad():
-        final, feats = lite0.forward_intermediates(x)
+        out = lite0.forward_intermediates(x)
+        final, feats = out.final, out.intermediates
         assert final.shape == (1, 1280, 4, 5)
         assert [f.shape[1] for f in feats] == [16, 24, 40, 80, 112, 192, 320]
         assert [f.shape[-1] for f in feats] == [-(-131 // r) for r in [2, 4, 8, 16, 16, 32, 32]]
-        only = lite0.forward_intermediates(x, indices=[2, -3], intermediates_only=True)
+        only = lite0.forward_intermediates(x, indices=[2, -3], intermediates_only=True).intermediates
         assert [f.shape[1] for f in only] == [40, 112]
         torch.testing.assert_close(only[1], feats[4])
         cat = _pixels("chelsea", 224)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,102 @@ from torch import nn
 from textseg.constants import OPENAI_MEAN, OPENAI_STD  # noqa: F401  (re-exported)
 
 CROP_OFFSETS = ("round", "floor")
+
+
+# ----------------------------------------------------------------------------------------------
+# forward_intermediates: one contract for every tower
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Intermediates:
+    """What every tower's ``forward_intermediates`` returns (textseg's one contract).
+
+    Every image tower (CLIP :class:`~textseg.models.clip.VisionTransformer` and
+    :class:`~textseg.models.clip.ModifiedResNet`, GroupViT's vision tower and the GroupViT model,
+    LSeg's timm ViT, :class:`~textseg.models.efficientnet.EfficientNetLite`, the CAM ResNet-50)
+    implements, after timm's method of that name::
+
+        forward_intermediates(x, indices=None, norm=False, output_fmt=..., intermediates_only=False,
+                              *, <tower options>) -> Intermediates
+
+    * ``indices``: which blocks (transformers) or stages (CNNs) to return: None = all, an int ``n`` =
+      the last ``n``, a sequence = those indices (negatives count from the end); returned in
+      increasing order (:func:`resolve_indices`, which also rejects out-of-range ones).
+    * ``norm``: pass each intermediate through the tower's final norm (CLIP ``ln_post``, GroupViT
+      ``norm``); towers without one ignore it.
+    * ``output_fmt``: ``"NLC"`` (tokens ``B x T x C``, prefix/class tokens included; the default of
+      token towers) or ``"NCHW"`` (``B x C x h x w`` maps; patch tokens only, reshaped on ``grid``;
+      the only format of CNNs). Unlike timm, token towers default to ``"NLC"``.
+    * ``intermediates_only``: skip the tower's final features (``final`` is None) and stop after the
+      last block/stage needed.
+    * tower options (keyword): CLIP ViT ``return_last_qkv`` and ``pos_interp``.
+
+    Fields (also readable by name: ``out["grid"]``, ``out["group_maps"]`` for an ``extras`` entry):
+
+    * ``intermediates``: the selected block/stage outputs, in order.
+    * ``grid``: ``(h, w)`` of the patch grid (token towers) or of the deepest map computed (CNNs).
+    * ``final``: the tower's final features before pooling / projection (ViT: last block's tokens
+      through the final norm; CNN: the last stage's or head's map; GroupViT: the final group
+      tokens); None with ``intermediates_only``.
+    * ``num_prefix_tokens``: class tokens at the front of each token tensor (CLIP / LSeg ViT: 1).
+    * ``last_input``, ``q``, ``k``, ``v``: with ``return_last_qkv`` (CLIP ViT): the input of the last
+      block ``B x T x C`` and its attention's per-head ``B x heads x T x head_dim`` projections of
+      ``ln_1(last_input)``, unscaled.
+    * ``extras``: tower-specific named outputs (GroupViT: ``assignments``, ``group_maps``,
+      ``group_embeds``, ``image_embed``).
+    """
+
+    intermediates: list[torch.Tensor]
+    grid: tuple[int, int]
+    final: torch.Tensor | None = None
+    num_prefix_tokens: int = 0
+    last_input: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str):
+        if name in _INTERMEDIATES_FIELDS:
+            return getattr(self, name)
+        return self.extras[name]
+
+
+_INTERMEDIATES_FIELDS = frozenset(f.name for f in fields(Intermediates)) - {"extras"}
+OUTPUT_FORMATS = ("NLC", "NCHW")
+
+
+def resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
+    """``forward_intermediates``' ``indices`` over ``n`` blocks/stages -> sorted unique indices in
+    ``range(n)``: None -> all; int k -> the last k; a sequence -> those (negatives from the end)."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"cannot take the last {indices} of {n} blocks")
+        return list(range(n - indices, n))
+    bad = [i for i in indices if not -n <= i < n]
+    if bad:
+        raise ValueError(f"block index {bad[0]} out of range for {n} blocks")
+    return sorted({i % n for i in indices})
+
+
+def blocks_to_run(take: Sequence[int], n: int, intermediates_only: bool) -> int:
+    """How many of ``n`` blocks/stages must run: all for the final features, else up to the last
+    index in ``take``."""
+    return n if not intermediates_only else (max(take) + 1 if take else 0)
+
+
+def format_tokens(tokens: torch.Tensor, grid: tuple[int, int], num_prefix: int, output_fmt: str) -> torch.Tensor:
+    """``B x (num_prefix + h*w) x C`` tokens in ``output_fmt``: as they are (``"NLC"``) or the patch
+    tokens as a ``B x C x h x w`` map (``"NCHW"``)."""
+    if output_fmt == "NLC":
+        return tokens
+    if output_fmt != "NCHW":
+        raise ValueError(f"unknown output_fmt {output_fmt!r}; choose one of {OUTPUT_FORMATS}")
+    patches = tokens[:, num_prefix:]
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, grid[0], grid[1])
 
 
 @dataclass(frozen=True)

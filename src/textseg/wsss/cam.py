@@ -38,6 +38,7 @@ Checkpoints: the native textseg format (``save_model``; what ``textseg train cam
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from torch import nn
 from textseg.constants import IMAGENET_MEAN, IMAGENET_STD
 from textseg.data.image_labels import canonical
 from textseg.errors import CheckpointError, TextsegError
-from textseg.models.base import DualEncoder, PreprocessCfg
+from textseg.models.base import DualEncoder, Intermediates, PreprocessCfg, blocks_to_run, resolve_indices
 from textseg.weights.read import check_state_dict
 
 BACKBONES = ("resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
@@ -119,17 +120,25 @@ class ResNet50(nn.Module):
             if isinstance(m, Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of layer1..layer4 (strides 4, 8, 16, 16)."""
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> Intermediates:
+        """The :class:`~textseg.models.base.Intermediates` contract over layer1..layer4 (strides 4,
+        8, 16, 16 by default): ``final`` is layer4's output. ``norm`` is ignored; NCHW only."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"ResNet50 gives NCHW maps only, not {output_fmt!r}")
+        take = resolve_indices(indices, 4)
+        stop = blocks_to_run(take, 4, intermediates_only)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        outs = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+        feats = []
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)[:stop]):
             x = layer(x)
-            outs.append(x)
-        return outs
+            if i in take:
+                feats.append(x)
+        return Intermediates(feats, (x.shape[-2], x.shape[-1]), final=None if intermediates_only else x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_intermediates(x)[-1]
+        return self.forward_intermediates(x, indices=[]).final
 
 
 def resnet50_state_from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

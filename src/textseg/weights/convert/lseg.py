@@ -33,14 +33,10 @@ import re
 import torch
 
 from textseg.errors import CheckpointError
-from textseg.models.lseg import LSegConfig
+from textseg.models.lseg import LSEG_HOOKS, LSegConfig
 from textseg.weights.convert import Converted, floats
 
 NAME = "lseg_official"
-
-# Official hook blocks per ViT depth (lseg_net.py): L/16 -> 5/11/17/23, B/32 and B/16 -> 2/5/8/11.
-HOOKS = {24: (5, 11, 17, 23), 12: (2, 5, 8, 11)}
-
 
 def _strip(key: str) -> str:
     for prefix in ("module.", "net."):
@@ -69,7 +65,7 @@ def infer_config(t: dict[str, torch.Tensor]) -> LSegConfig:
     pos, patch_w = t["pretrained.model.pos_embed"], t["pretrained.model.patch_embed.proj.weight"]
     width, patch = pos.shape[-1], patch_w.shape[-1]
     layers = _count(t, r"pretrained\.model\.blocks\.(\d+)\.")
-    if layers not in HOOKS:
+    if layers not in LSEG_HOOKS:
         raise CheckpointError(f"lang-seg ViT with {layers} blocks: no known hook layout (12 or 24 blocks)")
     grid = math.isqrt(pos.shape[1] - 1)
     reassemble = tuple(int(t[f"pretrained.act_postprocess{i}.3.weight"].shape[0]) for i in range(1, 5))
@@ -94,7 +90,7 @@ def infer_config(t: dict[str, torch.Tensor]) -> LSegConfig:
         backbone="vit", text_encoder="clip", embed_dim=embed_dim, features=int(t["scratch.layer1_rn.weight"].shape[0]),
         block="none", block_depth=0, logit_scale_init=1 / 0.07, decoder_bn="scratch.refinenet1.resConfUnit1.bn1.weight"
         in t, vit_patch=int(patch), vit_width=int(width), vit_layers=layers, vit_heads=int(width) // 64,
-        vit_image_size=grid * int(patch), vit_hooks=HOOKS[layers], vit_reassemble=reassemble, readout=readout,
+        vit_image_size=grid * int(patch), vit_hooks=LSEG_HOOKS[layers], vit_reassemble=reassemble, readout=readout,
         text_cfg=text_cfg, image_size=480, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     )
 

@@ -50,7 +50,7 @@ from textseg.errors import TextsegError
 CLIP_DENSE_MODES: tuple[str, ...] = ("naclip", "clearclip", "sclip", "maskclip", "plain")
 DENSE_MODES = CLIP_DENSE_MODES
 NACLIP_SIGMA = 5.0
-# position-embedding resizing per mode (textseg.models.clip.interpolate_pos_embed), as each official repo
+# position-embedding resizing per mode (textseg.models.layers.resample_pos_embed), as each official repo
 POS_INTERP = {"plain": "size", "maskclip": "size", "sclip": "sclip", "clearclip": "sclip", "naclip": "sclip"}
 
 _GAUSS_CACHE: dict[tuple, torch.Tensor] = {}
@@ -108,17 +108,16 @@ def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None) ->
         raise TextsegError(f"unknown CLIP dense mode {mode!r}; choose one of: {', '.join(CLIP_DENSE_MODES)}")
     visual = model.visual
     if not hasattr(visual, "blocks"):  # ModifiedResNet
-        out = visual.forward_intermediates(pixels, indices=[])
+        x = visual.forward_intermediates(pixels, indices=[]).final  # the map the attention pool reads
         pool = visual.attnpool
-        x = out["attnpool_input"]
         b, _, h, w = x.shape
         x = pool.c_proj(pool.v_proj(x.flatten(2).transpose(1, 2)))  # B x hw x D
         return x.transpose(1, 2).reshape(b, -1, h, w)
     n = len(visual.blocks)
     pos_interp = POS_INTERP[mode]
     if n >= 2:
-        out = visual.forward_intermediates(pixels, indices=[n - 2], pos_interp=pos_interp)
-        x, grid = out["tokens"][-1], out["grid"]
+        out = visual.forward_intermediates(pixels, indices=[n - 2], intermediates_only=True, pos_interp=pos_interp)
+        x, grid = out.intermediates[-1], out.grid
     else:
         x, grid = visual.embed(pixels, pos_interp)
     x = last_block(visual.blocks[-1], x, mode, grid)
