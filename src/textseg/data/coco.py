@@ -116,20 +116,17 @@ def rasterize_instances(anns: list[dict], height: int, width: int, cat_to_label:
     return out
 
 
+Classes = str | Path | list | ClassList | None  # a reader's ``classes`` argument
+
+
 class COCOObjectDataset(SegDataset):
     """COCO-Object: background + the 80 thing classes, from ``instances_<split>.json``."""
 
     name = "coco-object"
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "val2017",
-        classes: str | Path | list | ClassList | None = None,
-        transform: Callable | None = None,
-    ):
-        self.root = Path(root)
-        self.split = _split_name(split)
+    def __init__(self, root: str | Path, split: str = "val2017", classes: Classes = None,
+                 transform: Callable | None = None):
+        self.root, self.split = Path(root), _split_name(split)
         ann_file = self.root / "annotations" / f"instances_{self.split}.json"
         if not ann_file.is_file():
             raise DatasetError(f"{self.root}: no annotations/instances_{self.split}.json")
@@ -171,15 +168,9 @@ class COCOStuffDataset(SegDataset):
 
     name = "coco-stuff"
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "val2017",
-        classes: str | Path | list | ClassList | None = None,
-        transform: Callable | None = None,
-    ):
-        self.root = Path(root)
-        self.split = _split_name(split)
+    def __init__(self, root: str | Path, split: str = "val2017", classes: Classes = None,
+                 transform: Callable | None = None):
+        self.root, self.split = Path(root), _split_name(split)
         self.image_dir = _image_dir(self.root, self.split)
         cands = [self.root / "annotations" / self.split, self.root / "stuffthingmaps" / self.split]
         self.label_dir = next((d for d in cands if d.is_dir()), None)
