@@ -37,3 +37,16 @@ def test_top_level_api_is_lazy():
     code = "import sys, textseg; assert 'torch' not in sys.modules; print(textseg.Segmenter.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "Segmenter"
+
+
+def test_every_top_level_name_resolves():
+    import textseg
+    from textseg.models.registry import MODELS
+    from textseg.weights.load import load_model
+
+    for name in textseg.__all__:
+        assert getattr(textseg, name) is not None, name
+    assert textseg.MODELS is MODELS and textseg.load_model is load_model
+    assert {"clip", "groupvit", "lseg", "offline", "lit", "cam"} <= set(textseg.MODELS)
+    with pytest.raises(AttributeError):
+        _ = textseg.not_a_name

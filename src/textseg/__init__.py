@@ -6,9 +6,11 @@
 >>> res = seg.segment("photo.jpg", "cat, sofa; couch")  # SegmentResult: label_map, labels, fractions
 >>> probs = textseg.classify(model, ["photo.jpg"], "cat, dog")
 
-The names below are imported on first use (``__getattr__``), so ``import textseg`` and
-``textseg --help`` do not pay for torch. The model registry is ``textseg.weights.load``
-(``available_names``) until the registry module lands.
+>>> textseg.MODELS                                    # the model registry: architecture -> builder
+>>> textseg.build_model("clip", config)                # random weights of that shape
+
+The names below are imported on first use (PEP 562 ``__getattr__``), so ``import textseg`` and
+``textseg --help`` do not pay for torch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "textseg.weights.load",
+    "save_model": "textseg.weights.load",
     "available_names": "textseg.weights.load",
+    "MODELS": "textseg.models.registry",
+    "build_model": "textseg.models.registry",
     "Segmenter": "textseg.segment.segmenter",
     "SegmentCfg": "textseg.segment.segmenter",
     "SegmentResult": "textseg.segment.segmenter",
