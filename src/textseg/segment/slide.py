@@ -4,8 +4,8 @@ Everything lives on a *canvas*: the resized image divided into cells of ``cell``
 ``dense_stride``), so crops, strides and the resized size are multiples of ``cell`` and every crop's
 dense map lands exactly on canvas cells. Logits of overlapping crops are averaged per cell (as in
 mmseg's slide inference). The final per-pixel maps at the original size are produced by separable
-bilinear interpolation (two small matrix products) in bands of rows, so a 20,000 x 20,000 image
-needs memory for one band only.
+bilinear interpolation (index gathers, never an interpolation matrix) in bands of rows and chunks of
+columns, so a 20,000 x 20,000 image, or a 65,535 x 1 one, needs memory for one band only.
 """
 
 from __future__ import annotations
@@ -64,18 +64,35 @@ def stitch(
     return total / count
 
 
-def interp_matrix(n_out: int, n_in: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """``n_out x n_in`` matrix of 1-D bilinear interpolation weights, identical to
-    ``F.interpolate(..., mode="bilinear", align_corners=False)`` along one axis."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+def _lerp_index(n_out: int, n_in: int, start: int, stop: int, device=None):
+    """Source indices ``i0, i1`` and weight ``w1`` of output positions ``start:stop`` of 1-D bilinear
+    interpolation ``n_in -> n_out``, as ``F.interpolate(..., align_corners=False)`` computes them:
+    ``src = (dst + 0.5) * n_in / n_out - 0.5`` clamped at 0. O(stop - start) memory."""
+    src = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
-    w1 = src - i0
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    m.index_put_((rows, i0), 1 - w1, accumulate=True)
-    m.index_put_((rows, i1), w1, accumulate=True)
-    return m.to(dtype=dtype, device=device)
+    w1 = (src - i0).to(torch.float32)
+    return i0.to(device), i1.to(device), w1.to(device)
+
+
+def lerp_axis(x: torch.Tensor, dim: int, n_out: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Output positions ``start:stop`` of ``x`` bilinearly resized to ``n_out`` along ``dim`` (two
+    gathers and a weighted sum: no ``n_out x n_in`` matrix is ever built)."""
+    stop = n_out if stop is None else stop
+    i0, i1, w1 = _lerp_index(n_out, x.shape[dim], start, stop, x.device)
+    shape = [1] * x.dim()
+    shape[dim] = stop - start
+    w1 = w1.to(x.dtype).view(shape)
+    a, b = x.index_select(dim, i0), x.index_select(dim, i1)
+    return torch.lerp(a, b, w1)
+
+
+def _bands(n: int, h: int, w: int, height: int, width: int, budget: int, whole_channels: bool):
+    """Row band, class chunk and column chunk so every working buffer holds about ``budget`` values."""
+    band = max(1, min(height, budget // max(1, width)))
+    cchunk = n if whole_channels else max(1, min(n, budget // max(1, band * max(w, 1))))
+    xchunk = max(1, min(width, budget // max(1, cchunk * band)))
+    return band, cchunk, xchunk
 
 
 def upsample_bands(
@@ -86,18 +103,24 @@ def upsample_bands(
     Yields ``(y0, y1, c0, block)`` with ``block`` = rows ``y0:y1`` of classes ``c0:c0+len(block)``,
     each piece at most ``budget`` elements (classes are split too when there are very many, unless
     ``whole_channels``: then every block holds all N channels of its rows, at least one row).
+    Identical to ``F.interpolate(..., mode="bilinear", align_corners=False)``; memory is bounded by
+    the blocks, whatever the aspect ratio.
     """
     n, h, w = logits.shape
     height, width = size
-    ry = interp_matrix(height, h, logits.dtype, logits.device)
-    rxt = interp_matrix(width, w, logits.dtype, logits.device).t().contiguous()
-    cchunk = n if whole_channels else max(1, min(n, budget // max(1, h * width)))
-    band = max(1, min(height, budget // (cchunk * max(width, w))))
+    band, cchunk, xchunk = _bands(n, h, w, height, width, budget, whole_channels)
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
         for c0 in range(0, n, cchunk):
-            block = torch.matmul(ry[y0:y1], logits[c0 : c0 + cchunk])  # c x band x w
-            yield y0, y1, c0, torch.matmul(block, rxt)  # c x band x W
+            rows = lerp_axis(logits[c0 : c0 + cchunk], 1, height, y0, y1)  # c x band x w
+            if xchunk >= width:
+                yield y0, y1, c0, lerp_axis(rows, 2, width)
+                continue
+            block = rows.new_empty(rows.shape[0], y1 - y0, width)
+            for x0 in range(0, width, xchunk):
+                x1 = min(width, x0 + xchunk)
+                block[:, :, x0:x1] = lerp_axis(rows, 2, width, x0, x1)
+            yield y0, y1, c0, block  # c x band x W
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 28) -> torch.Tensor:
@@ -116,31 +139,26 @@ def upsample(logits: torch.Tensor, size: tuple[int, int], max_elements: int = 1 
 
 def argmax_bands(logits: torch.Tensor, size: tuple[int, int], budget: int = BAND_BUDGET) -> np.ndarray:
     """Per-pixel argmax of the bilinearly upsampled ``N x h x w`` logits at ``size`` -> ``H x W``
-    (uint8 when N <= 255, else int32), computed band by band within ``budget``.
-
-    Works in a label-last layout (``h x W x N``, then rows ``band x W x N``) so the reduction over
-    labels is contiguous; classes are chunked only when there are very many."""
+    (uint8 when N <= 255, else int32), computed band by band (rows, classes and columns chunked)
+    within about ``budget`` values per buffer. Ties go to the lowest class index."""
     n, h, w = logits.shape
     height, width = size
     out = np.empty(size, dtype=np.uint8 if n <= 255 else np.int32)
-    ry = interp_matrix(height, h, logits.dtype, logits.device)
-    rx = interp_matrix(width, w, logits.dtype, logits.device)
-    cchunk = max(1, min(n, budget // max(1, h * width)))
-    band = max(1, min(height, budget // (cchunk * width)))
+    band, cchunk, xchunk = _bands(n, h, w, height, width, budget, False)
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
-        best = arg = None
+        best = torch.full((y1 - y0, width), -torch.inf, dtype=logits.dtype, device=logits.device)
+        arg = torch.zeros((y1 - y0, width), dtype=torch.int32, device=logits.device)
         for c0 in range(0, n, cchunk):
-            zc = logits[c0 : c0 + cchunk]
-            c = zc.shape[0]
-            cols = torch.einsum("chw,Ww->hWc", zc, rx).reshape(h, width * c)  # h x (W*c)
-            block = (ry[y0:y1] @ cols).view(y1 - y0, width, c)
-            m, a = block.max(dim=-1)
-            if best is None:
-                best, arg = m, a
-            else:
-                upd = m > best
-                best = torch.where(upd, m, best)
-                arg = torch.where(upd, a + c0, arg)
+            rows = lerp_axis(logits[c0 : c0 + cchunk], 1, height, y0, y1)  # c x band x w
+            for x0 in range(0, width, xchunk):
+                x1 = min(width, x0 + xchunk)
+                m, a = lerp_axis(rows, 2, width, x0, x1).max(dim=0)  # band x (x1 - x0)
+                if c0 == 0:
+                    best[:, x0:x1], arg[:, x0:x1] = m, a.to(torch.int32)
+                else:
+                    upd = m > best[:, x0:x1]
+                    best[:, x0:x1] = torch.where(upd, m, best[:, x0:x1])
+                    arg[:, x0:x1] = torch.where(upd, (a + c0).to(torch.int32), arg[:, x0:x1])
         out[y0:y1] = arg.cpu().numpy()
     return out
