@@ -65,15 +65,16 @@ def _clean(text: str) -> str:
 
 
 def _make_class(synonyms: Iterable[str], name: str | None = None) -> LabelClass | None:
-    syn = []
+    seen: dict[str, None] = {}  # ordered set: linear in the number of synonyms
     for s in synonyms:
         if not isinstance(s, str):
             raise TextsegError(f"labels must be strings, got {type(s).__name__}")
         s = _clean(s)
         if len(s) > MAX_LABEL_CHARS:
             raise TextsegError(f"label {s[:40]!r}... is {len(s)} characters long; the limit is {MAX_LABEL_CHARS}")
-        if s and s not in syn:
-            syn.append(s)
+        if s:
+            seen[s] = None
+    syn = list(seen)
     name = _clean(name) if name else ""
     if name and not syn:
         syn = [name]

@@ -95,13 +95,16 @@ def check_zip_bounds(path: str | Path) -> None:
     """Refuse a zip checkpoint whose entries declare more decompressed bytes than
     ``MAX_ZIP_RATIO x`` its size ``+ ZIP_SLACK_BYTES`` (a few-MB file must not cost GBs). Readers
     (Python's zipfile, torch's miniz) never decompress past what an entry declares, so this bounds
-    the memory of reading it. Not a zip: nothing to check."""
+    the memory of reading it. Not a zip: nothing to check; a damaged zip directory is refused (its
+    sizes cannot be checked)."""
     path = Path(path)
     try:
+        if not zipfile.is_zipfile(path):
+            return
         with zipfile.ZipFile(path) as z:
             declared = sum(max(0, info.file_size) for info in z.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return  # the reader itself reports what is wrong
+    except Exception as e:  # BadZipFile, NotImplementedError (version), UnicodeDecodeError (names), ...
+        raise CheckpointError(f"{path}: damaged zip archive ({_first_line(e)})") from None
     limit = MAX_ZIP_RATIO * path.stat().st_size + ZIP_SLACK_BYTES
     if declared > limit:
         raise CheckpointError(f"{path}: zip entries declare {declared / 2**20:.0f} MiB decompressed from a "
@@ -181,7 +184,7 @@ def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # a damaged directory: not readable as TorchScript (check_zip_bounds says why)
         return False
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 

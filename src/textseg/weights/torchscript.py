@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, OSError, ValueError,
-            TypeError, AttributeError, IndexError, RuntimeError) as e:
+            TypeError, AttributeError, IndexError, RuntimeError, NotImplementedError, OverflowError,
+            MemoryError, RecursionError, zlib.error) as e:
         raise CheckpointError(f"{path}: cannot read the TorchScript archive's tensors safely "
                               f"({type(e).__name__}: {e}); if you trust the file, run "
                               f"`textseg convert --trust-checkpoint {path} OUT.safetensors`") from None
