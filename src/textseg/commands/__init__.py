@@ -120,6 +120,7 @@ def validate_options(args) -> None:
         at_least(name, 1)
     if get("threads") is not None and args.command != "cam":  # cam: 0 = torch's default
         at_least("threads", 1)
+    at_least("long_side", 0)  # cam: 0 = as is
     port = get("port")
     if port is not None and not 1 <= port <= 65535:
         raise TextsegError(f"--port must be in 1-65535, got {port}")
