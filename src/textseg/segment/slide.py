@@ -4,8 +4,9 @@ Everything lives on a *canvas*: the resized image divided into cells of ``cell``
 ``dense_stride``), so crops, strides and the resized size are multiples of ``cell`` and every crop's
 dense map lands exactly on canvas cells. Logits of overlapping crops are averaged per cell (as in
 mmseg's slide inference). The final per-pixel maps at the original size are produced by separable
-bilinear interpolation (index gathers, never an interpolation matrix) in bands of rows and chunks of
-columns, so a 20,000 x 20,000 image, or a 65,535 x 1 one, needs memory for one band only.
+bilinear interpolation (matrix products with blocks of the interpolation matrices, never the whole
+``long side x cells`` one) in bands of rows and chunks of columns, so a 20,000 x 20,000 image, or
+a 65,535 x 1 one, needs memory for one band only.
 """
 
 from __future__ import annotations
@@ -64,35 +65,34 @@ def stitch(
     return total / count
 
 
-def _lerp_index(n_out: int, n_in: int, start: int, stop: int, device=None):
-    """Source indices ``i0, i1`` and weight ``w1`` of output positions ``start:stop`` of 1-D bilinear
-    interpolation ``n_in -> n_out``, as ``F.interpolate(..., align_corners=False)`` computes them:
-    ``src = (dst + 0.5) * n_in / n_out - 0.5`` clamped at 0. O(stop - start) memory."""
+def interp_block(n_out: int, n_in: int, start: int = 0, stop: int | None = None, dtype=torch.float32,
+                 device=None) -> torch.Tensor:
+    """Rows ``start:stop`` of the ``n_out x n_in`` matrix of 1-D bilinear interpolation weights,
+    identical to ``F.interpolate(..., mode="bilinear", align_corners=False)`` along one axis
+    (``src = (dst + 0.5) * n_in / n_out - 0.5`` clamped at 0). Only the block is built: callers take
+    the rows they need, so no ``long side x cells`` matrix is ever materialised."""
+    stop = n_out if stop is None else stop
     src = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
-    w1 = (src - i0).to(torch.float32)
-    return i0.to(device), i1.to(device), w1.to(device)
+    w1 = (src - i0).to(dtype)
+    m = torch.zeros(stop - start, n_in, dtype=dtype)
+    rows = torch.arange(stop - start)
+    m.index_put_((rows, i0), 1 - w1, accumulate=True)
+    m.index_put_((rows, i1), w1, accumulate=True)
+    return m.to(device=device)
 
 
-def lerp_axis(x: torch.Tensor, dim: int, n_out: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Output positions ``start:stop`` of ``x`` bilinearly resized to ``n_out`` along ``dim`` (two
-    gathers and a weighted sum: no ``n_out x n_in`` matrix is ever built)."""
-    stop = n_out if stop is None else stop
-    i0, i1, w1 = _lerp_index(n_out, x.shape[dim], start, stop, x.device)
-    shape = [1] * x.dim()
-    shape[dim] = stop - start
-    w1 = w1.to(x.dtype).view(shape)
-    a, b = x.index_select(dim, i0), x.index_select(dim, i1)
-    return torch.lerp(a, b, w1)
+def _column_blocks(width: int, w: int, xchunk: int, budget: int, dtype, device):
+    """``(x0, x1, R^T)`` column blocks of the width interpolation, ``w x (x1 - x0)`` each: a list
+    (built once) when the whole ``W x w`` matrix fits ``budget``, else a factory of a generator
+    (rebuilt per band: memory for one block only)."""
+    def blocks():
+        for x0 in range(0, width, xchunk):
+            x1 = min(width, x0 + xchunk)
+            yield x0, x1, interp_block(width, w, x0, x1, dtype, device).t()
 
-
-def _bands(n: int, h: int, w: int, height: int, width: int, budget: int, whole_channels: bool):
-    """Row band, class chunk and column chunk so every working buffer holds about ``budget`` values."""
-    band = max(1, min(height, budget // max(1, width)))
-    cchunk = n if whole_channels else max(1, min(n, budget // max(1, band * max(w, 1))))
-    xchunk = max(1, min(width, budget // max(1, cchunk * band)))
-    return band, cchunk, xchunk
+    return (lambda cached=list(blocks()): cached) if width * w <= budget else blocks
 
 
 def upsample_bands(
@@ -103,24 +103,27 @@ def upsample_bands(
     Yields ``(y0, y1, c0, block)`` with ``block`` = rows ``y0:y1`` of classes ``c0:c0+len(block)``,
     each piece at most ``budget`` elements (classes are split too when there are very many, unless
     ``whole_channels``: then every block holds all N channels of its rows, at least one row).
-    Identical to ``F.interpolate(..., mode="bilinear", align_corners=False)``; memory is bounded by
-    the blocks, whatever the aspect ratio.
+    Separable matrix products with blocks of the interpolation matrices (columns chunked too), so
+    memory is bounded by ``budget`` whatever the aspect ratio.
     """
     n, h, w = logits.shape
     height, width = size
-    band, cchunk, xchunk = _bands(n, h, w, height, width, budget, whole_channels)
+    cchunk = n if whole_channels else max(1, min(n, budget // max(1, h * width)))
+    band = max(1, min(height, budget // (cchunk * max(width, w))))
+    xchunk = max(1, min(width, budget // max(1, w)))  # a column block of R^T: w x xchunk
+    cols = _column_blocks(width, w, xchunk, budget, logits.dtype, logits.device)
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
+        ry = interp_block(height, h, y0, y1, logits.dtype, logits.device)
         for c0 in range(0, n, cchunk):
-            rows = lerp_axis(logits[c0 : c0 + cchunk], 1, height, y0, y1)  # c x band x w
+            rows = torch.matmul(ry, logits[c0 : c0 + cchunk])  # c x band x w
             if xchunk >= width:
-                yield y0, y1, c0, lerp_axis(rows, 2, width)
+                yield y0, y1, c0, torch.matmul(rows, next(iter(cols()))[2])  # c x band x W
                 continue
             block = rows.new_empty(rows.shape[0], y1 - y0, width)
-            for x0 in range(0, width, xchunk):
-                x1 = min(width, x0 + xchunk)
-                block[:, :, x0:x1] = lerp_axis(rows, 2, width, x0, x1)
-            yield y0, y1, c0, block  # c x band x W
+            for x0, x1, rxt in cols():
+                block[:, :, x0:x1] = torch.matmul(rows, rxt)
+            yield y0, y1, c0, block
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 28) -> torch.Tensor:
@@ -139,26 +142,34 @@ def upsample(logits: torch.Tensor, size: tuple[int, int], max_elements: int = 1 
 
 def argmax_bands(logits: torch.Tensor, size: tuple[int, int], budget: int = BAND_BUDGET) -> np.ndarray:
     """Per-pixel argmax of the bilinearly upsampled ``N x h x w`` logits at ``size`` -> ``H x W``
-    (uint8 when N <= 255, else int32), computed band by band (rows, classes and columns chunked)
-    within about ``budget`` values per buffer. Ties go to the lowest class index."""
+    (uint8 when N <= 255, else int32), computed band by band within about ``budget`` values per
+    buffer (rows, classes and columns chunked; blocks of the interpolation matrices only).
+
+    Works in a label-last layout (``h x W' x N``, then rows ``band x W' x N``) so the reduction over
+    labels is contiguous. Ties go to the lowest class index."""
     n, h, w = logits.shape
     height, width = size
     out = np.empty(size, dtype=np.uint8 if n <= 255 else np.int32)
-    band, cchunk, xchunk = _bands(n, h, w, height, width, budget, False)
+    cchunk = max(1, min(n, budget // max(1, h * width)))
+    # h x xchunk x c label-last columns, and a w x xchunk block of R^T
+    xchunk = max(1, min(width, budget // max(1, h * cchunk, w)))
+    band = max(1, min(height, budget // (cchunk * xchunk)))
+    cols = _column_blocks(width, w, xchunk, budget, logits.dtype, logits.device)
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
-        best = torch.full((y1 - y0, width), -torch.inf, dtype=logits.dtype, device=logits.device)
-        arg = torch.zeros((y1 - y0, width), dtype=torch.int32, device=logits.device)
-        for c0 in range(0, n, cchunk):
-            rows = lerp_axis(logits[c0 : c0 + cchunk], 1, height, y0, y1)  # c x band x w
-            for x0 in range(0, width, xchunk):
-                x1 = min(width, x0 + xchunk)
-                m, a = lerp_axis(rows, 2, width, x0, x1).max(dim=0)  # band x (x1 - x0)
-                if c0 == 0:
-                    best[:, x0:x1], arg[:, x0:x1] = m, a.to(torch.int32)
+        ry = interp_block(height, h, y0, y1, logits.dtype, logits.device)
+        for x0, x1, rxt in cols():
+            best = arg = None
+            for c0 in range(0, n, cchunk):
+                zc = logits[c0 : c0 + cchunk]
+                c = zc.shape[0]
+                lab = torch.einsum("chw,wX->hXc", zc, rxt).reshape(h, (x1 - x0) * c)  # h x (X*c)
+                m, a = (ry @ lab).view(y1 - y0, x1 - x0, c).max(dim=-1)
+                if best is None:
+                    best, arg = m, a
                 else:
-                    upd = m > best[:, x0:x1]
-                    best[:, x0:x1] = torch.where(upd, m, best[:, x0:x1])
-                    arg[:, x0:x1] = torch.where(upd, (a + c0).to(torch.int32), arg[:, x0:x1])
-        out[y0:y1] = arg.cpu().numpy()
+                    upd = m > best
+                    best = torch.where(upd, m, best)
+                    arg = torch.where(upd, a + c0, arg)
+            out[y0:y1, x0:x1] = arg.cpu().numpy()
     return out
