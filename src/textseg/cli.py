@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from textseg import __version__
+from textseg.commands import validate_options
 from textseg.errors import TextsegError
 
 COMMANDS = ("segment", "classify", "eval", "models", "convert", "train", "cam", "serve")
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        validate_options(args)
         code = args.func(args)
     except TextsegError as e:
         print(f"textseg {args.command}: error: {e}", file=sys.stderr)

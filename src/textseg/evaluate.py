@@ -418,6 +418,7 @@ def save_worst(out_dir: str | Path, class_names: list[str]) -> Callable:
     from PIL import Image
 
     from textseg import viz
+    from textseg.io import save_image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +432,7 @@ def save_worst(out_dir: str | Path, class_names: list[str]) -> Callable:
         both = Image.new("RGB", (left.width * 2, left.height))
         both.paste(left, (0, 0))
         both.paste(right, (left.width, 0))
-        both.save(out / f"{stem}_overlay.jpg", quality=90)
+        save_image(both, out / f"{stem}_overlay.jpg", quality=90)
 
     return write
 

@@ -142,4 +142,9 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     for t in out:
         if not isinstance(t, str) or t.count("{}") != 1:
             raise TextsegError(f"prompt template {t!r} must contain exactly one '{{}}' for the label")
+        try:
+            t.format("label")
+        except (ValueError, IndexError, KeyError):
+            raise TextsegError(f"prompt template {t!r} has stray braces: only one '{{}}' is allowed "
+                               "(write a literal brace as '{{{{' or '}}}}')") from None
     return out

@@ -33,6 +33,7 @@ import hashlib
 import os
 import re
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ from textseg.prompts import resolve_templates
 BACKGROUND = "background"
 MAX_LABELS = 65_000  # label maps are written as 16-bit PNGs beyond 254 labels
 MAX_LABEL_CHARS = 1_000  # longer texts are refused; the tokenizer truncates at 77 tokens anyway
+MAX_PROMPTS = 65_000  # synonyms over all classes (each one is a text forward per template)
+CACHE_BYTES = 64 << 20  # default bound of a TextEmbeddingCache, in memory and per file on disk
 
 _SPACES = re.compile(r"\s+")
 
@@ -62,15 +65,16 @@ def _clean(text: str) -> str:
 
 
 def _make_class(synonyms: Iterable[str], name: str | None = None) -> LabelClass | None:
-    syn = []
+    seen: dict[str, None] = {}  # ordered set: linear in the number of synonyms
     for s in synonyms:
         if not isinstance(s, str):
             raise TextsegError(f"labels must be strings, got {type(s).__name__}")
         s = _clean(s)
         if len(s) > MAX_LABEL_CHARS:
             raise TextsegError(f"label {s[:40]!r}... is {len(s)} characters long; the limit is {MAX_LABEL_CHARS}")
-        if s and s not in syn:
-            syn.append(s)
+        if s:
+            seen[s] = None
+    syn = list(seen)
     name = _clean(name) if name else ""
     if name and not syn:
         syn = [name]
@@ -89,12 +93,14 @@ def parse_class_spec(spec: str, separators: str = ",;") -> LabelClass | None:
     return _make_class(re.split(f"[{re.escape(separators)}]", rest), name)
 
 
-def parse_labels(labels: str | Sequence[str | Sequence[str] | LabelClass]) -> list[LabelClass]:
+def parse_labels(labels: str | Sequence[str | Sequence[str] | LabelClass],
+                 max_prompts: int = MAX_PROMPTS) -> list[LabelClass]:
     """Classes from a labels string (``"cat, dog; puppy"``: ``,`` between classes, ``;`` between
     synonyms) or a sequence (one class per item: a string read as a file line, a list of synonyms,
     or a :class:`LabelClass`); the grammar is in the module docstring. Raises :class:`TextsegError`
-    when no label is left, a class name repeats (case-insensitively) or there are more than
-    ``MAX_LABELS``."""
+    when no label is left, a class name repeats (case-insensitively), there are more than
+    ``MAX_LABELS`` classes or more than ``max_prompts`` synonyms in all (synonyms cost a text
+    forward each: a limit on classes alone is bypassed with thousands of ``;``)."""
     if isinstance(labels, str):
         classes = [parse_class_spec(item, ";") for item in labels.split(",")]
     elif isinstance(labels, LabelClass):
@@ -113,6 +119,9 @@ def parse_labels(labels: str | Sequence[str | Sequence[str] | LabelClass]) -> li
         raise TextsegError('no labels given: pass class names such as --labels "cat,dog;puppy,grass"')
     if len(classes) > MAX_LABELS:
         raise TextsegError(f"{len(classes)} labels given; the limit is {MAX_LABELS}")
+    prompts = sum(len(c.synonyms) for c in classes)
+    if prompts > max_prompts:
+        raise TextsegError(f"{prompts} label texts (classes and their synonyms) given; the limit is {max_prompts}")
     seen: dict[str, str] = {}
     for c in classes:
         key = c.name.lower()
@@ -189,13 +198,21 @@ class TextEmbeddingCache:
     (in batches of ``batch_prompts`` prompts). With ``disk_dir`` the embeddings also persist in
     ``<disk_dir>/<model fingerprint>-<templates hash>.safetensors``. Use :meth:`for_model` to share
     one cache between all users of a model.
+
+    The cache is an LRU bounded in bytes (``max_bytes``, default :data:`CACHE_BYTES`): the least
+    recently used embeddings are dropped from memory, and a disk file holds at most the entries of
+    its template set that are in memory, so neither grows without bound under unique labels.
     """
 
-    def __init__(self, model, disk_dir: str | Path | None = None, batch_prompts: int = 2048):
+    def __init__(self, model, disk_dir: str | Path | None = None, batch_prompts: int = 2048,
+                 max_bytes: int = CACHE_BYTES):
         self.model = model
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self.batch_prompts = batch_prompts
-        self._mem: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+        self.max_bytes = max_bytes
+        self._mem: OrderedDict[tuple[tuple[str, ...], str], torch.Tensor] = OrderedDict()
+        self._loaded: set[tuple[str, ...]] = set()
+        self.nbytes = 0
         self._fingerprint: str | None = None
         self.text_forwards = 0  # number of embed_texts calls made (for tests / stats)
 
@@ -220,10 +237,28 @@ class TextEmbeddingCache:
             return None
         return self.disk_dir / f"{self.fingerprint}-{_templates_key(templates)}.safetensors"
 
-    def _load_disk(self, templates: tuple[str, ...], table: dict[str, torch.Tensor]) -> None:
+    def _put(self, key: tuple[tuple[str, ...], str], value: torch.Tensor) -> None:
+        old = self._mem.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.numel() * old.element_size()
+        self._mem[key] = value
+        self.nbytes += value.numel() * value.element_size()
+        while self.nbytes > self.max_bytes and len(self._mem) > 1:
+            _, dropped = self._mem.popitem(last=False)
+            self.nbytes -= dropped.numel() * dropped.element_size()
+
+    def _get(self, key: tuple[tuple[str, ...], str]) -> torch.Tensor | None:
+        value = self._mem.get(key)
+        if value is not None:
+            self._mem.move_to_end(key)
+        return value
+
+    def _load_disk(self, templates: tuple[str, ...]) -> None:
         path = self._disk_path(templates)
         if path is None or not path.is_file():
             return
+        if path.stat().st_size > 2 * self.max_bytes + (1 << 20):
+            return  # larger than this cache may hold: ignored (and rewritten within the bound)
         from safetensors.torch import load_file
 
         try:
@@ -231,18 +266,23 @@ class TextEmbeddingCache:
         except Exception:  # a damaged cache file is ignored and rewritten
             return
         for k, v in stored.items():
-            table.setdefault(k, v)
+            if (templates, k) not in self._mem:
+                self._put((templates, k), v)
 
-    def _save_disk(self, templates: tuple[str, ...], table: dict[str, torch.Tensor]) -> None:
+    def _save_disk(self, templates: tuple[str, ...]) -> None:
         path = self._disk_path(templates)
         if path is None:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in table.items()}, str(tmp))
-        os.replace(tmp, path)
+        from textseg.io import atomic_write
+
+        table = {k: v.contiguous() for (tpl, k), v in self._mem.items() if tpl == templates}
+        try:
+            with atomic_write(path) as fh:
+                fh.write(save(table))
+        except (TextsegError, OSError):  # an unwritable cache folder costs only the disk copy
+            pass
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], templates: str | Sequence[str] = "imagenet") -> torch.Tensor:
@@ -251,12 +291,15 @@ class TextEmbeddingCache:
         if not texts:
             raise TextsegError("no texts to embed")
         tpl = resolve_templates(templates)
-        table = self._mem.get(tpl)
-        if table is None:
-            table = self._mem[tpl] = {}
-            self._load_disk(tpl, table)
+        if tpl not in self._loaded:
+            self._loaded.add(tpl)
+            self._load_disk(tpl)
         keys = [_text_key(t) for t in texts]
-        missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in table))
+        found: dict[str, torch.Tensor] = {}  # this call's embeddings, whatever the LRU drops meanwhile
+        for k in keys:
+            if k not in found and (v := self._get((tpl, k))) is not None:
+                found[k] = v
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in found))
         if missing:
             step = max(1, self.batch_prompts // len(tpl))
             for i in range(0, len(missing), step):
@@ -264,6 +307,7 @@ class TextEmbeddingCache:
                 emb = self.model.embed_texts(chunk, tpl)
                 self.text_forwards += 1
                 for t, e in zip(chunk, emb.detach().float().cpu()):
-                    table[_text_key(t)] = e.clone()
-            self._save_disk(tpl, table)
-        return torch.stack([table[k] for k in keys])
+                    found[_text_key(t)] = e.clone()
+                    self._put((tpl, _text_key(t)), found[_text_key(t)])
+            self._save_disk(tpl)
+        return torch.stack([found[k] for k in keys])

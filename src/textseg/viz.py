@@ -70,9 +70,9 @@ def label_map_image(label_map: np.ndarray, labels: Sequence[str], background_ind
 def save_label_map(path: str | Path, label_map: np.ndarray, labels: Sequence[str],
                    background_index: int | None = None) -> Path:
     """Write :func:`label_map_image` as a PNG."""
-    path = Path(path)
-    label_map_image(label_map, labels, background_index).save(path, optimize=False)
-    return path
+    from textseg.io import save_image
+
+    return save_image(label_map_image(label_map, labels, background_index), path, optimize=False)
 
 
 @lru_cache(maxsize=16)

@@ -36,8 +36,6 @@ def run(args) -> int:
     classes = load_labels(args.labels, args.labels_file)
     labels = [c.name for c in classes]
     templates = resolve_templates(args.templates)
-    if args.top_k < 1 or args.batch_size < 1:
-        raise TextsegError("--top-k and --batch-size must be at least 1")
     from textseg.io import list_images, load_image
 
     paths = list_images(args.images)

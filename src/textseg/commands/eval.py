@@ -14,21 +14,11 @@ from __future__ import annotations
 import json
 import sys
 
-from textseg.commands import add_templates_argument
+from textseg.commands import add_templates_argument, threshold_type
 from textseg.data import DATASETS
 
-
-def _threshold(text: str):
-    if text.lower() in ("none", "off", "0"):
-        return 0.0
-    if text.lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"threshold must be a number, 'auto' or 'none', got {text!r}") from None
+# Past this fraction of failed images the run exits with code 1 (the mIoU would not be the benchmark's).
+DEFAULT_MAX_FAILED = 0.05
 
 
 def add_parser(sub) -> None:
@@ -59,7 +49,7 @@ def add_parser(sub) -> None:
     m.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
                    help="sliding-window crop and stride")
     m.add_argument("--short-side", type=int, default=None, help="resize short side to S pixels")
-    m.add_argument("--threshold", type=_threshold, default=None,
+    m.add_argument("--threshold", type=threshold_type, default=None,
                    help="background threshold on the best class probability (number, auto, none)")
     m.add_argument("--pamr", action="store_true", default=None, help="refine logits with PAMR")
     add_templates_argument(m, None)  # None: the protocol's templates, else SegmentCfg's (imagenet)
@@ -69,6 +59,9 @@ def add_parser(sub) -> None:
     o.add_argument("--dump-worst", nargs=2, metavar=("K", "DIR"), default=None,
                    help="write predictions / ground truth / overlays of the K worst images to DIR")
     o.add_argument("--strict", action="store_true", help="stop at the first per-image error")
+    o.add_argument("--max-failed", type=float, default=DEFAULT_MAX_FAILED, metavar="FRACTION",
+                   help="exit with code 1 when more than this fraction of the images failed (default "
+                   f"{DEFAULT_MAX_FAILED:g}; the report is still written)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -79,6 +72,7 @@ def run(args) -> int:
     from textseg.distributed import cleanup, init_distributed
     from textseg.errors import TextsegError
     from textseg.evaluate import format_table, run_benchmark
+    from textseg.io import write_text
 
     info = init_distributed(args.device, share_cpu_threads=True)
     rank, device = info.rank, info.device
@@ -104,8 +98,7 @@ def run(args) -> int:
         for w in warnings:
             print(f"textseg eval: warning: {w}", file=sys.stderr)
         if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2)
+            write_text(args.out, json.dumps(report, indent=2))
         if args.json:
             print(json.dumps(report, indent=2))
         else:
@@ -115,5 +108,13 @@ def run(args) -> int:
             if len(result.errors) > 20:
                 print(f"... and {len(result.errors) - 20} more errors (see --out)", file=sys.stderr)
     cleanup()
-    return 0 if result.images > 0 else 1
+    attempted = result.images + len(result.errors)
+    failed = len(result.errors) / max(1, attempted)
+    if result.images == 0 or failed > args.max_failed:
+        if rank == 0:
+            print(f"textseg eval: {len(result.errors)} of {attempted} images failed "
+                  f"(more than --max-failed {args.max_failed:g})" if result.images else
+                  "textseg eval: no image was evaluated", file=sys.stderr)
+        return 1
+    return 0
 

@@ -14,29 +14,14 @@ image that failed). A bad image is reported and the others are still processed (
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from textseg.commands import add_label_arguments, add_templates_argument
+from textseg.commands import add_label_arguments, add_templates_argument, threshold_type
 
 DEFAULT_MAX_MEGAPIXELS = 100.0
-
-
-def _threshold(text: str):
-    if text.lower() in ("none", "off"):
-        return 0.0
-    if text.lower() == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"threshold must be a number in [0, 1], 'auto' or 'none', got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1], got {value}")
-    return value
 
 
 def add_parser(sub) -> None:
@@ -56,7 +41,7 @@ def add_parser(sub) -> None:
     s.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),
                    help="sliding-window inference (default: the whole image at once)")
     s.add_argument("--flip", action="store_true", help="also run the flipped image and average")
-    s.add_argument("--threshold", type=_threshold, default="auto",
+    s.add_argument("--threshold", type=threshold_type, default="auto",
                    help="pixels whose best probability is below T become background (number, auto, none)")
     s.add_argument("--bg-words", default="", help='extra background words, e.g. "sky,wall,floor"')
     s.add_argument("--min-area", type=float, default=0.0, help="drop labels covering less than this fraction")
@@ -70,25 +55,6 @@ def add_parser(sub) -> None:
     o.add_argument("--no-legend", action="store_true", help="overlay without legend")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def _check_size(path: Path, max_mp: float) -> None:
-    """Refuse huge images from their header, before decoding them."""
-    from PIL import Image
-
-    from textseg.errors import ImageError
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Exception:  # unreadable: load_image reports it with its reason
-        return
-    if w * h > max_mp * 1e6:
-        raise ImageError(
-            f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} MP), above the {max_mp:g} MP limit; "
-            f"downscale it or pass --max-megapixels {int(w * h / 1e6) + 1} (needs about "
-            f"{w * h * 8 / 2**30:.1f} GiB of memory)"
-        )
 
 
 def _out_stem(path: Path, used: set[str]) -> str:
@@ -111,10 +77,6 @@ def run(args) -> int:
 
     classes = load_labels(args.labels, args.labels_file)  # label errors first, before any model loads
     templates = resolve_templates(args.templates)
-    if args.short_side is not None and args.short_side < 0:
-        raise TextsegError(f"--short-side must be >= 0, got {args.short_side}")
-    if args.temperature <= 0:
-        raise TextsegError(f"--temperature must be positive, got {args.temperature}")
     paths = list_images(args.images)
     for given in map(Path, args.images):
         if given.is_dir() and not any(p.parent == given for p in paths):
@@ -122,7 +84,7 @@ def run(args) -> int:
     if not paths:
         raise TextsegError("no images to segment")
 
-    from textseg.io import load_image
+    from textseg.io import load_image, save_image, write_text
     from textseg.segment import SegmentCfg, Segmenter
     from textseg.weights.load import load_model
 
@@ -141,21 +103,25 @@ def run(args) -> int:
     )
     seg = Segmenter(model, cfg)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TextsegError(f"--out {out_dir}: is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TextsegError(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
     used: set[str] = set()
     failed = 0
     bar = tqdm(paths, unit="img", file=sys.stderr, disable=args.no_progress or len(paths) < 2)
     for path in bar:
         t0 = time.perf_counter()
         try:
-            _check_size(path, args.max_megapixels)
-            image = load_image(path)
+            image = load_image(path, max_pixels=args.max_megapixels * 1e6)
             res = seg.segment(image, classes)
             stem = _out_stem(path, used)
             t1 = time.perf_counter()
             mask_path, ov_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
-            res.mask_image().save(mask_path, optimize=False)
-            res.overlay(image, legend=not args.no_legend).save(ov_path)
+            save_image(res.mask_image(), mask_path, optimize=False)
+            save_image(res.overlay(image, legend=not args.no_legend), ov_path)
             res.timings["write"] = time.perf_counter() - t1
         except TextsegError as e:
             failed += 1
@@ -166,7 +132,7 @@ def run(args) -> int:
         seconds = time.perf_counter() - t0
         files = {"image": str(path), "mask": str(mask_path), "overlay": str(ov_path), "seconds": round(seconds, 4)}
         detail = dict(files, **res.to_record(), model=getattr(model, "name", type(model).__name__), mode=seg.mode)
-        (out_dir / f"{stem}.json").write_text(json.dumps(detail, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text(out_dir / f"{stem}.json", json.dumps(detail, indent=1, ensure_ascii=False) + "\n")
         if args.json:  # the short form: image, labels, fractions, files, seconds
             line = {k: detail[k] for k in ("image", "labels", "fractions", "mask", "overlay", "seconds")}
             print(json.dumps(line, ensure_ascii=False), flush=True)

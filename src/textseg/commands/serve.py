@@ -14,6 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image, in pixels")
     p.add_argument("--max-labels", type=int, default=100, help="most labels per request")
+    p.add_argument("--max-prompts", type=int, default=400,
+                   help="most label texts per request, synonyms included (default 400)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request time limit in seconds")
     p.add_argument("--workers", type=int, default=1, help="threads running the model")
     p.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; more get 503")
@@ -22,14 +24,23 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import uvicorn
+    from textseg.errors import TextsegError
 
-    from textseg.serve.app import ServeSettings, create_app
+    try:
+        import uvicorn
+
+        from textseg.serve.app import ServeSettings, create_app
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("uvicorn", "fastapi", "starlette", "multipart", "python_multipart"):
+            raise
+        raise TextsegError(f"the web server needs the 'serve' extra ({e.name} is not installed): "
+                           "pip install 'textseg[serve]'") from None
 
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         max_labels=args.max_labels,
+        max_prompts=args.max_prompts,
         timeout_s=args.timeout,
         workers=args.workers,
         max_queue=args.max_queue,

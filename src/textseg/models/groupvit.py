@@ -140,7 +140,7 @@ class TokenMixer(Mlp):
 
 def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
     """Per-stage, per-layer drop-path probabilities: ``linspace(0, rate, sum(depths))`` split by stage."""
-    flat = torch.linspace(0, rate, sum(depths)).tolist()
+    flat = torch.linspace(0, rate, sum(depths), device="cpu").tolist()  # cpu: also under a meta build
     starts = [sum(depths[:i]) for i in range(len(depths))]
     return [flat[s:s + d] for s, d in zip(starts, depths)]
 

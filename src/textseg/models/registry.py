@@ -13,7 +13,10 @@ Adding an architecture is one import and one entry in :data:`MODELS` (plus its t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+
+import torch
 
 from textseg.errors import CheckpointError
 from textseg.models.base import DualEncoder
@@ -40,13 +43,29 @@ PACKAGED: tuple[str, ...] = ("offline",)
 DEFAULT_MODEL = "offline"
 
 
-def build_model(architecture: str, config: dict | None = None, who: str = "") -> DualEncoder:
+# What a malformed config can raise inside a builder (wrong types, zeros, negatives, missing keys).
+_CONFIG_ERRORS = (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, IndexError, AssertionError,
+                  RuntimeError, OverflowError, RecursionError)
+
+
+def build_model(architecture: str, config: dict | None = None, who: str = "", meta: bool = False) -> DualEncoder:
     """``MODELS[architecture](config)``; an unknown name or an invalid config is one
-    :class:`CheckpointError` line (prefixed by ``who``, e.g. the checkpoint's path)."""
+    :class:`CheckpointError` line (prefixed by ``who``, e.g. the checkpoint's path).
+
+    ``meta``: build on PyTorch's ``meta`` device (shapes only, no memory), to check an untrusted
+    card against the tensors of its file before anything is allocated (:func:`dry_build`)."""
     where = f"{who}: " if who else ""
-    if architecture not in MODELS:
+    if not isinstance(architecture, str) or architecture not in MODELS:
         raise CheckpointError(f"{where}unknown model architecture {architecture!r} (known: {', '.join(MODELS)})")
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"{where}invalid {architecture} config: not an object ({type(config).__name__})")
     try:
+        if meta and architecture not in PACKAGED:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # packaged sub-towers "load" into meta tensors: a no-op
+                return MODELS[architecture](dict(config or {}))
         return MODELS[architecture](dict(config or {}))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}invalid {architecture} config ({type(e).__name__}: {e})") from None
+    except CheckpointError:
+        raise
+    except _CONFIG_ERRORS as e:
+        raise CheckpointError(f"{where}invalid {architecture} config ({type(e).__name__}: {str(e)[:200]})") from None

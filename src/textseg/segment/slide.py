@@ -4,8 +4,9 @@ Everything lives on a *canvas*: the resized image divided into cells of ``cell``
 ``dense_stride``), so crops, strides and the resized size are multiples of ``cell`` and every crop's
 dense map lands exactly on canvas cells. Logits of overlapping crops are averaged per cell (as in
 mmseg's slide inference). The final per-pixel maps at the original size are produced by separable
-bilinear interpolation (two small matrix products) in bands of rows, so a 20,000 x 20,000 image
-needs memory for one band only.
+bilinear interpolation (matrix products with blocks of the interpolation matrices, never the whole
+``long side x cells`` one) in bands of rows and chunks of columns, so a 20,000 x 20,000 image, or
+a 65,535 x 1 one, needs memory for one band only.
 """
 
 from __future__ import annotations
@@ -64,18 +65,34 @@ def stitch(
     return total / count
 
 
-def interp_matrix(n_out: int, n_in: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """``n_out x n_in`` matrix of 1-D bilinear interpolation weights, identical to
-    ``F.interpolate(..., mode="bilinear", align_corners=False)`` along one axis."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+def interp_block(n_out: int, n_in: int, start: int = 0, stop: int | None = None, dtype=torch.float32,
+                 device=None) -> torch.Tensor:
+    """Rows ``start:stop`` of the ``n_out x n_in`` matrix of 1-D bilinear interpolation weights,
+    identical to ``F.interpolate(..., mode="bilinear", align_corners=False)`` along one axis
+    (``src = (dst + 0.5) * n_in / n_out - 0.5`` clamped at 0). Only the block is built: callers take
+    the rows they need, so no ``long side x cells`` matrix is ever materialised."""
+    stop = n_out if stop is None else stop
+    src = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
-    w1 = src - i0
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
+    w1 = (src - i0).to(dtype)
+    m = torch.zeros(stop - start, n_in, dtype=dtype)
+    rows = torch.arange(stop - start)
     m.index_put_((rows, i0), 1 - w1, accumulate=True)
     m.index_put_((rows, i1), w1, accumulate=True)
-    return m.to(dtype=dtype, device=device)
+    return m.to(device=device)
+
+
+def _column_blocks(width: int, w: int, xchunk: int, budget: int, dtype, device):
+    """``(x0, x1, R^T)`` column blocks of the width interpolation, ``w x (x1 - x0)`` each: a list
+    (built once) when the whole ``W x w`` matrix fits ``budget``, else a factory of a generator
+    (rebuilt per band: memory for one block only)."""
+    def blocks():
+        for x0 in range(0, width, xchunk):
+            x1 = min(width, x0 + xchunk)
+            yield x0, x1, interp_block(width, w, x0, x1, dtype, device).t()
+
+    return (lambda cached=list(blocks()): cached) if width * w <= budget else blocks
 
 
 def upsample_bands(
@@ -86,18 +103,27 @@ def upsample_bands(
     Yields ``(y0, y1, c0, block)`` with ``block`` = rows ``y0:y1`` of classes ``c0:c0+len(block)``,
     each piece at most ``budget`` elements (classes are split too when there are very many, unless
     ``whole_channels``: then every block holds all N channels of its rows, at least one row).
+    Separable matrix products with blocks of the interpolation matrices (columns chunked too), so
+    memory is bounded by ``budget`` whatever the aspect ratio.
     """
     n, h, w = logits.shape
     height, width = size
-    ry = interp_matrix(height, h, logits.dtype, logits.device)
-    rxt = interp_matrix(width, w, logits.dtype, logits.device).t().contiguous()
     cchunk = n if whole_channels else max(1, min(n, budget // max(1, h * width)))
     band = max(1, min(height, budget // (cchunk * max(width, w))))
+    xchunk = max(1, min(width, budget // max(1, w)))  # a column block of R^T: w x xchunk
+    cols = _column_blocks(width, w, xchunk, budget, logits.dtype, logits.device)
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
+        ry = interp_block(height, h, y0, y1, logits.dtype, logits.device)
         for c0 in range(0, n, cchunk):
-            block = torch.matmul(ry[y0:y1], logits[c0 : c0 + cchunk])  # c x band x w
-            yield y0, y1, c0, torch.matmul(block, rxt)  # c x band x W
+            rows = torch.matmul(ry, logits[c0 : c0 + cchunk])  # c x band x w
+            if xchunk >= width:
+                yield y0, y1, c0, torch.matmul(rows, next(iter(cols()))[2])  # c x band x W
+                continue
+            block = rows.new_empty(rows.shape[0], y1 - y0, width)
+            for x0, x1, rxt in cols():
+                block[:, :, x0:x1] = torch.matmul(rows, rxt)
+            yield y0, y1, c0, block
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 28) -> torch.Tensor:
@@ -116,31 +142,34 @@ def upsample(logits: torch.Tensor, size: tuple[int, int], max_elements: int = 1 
 
 def argmax_bands(logits: torch.Tensor, size: tuple[int, int], budget: int = BAND_BUDGET) -> np.ndarray:
     """Per-pixel argmax of the bilinearly upsampled ``N x h x w`` logits at ``size`` -> ``H x W``
-    (uint8 when N <= 255, else int32), computed band by band within ``budget``.
+    (uint8 when N <= 255, else int32), computed band by band within about ``budget`` values per
+    buffer (rows, classes and columns chunked; blocks of the interpolation matrices only).
 
-    Works in a label-last layout (``h x W x N``, then rows ``band x W x N``) so the reduction over
-    labels is contiguous; classes are chunked only when there are very many."""
+    Works in a label-last layout (``h x W' x N``, then rows ``band x W' x N``) so the reduction over
+    labels is contiguous. Ties go to the lowest class index."""
     n, h, w = logits.shape
     height, width = size
     out = np.empty(size, dtype=np.uint8 if n <= 255 else np.int32)
-    ry = interp_matrix(height, h, logits.dtype, logits.device)
-    rx = interp_matrix(width, w, logits.dtype, logits.device)
     cchunk = max(1, min(n, budget // max(1, h * width)))
-    band = max(1, min(height, budget // (cchunk * width)))
+    # h x xchunk x c label-last columns, and a w x xchunk block of R^T
+    xchunk = max(1, min(width, budget // max(1, h * cchunk, w)))
+    band = max(1, min(height, budget // (cchunk * xchunk)))
+    cols = _column_blocks(width, w, xchunk, budget, logits.dtype, logits.device)
     for y0 in range(0, height, band):
         y1 = min(height, y0 + band)
-        best = arg = None
-        for c0 in range(0, n, cchunk):
-            zc = logits[c0 : c0 + cchunk]
-            c = zc.shape[0]
-            cols = torch.einsum("chw,Ww->hWc", zc, rx).reshape(h, width * c)  # h x (W*c)
-            block = (ry[y0:y1] @ cols).view(y1 - y0, width, c)
-            m, a = block.max(dim=-1)
-            if best is None:
-                best, arg = m, a
-            else:
-                upd = m > best
-                best = torch.where(upd, m, best)
-                arg = torch.where(upd, a + c0, arg)
-        out[y0:y1] = arg.cpu().numpy()
+        ry = interp_block(height, h, y0, y1, logits.dtype, logits.device)
+        for x0, x1, rxt in cols():
+            best = arg = None
+            for c0 in range(0, n, cchunk):
+                zc = logits[c0 : c0 + cchunk]
+                c = zc.shape[0]
+                lab = torch.einsum("chw,wX->hXc", zc, rxt).reshape(h, (x1 - x0) * c)  # h x (X*c)
+                m, a = (ry @ lab).view(y1 - y0, x1 - x0, c).max(dim=-1)
+                if best is None:
+                    best, arg = m, a
+                else:
+                    upd = m > best
+                    best = torch.where(upd, m, best)
+                    arg = torch.where(upd, a + c0, arg)
+            out[y0:y1, x0:x1] = arg.cpu().numpy()
     return out

@@ -51,6 +51,7 @@ class ServeSettings:
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    max_prompts: int = 400  # label texts over all classes (synonyms too): each costs a text forward
     max_labels: int = 100
     max_label_chars: int = 200
     timeout_s: float = 120.0
@@ -204,7 +205,7 @@ def _parse_labels(labels: str, settings: ServeSettings):
     if len(labels) > settings.max_labels * (settings.max_label_chars + 1):
         raise HTTPException(422, "labels text too long")
     try:
-        classes = parse_labels(labels)
+        classes = parse_labels(labels, max_prompts=settings.max_prompts)
     except TextsegError as e:
         raise HTTPException(422, str(e)) from None
     if len(classes) > settings.max_labels:

@@ -71,7 +71,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from textseg.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_dist
-from textseg.errors import TextsegError
+from textseg.errors import CheckpointError, TextsegError
+from textseg.io import remove_stale_temporaries, write_text
 from textseg.train import checkpoint as ckpt_lib
 from textseg.train.config import config_to_dict, save_config
 from textseg.weights.load import save_model as save_native_model
@@ -560,11 +561,44 @@ class Trainer:
             path = ckpt_lib.latest_checkpoint(self.ckpt_dir)
         else:
             path = Path(r)
-        if path is None:
+        if r == "auto" and self.info.is_main:  # what a killed save left behind
+            for stale in remove_stale_temporaries(self.ckpt_dir):
+                self._print(f"removed the unfinished checkpoint {stale.name}")
+        state = None
+        if r == "auto":  # the newest readable checkpoint: a corrupt newest one falls back to the previous
+            for candidate in reversed(ckpt_lib.list_checkpoints(self.ckpt_dir)):
+                try:
+                    state, path = ckpt_lib.load_checkpoint(candidate, map_location="cpu"), candidate
+                    break
+                except CheckpointError as e:
+                    self._print(f"warning: skipping an unreadable checkpoint: {e}")
+            else:
+                path = None
+        elif path is not None:
+            state = ckpt_lib.load_checkpoint(path, map_location="cpu")
+        if r == "auto" and self.info.is_main:
+            self._trim_log(state["step"] if state is not None else 0)
+        if state is None:
             return
-        self.load_state_dict(ckpt_lib.load_checkpoint(path, map_location="cpu"))
+        self.load_state_dict(state)
         self.resumed_from = path
         self._print(f"resumed from {path} at step {self.step}")
+
+    def _trim_log(self, step: int) -> None:
+        """Drop the ``log.jsonl`` rows after ``step`` (written after the checkpoint resumed from, by a
+        run that was then killed): the resumed run logs those steps again, once."""
+        log = self.out_dir / "log.jsonl"
+        if not log.is_file():
+            return
+        keep = []
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row cut by the kill
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                keep.append(line + "\n")
+        write_text(log, "".join(keep))
 
     # ---------------------------------------------------------------- loop
     def stop(self) -> None:

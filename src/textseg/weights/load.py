@@ -35,7 +35,14 @@ from textseg.weights.convert import (
     open_clip,
     openai,
 )
-from textseg.weights.read import CARD_KEY, RawCheckpoint, check_state_dict, read_checkpoint, sha256_file
+from textseg.weights.read import (
+    CARD_KEY,
+    RawCheckpoint,
+    check_shapes,
+    check_state_dict,
+    read_checkpoint,
+    sha256_file,
+)
 
 __all__ = ["FORMATS", "DEFAULT_MODEL", "RawCheckpoint", "available_names", "build_converted", "convert_checkpoint",
            "convert_file", "detect_format", "load_checkpoint", "load_model", "model_card", "read_checkpoint",
@@ -67,9 +74,31 @@ def convert_checkpoint(raw: RawCheckpoint, act: str | None = None) -> tuple[Modu
     return fmt, (fmt.convert(raw, act=act) if fmt is open_clip and act else fmt.convert(raw))
 
 
+# A model may hold this many values beyond its file's tensors (non-persistent buffers: masks, tables).
+EXTRA_VALUES = 1 << 26
+
+
+def dry_build(converted: Converted, who: str = "checkpoint") -> None:
+    """Check an untrusted card before building for real: build its architecture on the meta device
+    (shapes only, no memory), require the same keys and shapes as the file's tensors
+    (:func:`check_shapes`, the strict load's messages) and the whole model (buffers too) to hold at
+    most :data:`EXTRA_VALUES` values more than the file, so a card with huge dimensions is refused
+    instead of allocating hundreds of GB. Packaged architectures are trusted (built from our files)."""
+    if converted.architecture in PACKAGED:
+        return
+    meta = build_model(converted.architecture, converted.config, who, meta=True)
+    check_shapes(meta.state_dict(), converted.state_dict, f"{who} ({converted.architecture})")
+    in_file = sum(t.numel() for t in converted.state_dict.values())
+    total = sum(t.numel() for t in meta.parameters()) + sum(t.numel() for t in meta.buffers())
+    if total > in_file + EXTRA_VALUES:
+        raise CheckpointError(f"{who}: its {converted.architecture} config would allocate {total:,} values for "
+                              f"{in_file:,} in the file: refusing it")
+
+
 def build_converted(converted: Converted, who: str = "checkpoint") -> DualEncoder:
     """Build ``converted.architecture`` from the registry, load its state dict strictly, apply its
     preprocessing and model cards; in eval mode."""
+    dry_build(converted, who)  # the card, checked against the tensors before anything is allocated
     model = build_model(converted.architecture, converted.config, who)
     check_state_dict(model, converted.state_dict, f"{who} ({converted.architecture})")
     if converted.preprocess is not None:
@@ -147,17 +176,19 @@ def save_model(model: DualEncoder, path: str | Path, card: dict | None = None) -
     """Write ``model`` as native safetensors at ``path`` (card in the metadata) plus a sidecar
     ``<path>.json`` card with the file's ``sha256``. ``card`` adds fields (``source``,
     ``source_sha256``, ``license``, ...). Returns the full card."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from textseg.io import atomic_write, write_text
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: native checkpoints are .safetensors files")
-    path.parent.mkdir(parents=True, exist_ok=True)
     full = model_card(model, card)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={CARD_KEY: json.dumps(full)})
+    with atomic_write(path) as fh:  # a killed convert leaves no truncated file; unwritable -> one line
+        fh.write(save(state, metadata={CARD_KEY: json.dumps(full)}))
     full = {**full, "sha256": sha256_file(path)}
-    Path(str(path) + ".json").write_text(json.dumps(full, indent=2) + "\n")
+    write_text(str(path) + ".json", json.dumps(full, indent=2) + "\n")
     return full
 
 

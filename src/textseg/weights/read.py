@@ -85,6 +85,42 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> RawCheckpoint:
         return _read_trusted_pickle(path)
 
 
+# Zip-bomb bound: the entries of a zip checkpoint (torch.save and TorchScript store them
+# uncompressed) may declare at most this many times the archive's size, plus a slack, when decompressed.
+MAX_ZIP_RATIO = 4
+ZIP_SLACK_BYTES = 64 << 20
+
+
+def check_zip_bounds(path: str | Path) -> None:
+    """Refuse a zip checkpoint whose entries declare more decompressed bytes than
+    ``MAX_ZIP_RATIO x`` its size ``+ ZIP_SLACK_BYTES`` (a few-MB file must not cost GBs). Readers
+    (Python's zipfile, torch's miniz) never decompress past what an entry declares, so this bounds
+    the memory of reading it. Not a zip: nothing to check; a damaged zip directory is refused (its
+    sizes cannot be checked)."""
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as z:
+            declared = sum(max(0, info.file_size) for info in z.infolist())
+    except Exception as e:  # BadZipFile, NotImplementedError (version), UnicodeDecodeError (names), ...
+        raise CheckpointError(f"{path}: damaged zip archive ({_first_line(e)})") from None
+    limit = MAX_ZIP_RATIO * path.stat().st_size + ZIP_SLACK_BYTES
+    if declared > limit:
+        raise CheckpointError(f"{path}: zip entries declare {declared / 2**20:.0f} MiB decompressed from a "
+                              f"{path.stat().st_size / 2**20:.1f} MiB file (limit {limit / 2**20:.0f} MiB): "
+                              "refusing a possible zip bomb")
+
+
+def check_tensor_storage(tensors: dict[str, Any], path: Path | None) -> None:
+    """Refuse tensors larger than the storage they view (stride-0 tricks: a tiny file whose tensors
+    would expand to gigabytes once copied)."""
+    for key, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise CheckpointError(f"{path}: tensor {key} of shape {tuple(t.shape)} is larger than its storage "
+                                  "(overlapping strides): not a weights file")
+
+
 def _read_safe(path: Path) -> RawCheckpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -96,6 +132,7 @@ def _read_safe(path: Path) -> RawCheckpoint:
         magic = f.read(8)
     if path.suffix == ".safetensors" or (not magic.startswith(b"PK") and not magic.startswith(b"\x80")):
         return _read_safetensors(path)
+    check_zip_bounds(path)
     if zipfile.is_zipfile(path) and _is_torchscript(path):
         return RawCheckpoint(tensors=torchscript.read_torchscript_tensors(path), kind="torchscript", path=path)
     return _read_torch(path)
@@ -147,7 +184,7 @@ def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # a damaged directory: not readable as TorchScript (check_zip_bounds says why)
         return False
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
@@ -158,7 +195,9 @@ def _read_torch(path: Path) -> RawCheckpoint:
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read as a safe torch checkpoint, truncated or not a weights file "
                               f"({_first_line(e)})") from None
-    return RawCheckpoint(kind="torch", path=path, **_unwrap(obj, path))
+    raw = RawCheckpoint(kind="torch", path=path, **_unwrap(obj, path))
+    check_tensor_storage(raw.tensors, path)
+    return raw
 
 
 def _read_trusted_torchscript(path: Path) -> RawCheckpoint:
@@ -215,7 +254,13 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], who
     :class:`CheckpointError` line ``"{who}: keys do not match the model: N missing (a, b, ...);
     M unexpected (...)"`` or ``"{who}: K shape mismatches (key: file (...) vs model (...), ...)"``;
     then ``load_state_dict(strict=True)`` (values cast to the model's dtypes)."""
-    own = model.state_dict()
+    check_shapes(model.state_dict(), state, who)
+    model.load_state_dict(state, strict=True)
+
+
+def check_shapes(own: dict[str, Any], state: dict[str, Any], who: str) -> None:
+    """The key and shape comparison of :func:`check_state_dict` (values: tensors, or anything with
+    a ``shape``, e.g. meta tensors of a model built only to check a card)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -226,4 +271,3 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], who
     if bad:
         raise CheckpointError(f"{who}: {len(bad)} shape mismatch{'es' if len(bad) > 1 else ''} "
                               f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
-    model.load_state_dict(state, strict=True)

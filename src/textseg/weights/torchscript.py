@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,14 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, *_ignored) -> torch.Tensor:
-    return storage.as_strided(tuple(size), tuple(stride), offset)
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    numel = 1
+    for s in size:
+        numel *= s
+    if not isinstance(storage, torch.Tensor) or numel > storage.numel() or min(size + stride, default=0) < 0:
+        # a view larger than its storage (stride 0) would expand to gigabytes when copied
+        raise pickle.UnpicklingError(f"tensor of shape {size} does not fit its storage")
+    return storage.as_strided(size, stride, int(offset))
 
 
 def _identity_list(x: Any) -> Any:  # torch.jit._pickle.build_*list / restore_type_tag helpers
@@ -90,7 +98,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else None
             if dtype is None:
                 raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-            blob = self._archive.read(f"{self._root}/data/{key}")
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            with self._archive.open(f"{self._root}/data/{key}") as fh:  # never more than the entry declares
+                blob = fh.read(max(0, int(numel)) * itemsize)  # ... nor than the storage needs
             t = torch.frombuffer(bytearray(blob), dtype=dtype) if blob else torch.empty(0, dtype=dtype)
             if t.numel() < numel:
                 raise pickle.UnpicklingError(f"storage {key} holds {t.numel()} values, expected {numel}")
@@ -126,7 +136,8 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, OSError, ValueError,
-            TypeError, AttributeError, IndexError, RuntimeError) as e:
+            TypeError, AttributeError, IndexError, RuntimeError, NotImplementedError, OverflowError,
+            MemoryError, RecursionError, zlib.error) as e:
         raise CheckpointError(f"{path}: cannot read the TorchScript archive's tensors safely "
                               f"({type(e).__name__}: {e}); if you trust the file, run "
                               f"`textseg convert --trust-checkpoint {path} OUT.safetensors`") from None
