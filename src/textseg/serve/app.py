@@ -92,6 +92,25 @@ SECURITY_HEADERS = (
 _BODY_SLACK = 64 * 1024  # multipart boundaries and the small form fields next to the upload
 
 
+def _malloc_trim() -> None:
+    """Hand freed heap back to the OS (glibc). Without it the server's RSS grew 267 MB over 40
+    distinct photos while the image cache held 65 MB: each request's tensors leave fragmented,
+    retained arenas. A no-op where there is no glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 class _Busy(Exception):
     def __init__(self, retry_after: int):
         super().__init__(retry_after)
@@ -156,6 +175,7 @@ class SegmentService:
                 return fn(*args)
             finally:
                 self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - t0)
+                _malloc_trim()
 
         def release(_future=None):
             with self._admit_lock:
