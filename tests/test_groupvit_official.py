@@ -225,7 +225,7 @@ def test_serve_segment_is_official(model):
     app = create_app(model)
     service = app.state.service
     service.base_cfg = replace(service.base_cfg, short_side=None, templates=(TEMPLATE,))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         modes = client.get("/v1/models").json()["current"]["modes"]
         assert modes[0] == "official"
         r = client.post("/v1/segment", data={"labels": ",".join(NAMES), "threshold": "0.95", "return_mask": "true"},

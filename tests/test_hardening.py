@@ -259,7 +259,7 @@ def test_server_refuses_synonym_floods():
     from textseg.serve.app import ServeSettings, create_app
 
     settings = ServeSettings(max_labels=5, max_label_chars=40, max_prompts=20)
-    with TestClient(create_app(TinyColourModel(cell=8), settings=settings)) as client:
+    with TestClient(create_app(TinyColourModel(cell=8), settings=settings), base_url="http://127.0.0.1") as client:
         buf = __import__("io").BytesIO()
         Image.new("RGB", (32, 32), (255, 0, 0)).save(buf, format="PNG")
         r = client.post("/v1/segment", data={"labels": "red; " + "; ".join(f"s{i}" for i in range(40))},

@@ -46,7 +46,7 @@ def test_web_app_returns_the_record():
     model = TinyColourModel(cell=8)
     buf = io.BytesIO()
     Image.fromarray(_image()).save(buf, format="PNG")
-    with TestClient(create_app(model)) as client:
+    with TestClient(create_app(model), base_url="http://127.0.0.1") as client:
         body = client.post("/v1/segment", data={"labels": "red, blue", "threshold": "0"},
                            files={"image": ("x.png", buf.getvalue(), "image/png")}).json()
     rec = Segmenter(model, SegmentCfg(threshold=0.0)).segment(buf.getvalue(), "red, blue").to_record()

@@ -37,7 +37,7 @@ def model():
 @pytest.fixture()
 def client(model):
     settings = ServeSettings(max_upload_bytes=200_000, max_pixels=300 * 300, max_labels=5, max_label_chars=40)
-    with TestClient(create_app(model, settings=settings)) as c:
+    with TestClient(create_app(model, settings=settings), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -148,6 +148,6 @@ def test_queue_bound_returns_503(model):
     service = app.state.service
     with pytest.raises(_Busy):
         asyncio.run(service.run(lambda: 1))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         r = seg(c, red_blue(), labels="red")
         assert r.status_code == 503 and "busy" in r.text

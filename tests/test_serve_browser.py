@@ -43,11 +43,11 @@ def _free_port() -> int:
 def server():
     import uvicorn
 
-    from textseg.serve.app import create_app
+    from textseg.serve.app import create_app, server_config
 
     app = create_app()  # the offline default model
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(server_config(app, port))  # as `textseg serve`: CSP, Host check, timeouts
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -82,6 +82,8 @@ def test_upload_type_segment_in_chromium(server, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
+            blocked: list[str] = []  # the page must work under the server's CSP (no inline script/style)
+            page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
             page.goto(server)
             page.wait_for_selector("#model-name:has-text('offline')", timeout=20_000)
             page.set_input_files("#file", str(photo))
@@ -104,6 +106,7 @@ def test_upload_type_segment_in_chromium(server, tmp_path):
             assert page.evaluate("document.getElementById('canvas').toDataURL()") != before
             href = page.get_attribute("#download", "href")
             assert href and href.startswith("blob:")
+            assert blocked == []
         finally:
             browser.close()
     assert (out / "segment.png").stat().st_size > 10_000

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request time limit in seconds")
     p.add_argument("--workers", type=int, default=1, help="threads running the model")
     p.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; more get 503")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another name the Host header may carry (repeatable; default: only the bound address)")
+    p.add_argument("--image-cache-mb", type=float, default=64.0, help="memory for cached image features")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request head may take")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request body may take")
+    p.add_argument("--max-connections", type=int, default=128, help="open connections; more get 503")
     add_templates_argument(p, "imagenet")
     p.set_defaults(func=run)
 
@@ -29,7 +35,7 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from textseg.serve.app import ServeSettings, create_app
+        from textseg.serve.app import ServeSettings, create_app, server_config
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in ("uvicorn", "fastapi", "starlette", "multipart", "python_multipart"):
             raise
@@ -44,8 +50,14 @@ def run(args) -> int:
         timeout_s=args.timeout,
         workers=args.workers,
         max_queue=args.max_queue,
+        image_cache_bytes=int(args.image_cache_mb * 1024 * 1024),
+        host=args.host,
+        allowed_hosts=tuple(args.allowed_host),
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
     )
     app = create_app(model_name=args.model, weights=args.weights, settings=settings, templates=args.templates)
     print(f"textseg serving {app.state.service.model.name!r} on http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(server_config(app, args.port)).run()
     return 0

@@ -254,6 +254,20 @@ class Segmenter:
         self.image_size: tuple[int, int] | None = None  # (H, W) of the original image
         self.timings: dict[str, float] = {}
 
+    def feature_nbytes(self) -> int:
+        """Bytes held by the cached image features of :meth:`set_image` (what a cache bounds)."""
+
+        def size(x) -> int:
+            if isinstance(x, torch.Tensor):
+                return x.element_size() * x.nelement()
+            if isinstance(x, dict):
+                return sum(size(v) for v in x.values())
+            if isinstance(x, (list, tuple)):
+                return sum(size(v) for v in x)
+            return 0
+
+        return size([v.feats for v in self._views]) + size([self._image_small, self._image_input])
+
     @property
     def device(self) -> torch.device:
         p = next(self.model.parameters(), None)
