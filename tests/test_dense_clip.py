@@ -436,3 +436,15 @@ def test_segmenter_on_clip_one_crop_equals_whole(mode):
     # a real two-crop slide differs from whole-image attention (global context is cut)
     c = Segmenter(model, SegmentCfg(mode=mode, short_side=None, templates=tpl, threshold=None, slide=(32, 16)))
     assert not torch.allclose(c.segment(img, "cat, dog; puppy, grass").logits_lowres, a.logits_lowres, atol=1e-4)
+
+
+def test_sc_clip_on_a_vit_l_like_tower():
+    """ViT-L/14(@336px)-like: 24 blocks, patch 14, an input of another grid than the checkpoint's;
+    SC-CLIP keeps its block indices (8, 3, 3..9) at every depth, as its configs do."""
+    model = tiny_vit(layers=24, patch=14, image_size=84)
+    pixels = torch.randn(1, 3, 98, 98, generator=torch.Generator().manual_seed(8))  # 7 x 7 cells
+    with torch.no_grad():
+        ours = model.encode_dense(pixels)  # the default on a deep tower: sc-clip
+        ref = official_scclip(model, pixels)
+    assert model.dense_modes[0] == "sc-clip" and ours.shape == (1, 24, 7, 7)
+    torch.testing.assert_close(_unit(ours), _unit(ref), atol=1e-4, rtol=0)

@@ -64,6 +64,12 @@ paper, arXiv 2404.08181).
 No real CLIP weights exist in this environment, so we could not re-rank them on our data;
 ``--mode`` selects any of them.
 
+Cost (``benchmarks/bench_segment.py --mode all --repeats 3 --no-clipseg``, ViT-B/16 shapes, 448 x 600
+whole image, 2 CPU threads): every last-block mode runs at 0.95-1.01x the bare ``encode_image``;
+sc-clip at 1.39x, most of the extra being the exact pairwise distances of its LOF (kept exact: the
+anomaly choice sits on a quantile threshold), the rest its second pass of the last block's attention
+and the N x N similarity products.
+
 ResNet CLIP has no last transformer block: every mode uses MaskCLIP's value path through the
 attention pool (``c_proj(v_proj(x))`` at each position, no query-key attention, no position
 embedding), the method MaskCLIP defines for ResNets.
