@@ -1,9 +1,9 @@
-"""Published protocols (SCLIP / NACLIP / ClearCLIP presets) and PAMR against the official repositories.
+"""Published protocols (SCLIP / NACLIP / ClearCLIP / SC-CLIP presets) and PAMR against the official repositories.
 
 The expected values are transcribed here from the repositories, not read from textseg:
 presets from ``configs/cfg_*.py`` over each segmentor's ``__init__`` defaults (wangf3014/SCLIP @ b56bd30
 ``clip_segmentor.py``, sinahmr/NACLIP @ 0cac3a6 ``naclip.py``, mc-lan/ClearCLIP @ ad68a40
-``clearclip_segmentor.py``), PAMR from NACLIP's ``pamr.py`` and NACLIP's ``predict``.
+``clearclip_segmentor.py``, SuleBai/SC-CLIP @ 0417ba9 ``scclip_segmentor.py``), PAMR from NACLIP's ``pamr.py`` and NACLIP's ``predict``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from seg_tiny import TinyColourModel  # noqa: E402
 #   NACLIP    prob_thd=0.0 logit_scale=40 slide_stride=112 slide_crop=224 pamr_steps=10 (test_all.sh "on")
 #             pamr_stride=(8, 16)
 #   ClearCLIP prob_thd=0.0 logit_scale=50 slide_stride=224 slide_crop=448
+#   SC-CLIP   prob_thd=0.0 logit_scale=40 slide_stride=112 slide_crop=224 area_thd=None pamr_steps=0
 # Columns: short side (Resize scale=(2048, S)), crop (0 = whole image), stride, prob_thd, logit_scale,
 # area_thd, PAMR steps (0 = off), PAMR dilations, README mIoU.
 # ------------------------------------------------------------------------------------------------
@@ -67,7 +68,17 @@ CLEARCLIP = {  # configs/cfg_<name>.py; README results image (Table 2, CLIP ViT-
     "ade": (448, 448, 224, 0.0, 50, None, 0, None, 16.7),
     "cityscapes": (448, 224, 224, 0.0, 50, None, 0, None, 30.0),  # slide_crop=224 (stride default 224)
 }
-REPOS = {"sclip": SCLIP, "naclip": NACLIP, "clearclip": CLEARCLIP}
+SCCLIP = {  # SuleBai/SC-CLIP @ 0417ba9 configs/cfg_<name>.py; arXiv 2411.15869 Table 1 (the README has no table)
+    "voc": (336, 224, 112, 0.15, 50, 0.1, 0, None, 64.6),  # cfg_voc21: area_thd .1, logit_scale 50, prob_thd .15
+    "voc20": (336, 224, 112, 0.0, 40, None, 0, None, 84.3),
+    "context": (336, 224, 112, 0.15, 40, None, 0, None, 36.8),  # cfg_context60: prob_thd .15
+    "context59": (336, 224, 112, 0.0, 40, None, 0, None, 40.1),
+    "coco-object": (336, 224, 112, 0.35, 55, None, 0, None, 37.7),  # logit_scale 55, prob_thd .35
+    "coco-stuff": (336, 224, 112, 0.0, 40, None, 0, None, 26.6),  # cfg_coco_stuff164k: 336, not SCLIP's 448
+    "ade": (336, 224, 112, 0.0, 40, None, 0, None, 20.1),
+    "cityscapes": (560, 224, 112, 0.0, 40, None, 0, None, 41.0),
+}
+REPOS = {"sclip": SCLIP, "naclip": NACLIP, "clearclip": CLEARCLIP, "sc-clip": SCCLIP}
 
 
 def test_presets_equal_the_repository_configs():
@@ -196,6 +207,52 @@ def test_cli_clearclip_protocol_with_a_clip_checkpoint(tmp_path, capsys):
     assert seg["mode"] == "clearclip" and seg["slide"] == [448, 224] and seg["pamr"] is False
     assert seg["temperature"] == pytest.approx((1 / 0.07) / 50, rel=1e-4)  # logits = 50 x cosine
     assert proto["method"] == "clearclip" and proto["threshold"] == 0.5 and proto["reference"] is None
+
+
+@pytest.fixture(scope="module")
+def deep_clip_weights(tmp_path_factory):
+    """A tiny 12-block CLIP checkpoint (sc-clip reads blocks 3..10)."""
+    from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+    from textseg.weights.load import save_model
+
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=48, layers=12, width=32, patch_size=8,
+                                                               heads=2),
+                            text=TextConfig(context_length=16, width=32, heads=2, layers=1)))
+    path = tmp_path_factory.mktemp("deep") / "tiny12.safetensors"
+    save_model(model, path, {"source": "test"})
+    return path
+
+
+def test_cli_sc_clip_protocol_with_a_clip_checkpoint(tmp_path, capsys, deep_clip_weights):
+    root = make_folder(tmp_path / "set", n=2)
+    out = tmp_path / "r.json"
+    code = cli(["eval", "--dataset", "folder", "--root", str(root), "--weights", str(deep_clip_weights),
+                "--protocol", "sc-clip:voc", "--short-side", "64", "--templates", "none", "--no-progress",
+                "--out", str(out)])
+    assert code == 0
+    assert "warning" not in capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    seg, proto = rep["config"]["segment"], rep["config"]["protocol"]
+    assert rep["images"] == 2 and 0 <= rep["miou"] <= 100
+    assert seg["mode"] == "sc-clip" and seg["slide"] == [224, 112] and seg["pamr"] is False
+    assert seg["threshold"] is None and seg["area_threshold"] == 0.1  # the folder set has no background class
+    assert seg["temperature"] == pytest.approx((1 / 0.07) / 50, rel=1e-4)  # logits = 50 x cosine
+    assert proto["method"] == "sc-clip" and proto["threshold"] == 0.15 and proto["reference"] == 64.6
+
+
+def test_cli_segment_sc_clip(tmp_path, capsys, deep_clip_weights):
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(img)
+    out = tmp_path / "out"
+    code = cli(["segment", str(img), "--labels", "cat, dog; puppy, grass", "--weights", str(deep_clip_weights),
+                "--mode", "sc-clip", "--short-side", "64", "--templates", "none", "--out", str(out), "--json"])
+    assert code == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(rec["mask"]).size == (70, 50)
+    assert json.loads((out / "x.json").read_text())["mode"] == "sc-clip"
 
 
 def sclip_postprocess(logits: torch.Tensor, prob_thd: float, area_thd: float) -> torch.Tensor:

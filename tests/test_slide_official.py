@@ -9,6 +9,7 @@ inference and postprocessing, transcribed here from the repositories (not read f
 - NACLIP ``naclip.py`` (sinahmr/NACLIP @ 0cac3a6): ``predict`` with ``slide_crop=0`` (the whole image,
   bilinear to the input size, then to ``ori_shape``), PAMR on the query logits at ``ori_shape`` with the
   network input resized there, ``postprocess_result``.
+- SC-CLIP ``scclip_segmentor.py`` (SuleBai/SC-CLIP @ 0417ba9): the same three methods as SCLIP's.
 - mmseg's test ``Resize(scale=(2048, S), keep_ratio=True)``: mmcv ``rescale_size`` ``int(side * s + 0.5)``.
 
 The dense features come from ``official_dense`` (tests/test_dense_clip.py: the official last block on
@@ -125,6 +126,34 @@ def test_sclip_slide_inference_and_postprocess_are_the_official():
     assert res.labels == ["background", "red", "green", "blue", "yellow"]
     assert np.array_equal(res.label_map, want.numpy())
     assert res.dropped and not np.array_equal(plain.numpy(), want.numpy())  # both rules bit here
+
+
+def test_sc_clip_slide_inference_and_postprocess_are_the_official():
+    """SC-CLIP scclip_segmentor.py (SuleBai/SC-CLIP @ 0417ba9): forward_feature / forward_slide /
+    postprocess_result are SCLIP's (transcribed above); its features are official_scclip's (12 blocks)."""
+    model = tiny_vit(layers=12, image_size=48)
+    img = image(56, 83, seed=3)
+    crop, stride, scale = 48, 20, 50.0  # crops of 6 x 6 patches: enough for LOF's 30 neighbours
+    seg = segmenter(model, scale, mode="sc-clip", short_side=None, slide=(crop, stride))
+    assert segmenter(model, scale, short_side=None).mode == "sc-clip"  # the default on a 12-block ViT
+    seg.set_image(img)
+    x = seg._image_input
+    q, idx = query_features(model, [c[:1] for c in CLASSES])  # one query per class: compare probabilities
+    with torch.no_grad():
+        logits, n_crops = forward_slide(model, x, q, "sc-clip", stride, crop, (56, 83))
+    assert n_crops == 2 * 3 and len(seg._views[0].boxes) == n_crops
+    probs, pred = postprocess(logits, idx, scale)
+    res = seg.predict([c[0] for c in CLASSES])
+    torch.testing.assert_close(res.probs, probs, atol=1e-5, rtol=0)
+    assert np.array_equal(res.label_map, pred.numpy()) and probs.std(dim=(1, 2)).max() > 1e-2  # not flat
+    # synonyms, area_thd and prob_thd as the SC-CLIP VOC-21 config
+    q, idx = query_features(model, CLASSES)
+    with torch.no_grad():
+        logits, _ = forward_slide(model, x, q, "sc-clip", stride, crop, (56, 83))
+    _, want = postprocess(logits, idx, scale, prob_thd=0.15, area_thd=0.1)
+    seg.cfg.threshold, seg.cfg.area_threshold = 0.15, 0.1
+    res = seg.predict(["; ".join(c) for c in CLASSES])
+    assert np.array_equal(res.label_map, want.numpy())
 
 
 def test_naclip_whole_image_with_pamr_is_the_official():

@@ -86,6 +86,8 @@ _CLEARCLIP_NOTE = ("ClearCLIP's configs/base_config.py ships model_type='vanilla
                    "model_type='ClearCLIP' with ignore_residual=True (textseg's clearclip mode). It pads "
                    "crops to multiples of the patch size and runs in fp16")
 _CLEARCLIP_NOREF = _CLEARCLIP_NOTE + "; the repository publishes no number for this benchmark"
+_SCCLIP = ("arXiv 2411.15869 (SC-CLIP) Table 1, CLIP ViT-B/16 without post-processing (the repository README "
+           "publishes none); settings github.com/SuleBai/SC-CLIP scclip_segmentor.py and configs/cfg_*.py @ 0417ba9")
 
 # Benchmark keys follow textseg's dataset names (coco-stuff = COCO-Stuff164k).
 PROTOCOLS: dict[str, dict[str, Protocol]] = {
@@ -117,6 +119,20 @@ PROTOCOLS: dict[str, dict[str, Protocol]] = {
         "context59": Protocol("naclip", "context59", 336, pamr=True, reference=38.35, source=_NACLIP),
         "ade": Protocol("naclip", "ade", 336, pamr=True, reference=19.05, source=_NACLIP),
         "coco-stuff": Protocol("naclip", "coco-stuff", 336, pamr=True, reference=25.69, source=_NACLIP),
+    },
+    # SC-CLIP (arXiv 2411.15869; SCCLIPForSegmentation defaults): slide 224/112, short side 336 (Cityscapes
+    # 560), logit scale 40 unless noted, 80 ImageNet templates, no PAMR (pamr_steps=0 in every config).
+    "sc-clip": {
+        "voc": Protocol("sc-clip", "voc", 336, threshold=0.15, logit_scale=50, area_threshold=0.1, reference=64.6,
+                        source=_SCCLIP),
+        "context": Protocol("sc-clip", "context", 336, threshold=0.15, reference=36.8, source=_SCCLIP),
+        "coco-object": Protocol("sc-clip", "coco-object", 336, threshold=0.35, logit_scale=55, reference=37.7,
+                                source=_SCCLIP),
+        "voc20": Protocol("sc-clip", "voc20", 336, reference=84.3, source=_SCCLIP),
+        "context59": Protocol("sc-clip", "context59", 336, reference=40.1, source=_SCCLIP),
+        "coco-stuff": Protocol("sc-clip", "coco-stuff", 336, reference=26.6, source=_SCCLIP),
+        "cityscapes": Protocol("sc-clip", "cityscapes", 560, reference=41.0, source=_SCCLIP),
+        "ade": Protocol("sc-clip", "ade", 336, reference=20.1, source=_SCCLIP),
     },
     # ClearCLIP (ECCV 2024, arXiv 2407.12442; clearclip_segmentor.py defaults): slide 448/224, short side
     # 448, logit scale 50, 80 ImageNet templates, no PAMR; Cityscapes slides 224/224.
@@ -152,7 +168,7 @@ PROTOCOL_CAVEATS = (
 
 
 def get_protocol(name: str, dataset: str) -> Protocol:
-    """The preset of method ``name`` (``sclip``, ``naclip``, ``clearclip``) for benchmark ``dataset``.
+    """The preset of method ``name`` (``sc-clip``, ``sclip``, ``naclip``, ``clearclip``) for benchmark ``dataset``.
 
     ``name`` may carry the benchmark as ``"naclip:voc"``: e.g. a folder dataset holding a VOC-21
     view borrows the VOC preset."""
@@ -188,7 +204,7 @@ def has_background(dataset: SegDataset) -> bool:
 class SegmenterPredictor:
     """Dense zero-shot segmentation of dataset images with the dataset's class prompts.
 
-    ``protocol`` (``"sclip"`` / ``"naclip"`` / ``"clearclip"``) fills the settings of :func:`get_protocol` for the
+    ``protocol`` (``"sc-clip"`` / ``"sclip"`` / ``"naclip"`` / ``"clearclip"``) fills the settings of :func:`get_protocol` for the
     dataset's benchmark; keyword ``overrides`` (``short_side``, ``slide=(crop, stride)``,
     ``threshold``, ``pamr``, ``mode``, ``templates``, ``temperature``, ...) replace single fields of
     the resulting :class:`~textseg.segment.SegmentCfg`.

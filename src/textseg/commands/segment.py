@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     m.add_argument("--model", default=None, help="model name or preset (default: the offline model)")
     m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    m.add_argument("--mode", default=None, help="dense mode of the model (CLIP: naclip, clearclip, sclip, maskclip, plain)")
+    m.add_argument("--mode", default=None, help="dense mode of the model (CLIP: sc-clip (default), naclip, clearclip, sclip, maskclip, plain)")
     s = p.add_argument_group("inference")
     s.add_argument("--short-side", type=int, default=448, metavar="S", help="resize the short side to S (0 = keep)")
     s.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),

@@ -34,7 +34,7 @@ from textseg.models.base import (
     format_tokens,
     resolve_indices,
 )
-from textseg.models.clip_dense import CLIP_DENSE_MODES, clip_dense_features
+from textseg.models.clip_dense import clip_dense_features, clip_supported_modes
 from textseg.models.layers import Attention as SharedAttention
 from textseg.models.layers import Block, LayerNorm, merge_heads, resample_pos_embed, split_heads
 
@@ -466,6 +466,8 @@ class CLIP(DualEncoder):
         self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.preprocess_cfg = preprocess_cfg or PreprocessCfg(image_size=cfg.vision.image_size)
+        # defined by textseg.models.clip_dense: sc-clip first (the default) for ViTs deep enough for it
+        self.dense_modes = clip_supported_modes(self)
 
     @classmethod
     def from_config_dict(cls, d: dict) -> CLIP:
@@ -474,8 +476,6 @@ class CLIP(DualEncoder):
 
     def config_dict(self) -> dict:
         return self.cfg.to_dict()
-
-    dense_modes = CLIP_DENSE_MODES  # defined by textseg.models.clip_dense
 
     def tokenize(self, texts: Sequence[str] | str) -> torch.Tensor:
         from textseg.models.tokenizer import tokenize

@@ -29,11 +29,46 @@ differs from the checkpoint's, sclip / clearclip / naclip resize the position em
 repositories do (``interpolate_pos_encoding``: bicubic with ``scale_factor = (n + 0.1) / N``);
 plain and maskclip resample to the target size (mmseg's ``resize_pos_embed``).
 
-The default is **naclip**: in the published comparisons of these training-free methods on the eight
-standard benchmarks (VOC-21/20, Context-60/59, COCO-Object/Stuff, Cityscapes, ADE20K, ViT-B/16) NACLIP
-reports the highest average mIoU (ahead of ClearCLIP, SCLIP, then MaskCLIP; plain CLIP tokens are
-far behind). No real CLIP weights exist in this environment, so we could not re-rank them on our
-data; ``--mode`` selects any of them.
+**sc-clip** (Bai et al. 2024, ``SuleBai/SC-CLIP clip/model.py`` ``VisionTransformer.forward``) changes
+more than the last block. With ``f_i`` = the output of block ``i`` (0-based, class token first) for
+``i < n - 1``, ``x = f_{n-2}`` the input of the last block, and ``c`` its class token:
+
+1. *anomaly tokens*: a local-outlier-factor score of every patch token of ``x`` (``lof_pytorch``: 30
+   neighbours by squared Euclidean distance, reach distance ``max(d_ij, k-distance_i)``, the top 5%
+   above the ``0.95`` quantile are anomalies); each anomaly is replaced by the mean of its non-anomalous
+   3 x 3 neighbours (``mean_interpolation``); the class token is set aside (``x`` = patches only).
+2. *intermediate aggregation*: ``S = cos(f_8, f_8)`` between patches of block 8 (anomalies resolved
+   the same way); ``x <- A(x, S)`` with ``A(x, S) = (S * [S >= 0.4]) x / (row sums + 1e-6)``.
+3. *attention enhancement* in the last block: ``P((softmax(M) + softmax(k k^T s)) / 2 v) + 0.3 c`` on
+   ``ln_1(x)``, ``M = 3 (S - mean S)`` with negatives set to ``-inf``; no residual, no FFN; then
+   ``x <- A(x, S')`` with ``S' = cos(f_3, f_3)`` (not resolved).
+4. *multi-level fusion*: ``r = f_3 + ... + f_9``; ``x <- x + A(last-block attention of r's patches
+   + 0.3 r_cls, S')``; then ``ln_post`` and ``proj``.
+
+The settings (``SCCLIP``: beta 0.4, block indices 8 / 3 / 3..9, class-token weight 0.3, LOF 30 / 0.05)
+are the official ones for every depth, so a tower needs at least ``SCCLIP_MIN_BLOCKS`` (11) blocks.
+Where textseg differs from the official code, only where that code cannot run: it squeezes the
+batch (batch 1 only), so textseg computes every step per image (the mean of ``S`` in step 3 too);
+it maps anomaly indices to (row, column) with the grid height for both axes (right only on square
+grids), textseg uses the row-major grid (``index // w, index % w``), which equals it on square grids;
+an image with fewer than 31 patches (``lof_pytorch``'s ``topk`` fails there) uses ``patches - 1``
+neighbours; an image with no anomaly (its ``mean_interpolation`` fails on an empty index list) is left
+as it is. Position embeddings: ``interpolate_pos_encoding`` as SCLIP's.
+
+The default is the first of ``CLIP.dense_modes``: **sc-clip** for towers with at least 11 blocks
+(every real CLIP ViT), else **naclip**. The published averages over the eight standard benchmarks
+(VOC-21/20, Context-60/59, COCO-Object/Stuff, Cityscapes, ADE20K; OpenAI ViT-B/16, no
+post-processing) rank them SC-CLIP 43.9 > NACLIP 39.4 (without PAMR) > ClearCLIP, SCLIP (about 38
+each) > MaskCLIP, with plain CLIP tokens far behind (SC-CLIP paper, arXiv 2411.15869, Table 1; NACLIP
+paper, arXiv 2404.08181).
+No real CLIP weights exist in this environment, so we could not re-rank them on our data;
+``--mode`` selects any of them.
+
+Cost (``benchmarks/bench_segment.py --mode all --repeats 3 --no-clipseg``, ViT-B/16 shapes, 448 x 600
+whole image, 2 CPU threads): every last-block mode runs at 0.95-1.01x the bare ``encode_image``;
+sc-clip at 1.39x, most of the extra being the exact pairwise distances of its LOF (kept exact: the
+anomaly choice sits on a quantile threshold), the rest its second pass of the last block's attention
+and the N x N similarity products.
 
 ResNet CLIP has no last transformer block: every mode uses MaskCLIP's value path through the
 attention pool (``c_proj(v_proj(x))`` at each position, no query-key attention, no position
@@ -42,16 +77,47 @@ embedding), the method MaskCLIP defines for ResNets.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from textseg.errors import TextsegError
 
-CLIP_DENSE_MODES: tuple[str, ...] = ("naclip", "clearclip", "sclip", "maskclip", "plain")
+# ranked by the published eight-benchmark average (module docstring); the first a tower supports is its default
+CLIP_DENSE_MODES: tuple[str, ...] = ("sc-clip", "naclip", "clearclip", "sclip", "maskclip", "plain")
 DENSE_MODES = CLIP_DENSE_MODES
 NACLIP_SIGMA = 5.0
 # position-embedding resizing per mode (textseg.models.layers.resample_pos_embed), as each official repo
-POS_INTERP = {"plain": "size", "maskclip": "size", "sclip": "sclip", "clearclip": "sclip", "naclip": "sclip"}
+POS_INTERP = {"plain": "size", "maskclip": "size", "sclip": "sclip", "clearclip": "sclip", "naclip": "sclip",
+              "sc-clip": "sclip"}
+
+
+@dataclass(frozen=True)
+class SCCLIPCfg:
+    """SC-CLIP's settings (``VisionTransformer.__init__`` / ``SCCLIPForSegmentation`` defaults, the same
+    in every config): similarity threshold ``beta``, the block whose similarities refine the last
+    block's input and attention (``pre_adjust_idx``) and its output (``post_adjust_idx``), the fused
+    blocks ``multi_start_idx <= i < multi_end_idx``, the class-token weight ``res_cls`` and
+    ``lof_pytorch``'s ``n_neighbors`` / ``contamination``."""
+
+    beta: float = 0.4
+    pre_adjust_idx: int = 8
+    post_adjust_idx: int = 3
+    multi_start_idx: int = 3
+    multi_end_idx: int = 10
+    res_cls: float = 0.3
+    lof_neighbors: int = 30
+    lof_contamination: float = 0.05
+
+    @property
+    def min_blocks(self) -> int:
+        """Blocks a tower needs: the indices read are outputs of blocks ``0 .. n - 2``."""
+        return max(self.pre_adjust_idx, self.post_adjust_idx, self.multi_end_idx - 1) + 2
+
+
+SCCLIP = SCCLIPCfg()
+SCCLIP_MIN_BLOCKS = SCCLIP.min_blocks  # 11
 
 _GAUSS_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -100,10 +166,113 @@ def last_block(block, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> torc
     raise TextsegError(f"unknown CLIP dense mode {mode!r}; choose one of: {', '.join(CLIP_DENSE_MODES)}")
 
 
+# ----------------------------------------------------------------------------------------------
+# SC-CLIP
+# ----------------------------------------------------------------------------------------------
+
+
+def lof_anomalies(x: torch.Tensor, n_neighbors: int = 30, contamination: float = 0.05) -> torch.Tensor:
+    """SC-CLIP's ``lof_pytorch`` per image: ``B x N x C`` tokens -> ``B x N`` bool, True for the tokens
+    whose local-outlier-factor score is above the ``1 - contamination`` quantile of the image's scores.
+
+    Squared Euclidean distances; the ``k = n_neighbors`` nearest others (``min(k, N - 1)``: the
+    official ``topk`` fails on fewer tokens); reach distance ``max(d_ij, d_i^(k))`` (the token's own
+    k-distance, as the official code); ``lrd = k / mean reach``; score = mean ``lrd_j / lrd_i`` over
+    the neighbours."""
+    k = min(n_neighbors, x.shape[1] - 1)
+    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+    knn_d, knn_i = d.topk(k + 1, dim=-1, largest=False)
+    knn_d, knn_i = knn_d[..., 1:], knn_i[..., 1:]  # drop the token itself
+    reach = torch.maximum(knn_d, knn_d[..., -1:])
+    lrd = k / torch.nan_to_num(reach.mean(-1), nan=1e-6)  # B x N
+    scores = (lrd.gather(1, knn_i.flatten(1)).view_as(knn_i) / lrd[..., None]).mean(-1)
+    threshold = torch.quantile(scores.float(), 1 - contamination, dim=1, keepdim=True)
+    return scores > threshold
+
+
+def resolve_anomalies(fmap: torch.Tensor, anomalies: torch.Tensor) -> torch.Tensor:
+    """SC-CLIP's ``mean_interpolation``: ``B x C x h x w`` features, ``B x h x w`` bool anomalies ->
+    each anomaly replaced by the mean of its non-anomalous 3 x 3 neighbours (zero padding; an anomaly
+    with none is kept)."""
+    c = fmap.shape[1]
+    keep = (~anomalies).to(fmap.dtype)[:, None]
+    ring = torch.ones(1, 1, 3, 3, dtype=fmap.dtype, device=fmap.device)
+    ring[..., 1, 1] = 0
+    total = F.conv2d(fmap * keep, ring.expand(c, 1, 3, 3), padding=1, groups=c)
+    count = F.conv2d(keep, ring, padding=1)
+    update = anomalies[:, None] & (count > 0)
+    return torch.where(update, total / count.clamp_min(1), fmap)
+
+
+def _cosine(x: torch.Tensor) -> torch.Tensor:
+    """``B x N x C`` -> ``B x N x N`` cosine similarities (``x / |x|``, as the official code)."""
+    x = x / x.norm(dim=-1, keepdim=True)
+    return x @ x.transpose(1, 2)
+
+
+def _aggregate(x: torch.Tensor, corrs: torch.Tensor) -> torch.Tensor:
+    """SC-CLIP's ``adaptively_aggregate``: rows of ``corrs`` normalised by their sum (+1e-6), times ``x``."""
+    return (corrs / (corrs.sum(-1, keepdim=True) + 1e-6)) @ x
+
+
+def _sc_attention(block, x: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+    """SC-CLIP's ``custom_attn`` on ``ln_1(x)`` (``x``: ``B x N x C`` patches, ``sim``: ``B x N x N``):
+    ``P((softmax(M) + softmax(k k^T s)) / 2 v)``, ``M = 3 (sim - mean sim)`` (per image), ``-inf`` below 0."""
+    attn = block.attn
+    _, k, v = attn.qkv(block.ln_1(x))
+    m = (sim - sim.mean(dim=(1, 2), keepdim=True)) * 3.0
+    m = m.masked_fill(m < 0, float("-inf"))
+    o = (F.softmax(m, dim=-1)[:, None] @ v + F.scaled_dot_product_attention(k, k, v)) / 2
+    return attn.project(o)
+
+
+def sc_clip_features(visual, pixels: torch.Tensor, cfg: SCCLIPCfg = SCCLIP) -> torch.Tensor:
+    """SC-CLIP dense tokens of a CLIP ViT ``visual``: ``B x 3 x H x W`` -> (``B x h*w x D`` patch
+    features after ``ln_post`` / ``proj``, grid). The steps are the module docstring's."""
+    n = len(visual.blocks)
+    if n < cfg.min_blocks:
+        raise TextsegError(f"sc-clip reads blocks {cfg.post_adjust_idx}..{cfg.multi_end_idx - 1} and "
+                           f"{cfg.pre_adjust_idx} before the last: it needs a ViT of at least {cfg.min_blocks} "
+                           f"blocks, this one has {n}")
+    out = visual.forward_intermediates(pixels, indices=list(range(n - 1)), intermediates_only=True,
+                                       pos_interp=POS_INTERP["sc-clip"])
+    feats, (h, w) = out.intermediates, out.grid  # feats[i]: block i's output, B x (1 + h*w) x C
+
+    def fmap(t):  # B x h*w x C <-> B x C x h x w
+        return t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+
+    def tokens(m):
+        return m.flatten(2).transpose(1, 2)
+
+    x, cls = feats[-1][:, 1:], feats[-1][:, :1]
+    anomalies = lof_anomalies(x, cfg.lof_neighbors, cfg.lof_contamination).view(-1, h, w)  # row-major
+    x = tokens(resolve_anomalies(fmap(x), anomalies))
+    pre = _cosine(tokens(resolve_anomalies(fmap(feats[cfg.pre_adjust_idx][:, 1:]), anomalies)))
+    x = _aggregate(x, pre.masked_fill(pre < cfg.beta, 0.0))
+    block = visual.blocks[-1]
+    x = _sc_attention(block, x, pre) + cfg.res_cls * cls
+    post = _cosine(feats[cfg.post_adjust_idx][:, 1:])
+    post = post.masked_fill(post < cfg.beta, 0.0)
+    x = _aggregate(x, post)
+    fused = sum(feats[cfg.multi_start_idx : cfg.multi_end_idx])
+    fused = _sc_attention(block, fused[:, 1:], pre) + cfg.res_cls * fused[:, :1]
+    return visual.head(x + _aggregate(fused, post)), (h, w)
+
+
+def clip_supported_modes(model) -> tuple[str, ...]:
+    """The dense modes of a CLIP ``model``, best first (its default): all of ``CLIP_DENSE_MODES``, less
+    ``sc-clip`` for a ViT with fewer than ``SCCLIP_MIN_BLOCKS`` blocks."""
+    blocks = getattr(model.visual, "blocks", None)
+    if blocks is not None and len(blocks) < SCCLIP_MIN_BLOCKS:
+        return tuple(m for m in CLIP_DENSE_MODES if m != "sc-clip")
+    return CLIP_DENSE_MODES
+
+
 def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
     """``B x 3 x H x W`` normalised pixels -> ``B x embed_dim x h x w`` dense features of a CLIP
-    ``model`` (ViT: ``h = H // patch_size``; ResNet: ``H // 32``) by ``mode`` (default: naclip)."""
-    mode = mode or CLIP_DENSE_MODES[0]
+    ``model`` (ViT: ``h = H // patch_size``; ResNet: ``H // 32``) by ``mode`` (default: the model's
+    first, :func:`clip_supported_modes`)."""
+    mode = mode or clip_supported_modes(model)[0]
     if mode not in CLIP_DENSE_MODES:
         raise TextsegError(f"unknown CLIP dense mode {mode!r}; choose one of: {', '.join(CLIP_DENSE_MODES)}")
     visual = model.visual
@@ -113,6 +282,9 @@ def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None) ->
         b, _, h, w = x.shape
         x = pool.c_proj(pool.v_proj(x.flatten(2).transpose(1, 2)))  # B x hw x D
         return x.transpose(1, 2).reshape(b, -1, h, w)
+    if mode == "sc-clip":
+        feats, grid = sc_clip_features(visual, pixels)
+        return feats.transpose(1, 2).reshape(feats.shape[0], -1, grid[0], grid[1])
     n = len(visual.blocks)
     pos_interp = POS_INTERP[mode]
     if n >= 2:
