@@ -18,3 +18,12 @@ def add_templates_argument(group, default: str | None) -> None:
     """``--templates`` (:func:`textseg.prompts.resolve_templates`); ``default`` is the command's own."""
     shown = f" (default: {default})" if default else " (default: the protocol's, else imagenet)"
     group.add_argument("--templates", default=default, help=TEMPLATES_HELP + shown)
+
+
+PRECISION_HELP = ("image-tower precision: auto (bf16 on CPUs with native bf16 / CUDA capability >= 8, fp16 on older "
+                  "CUDA, else fp32), fp32, bf16, fp16; logits, softmax, thresholds and PAMR stay fp32 (default: fp32)")
+
+
+def add_precision_argument(group) -> None:
+    """``--precision`` (:func:`textseg.precision.resolve_precision`), the same on every command."""
+    group.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)

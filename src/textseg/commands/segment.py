@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from textseg.commands import add_label_arguments, add_templates_argument
+from textseg.commands import add_label_arguments, add_precision_argument, add_templates_argument
 
 DEFAULT_MAX_MEGAPIXELS = 100.0
 
@@ -51,6 +51,7 @@ def add_parser(sub) -> None:
     m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     m.add_argument("--mode", default=None, help="dense mode of the model (CLIP: naclip, clearclip, sclip, maskclip, plain)")
+    add_precision_argument(m)
     s = p.add_argument_group("inference")
     s.add_argument("--short-side", type=int, default=448, metavar="S", help="resize the short side to S (0 = keep)")
     s.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),
@@ -126,7 +127,7 @@ def run(args) -> int:
     from textseg.segment import SegmentCfg, Segmenter
     from textseg.weights.load import load_model
 
-    model = load_model(args.model, args.weights, device=args.device)
+    model = load_model(args.model, args.weights, device=args.device, precision=args.precision)
     cfg = SegmentCfg(
         mode=args.mode,
         short_side=args.short_side or None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from textseg.commands import add_templates_argument
+from textseg.commands import add_precision_argument, add_templates_argument
 
 
 def add_parser(sub) -> None:
@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="threads running the model")
     p.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; more get 503")
     add_templates_argument(p, "imagenet")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 
@@ -34,7 +35,8 @@ def run(args) -> int:
         workers=args.workers,
         max_queue=args.max_queue,
     )
-    app = create_app(model_name=args.model, weights=args.weights, settings=settings, templates=args.templates)
+    app = create_app(model_name=args.model, weights=args.weights, settings=settings, templates=args.templates,
+                     precision=args.precision)
     print(f"textseg serving {app.state.service.model.name!r} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
