@@ -14,7 +14,7 @@ import sys
 from textseg import __version__
 from textseg.errors import TextsegError
 
-COMMANDS = ("segment", "classify", "eval", "models", "convert", "train", "cam", "serve")
+COMMANDS = ("segment", "classify", "eval", "models", "convert", "export", "train", "cam", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

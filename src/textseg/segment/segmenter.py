@@ -242,6 +242,8 @@ class Segmenter:
                 f"choose one of: {', '.join(modes)}"
             )
         self.mode = self.cfg.mode or (modes[0] if modes else None)
+        if self.cfg.mode is None and getattr(model, "dense_runtime", None) is not None:
+            self.mode = model.dense_runtime.mode  # an ONNX export's mode is the default
         # A pixel mode is scored by the model's official per-pixel inference on a pixel canvas.
         self.pixel_mode = self.mode is not None and self.mode in tuple(getattr(model, "pixel_modes", ()) or ())
         if self.cfg.resolution not in RESOLUTIONS:
@@ -260,6 +262,13 @@ class Segmenter:
         self.text_cache = TextEmbeddingCache.for_model(model, self.cfg.cache_dir)
         wanted = self.cfg.precision if self.cfg.precision is not None else getattr(model, "inference_precision", None)
         self.precision = resolve_precision(wanted, self.device)  # fp32 / bf16 / fp16, resolved once
+        # an exported ONNX dense graph (textseg.export.load_onnx) replaces the PyTorch tower (fp32)
+        self.runtime = None if self.pixel_mode else getattr(model, "dense_runtime", None)
+        if self.runtime is not None:
+            if self.runtime.mode != self.mode:
+                raise TextsegError(f"the ONNX graph was exported for dense mode {self.runtime.mode!r}, not "
+                                   f"{self.mode!r}; export that mode or drop --mode")
+            self.precision = "fp32"
         self.labels = labels
         self._views: list[_View] = []
         self._image_small: torch.Tensor | None = None  # 1 x 3 x h x w in [0, 1], for PAMR ("canvas")
@@ -280,6 +289,9 @@ class Segmenter:
         feats = []
         for i in range(0, pixels.shape[0], max(1, self.cfg.batch_size)):
             x = pixels[i : i + self.cfg.batch_size].to(self.device, dtype)
+            if self.runtime is not None:
+                feats.append(self.runtime(x))
+                continue
             with autocast(self.precision, self.device):  # the tower only; its output back to float32
                 if self.pixel_mode:
                     feats.append(to_float32(self.model.official_features(x)))
