@@ -15,7 +15,7 @@ from textseg import __version__
 from textseg.commands import validate_options
 from textseg.errors import TextsegError
 
-COMMANDS = ("segment", "classify", "eval", "models", "convert", "train", "cam", "serve")
+COMMANDS = ("segment", "classify", "eval", "models", "convert", "export", "train", "cam", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ import torch
 
 from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder
+from textseg.precision import autocast, resolve_precision, to_float32
 from textseg.preprocess import preprocess
 from textseg.text import LabelClass, TextEmbeddingCache, parse_labels
 
@@ -49,15 +50,22 @@ def class_max(logits: torch.Tensor, classes: Sequence[LabelClass]) -> torch.Tens
 
 
 @torch.no_grad()
-def image_logits(model: DualEncoder, pixels: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """``B x 3 x H x W`` preprocessed pixels, ``N x D`` classifier -> ``B x N`` logits."""
-    return model.image_logits(model.encode_image(pixels), classifier)
+def image_logits(model: DualEncoder, pixels: torch.Tensor, classifier: torch.Tensor,
+                 precision: str | None = None) -> torch.Tensor:
+    """``B x 3 x H x W`` preprocessed pixels, ``N x D`` classifier -> ``B x N`` float32 logits. The image
+    tower runs at ``precision`` (None: the model's ``inference_precision``, else fp32); the scoring is
+    float32."""
+    wanted = precision if precision is not None else getattr(model, "inference_precision", None)
+    resolved = resolve_precision(wanted, pixels.device)
+    with autocast(resolved, pixels.device):
+        image = to_float32(model.encode_image(pixels))
+    return model.image_logits(image, classifier.float()).float()
 
 
 @torch.no_grad()
 def classify_batches(model: DualEncoder, images: Sequence, labels: Labels,
                      templates: str | Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 16,
-                     progress: bool = False):
+                     progress: bool = False, precision: str | None = None):
     """Yield ``b x C`` probability tensors for consecutive batches of ``images`` (read lazily, so
     memory stays bounded for long lists); labels are embedded once."""
     classes = parse_labels(labels)
@@ -72,7 +80,7 @@ def classify_batches(model: DualEncoder, images: Sequence, labels: Labels,
         starts = tqdm(starts, desc="classify", unit="batch")
     for i in starts:
         pixels = torch.stack([preprocess(im, model.preprocess_cfg) for im in images[i : i + batch_size]])
-        logits = class_max(image_logits(model, pixels.to(device), classifier).float(), classes)
+        logits = class_max(image_logits(model, pixels.to(device), classifier, precision), classes)
         yield logits.softmax(dim=-1).cpu()
 
 

@@ -126,3 +126,12 @@ def validate_options(args) -> None:
         raise TextsegError(f"--port must be in 1-65535, got {port}")
     if get("device"):
         _check_device(args.device)
+
+
+PRECISION_HELP = ("image-tower precision: auto (bf16 on CPUs with native bf16 / CUDA capability >= 8, fp16 on older "
+                  "CUDA, else fp32), fp32, bf16, fp16; logits, softmax, thresholds and PAMR stay fp32 (default: fp32)")
+
+
+def add_precision_argument(group) -> None:
+    """``--precision`` (:func:`textseg.precision.resolve_precision`), the same on every command."""
+    group.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from textseg.commands import add_label_arguments, add_templates_argument
+from textseg.commands import add_label_arguments, add_precision_argument, add_templates_argument
 
 
 def add_parser(sub) -> None:
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", default="cpu")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 
@@ -47,7 +48,7 @@ def run(args) -> int:
     from textseg.weights.load import load_model
     from textseg.zeroshot import classify_batches
 
-    model = load_model(name=args.model, weights=args.weights, device=args.device)
+    model = load_model(name=args.model, weights=args.weights, device=args.device, precision=args.precision)
     done = 0
     for probs in classify_batches(model, paths, classes, templates, args.batch_size, progress=True):
         for path, row in zip(paths[done:], probs.tolist()):

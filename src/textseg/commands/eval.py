@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from textseg.commands import add_templates_argument, threshold_type
+from textseg.commands import add_precision_argument, add_templates_argument, threshold_type
 from textseg.data import DATASETS
 
 # Past this fraction of failed images the run exits with code 1 (the mIoU would not be the benchmark's).
@@ -46,6 +46,7 @@ def add_parser(sub) -> None:
                    help="published settings preset: sclip or naclip (per benchmark short side, crop, stride, "
                    "threshold, logit scale, PAMR); folder datasets borrow one, e.g. naclip:voc")
     m.add_argument("--mode", default=None, help="dense mode of the model (e.g. naclip, sclip, maskclip)")
+    add_precision_argument(m)
     m.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
                    help="sliding-window crop and stride")
     m.add_argument("--short-side", type=int, default=None, help="resize short side to S pixels")
@@ -92,7 +93,7 @@ def run(args) -> int:
         short_side=args.short_side, threshold=args.threshold, pamr=args.pamr, templates=args.templates)
     result, report, warnings = run_benchmark(
         args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes, model=args.model,
-        weights=args.weights, device=device, limit=args.limit, strict=args.strict, progress=not args.no_progress,
+        weights=args.weights, device=device, precision=args.precision, limit=args.limit, strict=args.strict, progress=not args.no_progress,
         keep_worst=keep, dump_worst=dump, **options)
     if rank == 0:
         for w in warnings:

@@ -19,7 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from textseg.commands import add_label_arguments, add_templates_argument, threshold_type
+from textseg.commands import (
+    add_label_arguments,
+    add_precision_argument,
+    add_templates_argument,
+    threshold_type,
+)
 
 DEFAULT_MAX_MEGAPIXELS = 100.0
 
@@ -36,6 +41,9 @@ def add_parser(sub) -> None:
     m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     m.add_argument("--mode", default=None, help="dense mode of the model (CLIP: sc-clip (default), naclip, clearclip, sclip, maskclip, plain)")
+    add_precision_argument(m)
+    m.add_argument("--onnx", default=None, metavar="DIR",
+                   help="run the image tower from an ONNX export folder (textseg export) with onnxruntime")
     s = p.add_argument_group("inference")
     s.add_argument("--short-side", type=int, default=448, metavar="S", help="resize the short side to S (0 = keep)")
     s.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),
@@ -88,7 +96,14 @@ def run(args) -> int:
     from textseg.segment import SegmentCfg, Segmenter
     from textseg.weights.load import load_model
 
-    model = load_model(args.model, args.weights, device=args.device)
+    if args.onnx:
+        if args.weights or args.model:
+            raise TextsegError("--onnx DIR holds its own weights; drop --model / --weights")
+        from textseg.export import load_onnx
+
+        model = load_onnx(args.onnx, device=args.device, precision=args.precision)
+    else:
+        model = load_model(args.model, args.weights, device=args.device, precision=args.precision)
     cfg = SegmentCfg(
         mode=args.mode,
         short_side=args.short_side or None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from textseg.commands import add_templates_argument
+from textseg.commands import add_precision_argument, add_templates_argument
 
 
 def add_parser(sub) -> None:
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request body may take")
     p.add_argument("--max-connections", type=int, default=128, help="open connections; more get 503")
     add_templates_argument(p, "imagenet")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 
@@ -57,7 +58,8 @@ def run(args) -> int:
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,
     )
-    app = create_app(model_name=args.model, weights=args.weights, settings=settings, templates=args.templates)
+    app = create_app(model_name=args.model, weights=args.weights, settings=settings, templates=args.templates,
+                     precision=args.precision)
     print(f"textseg serving {app.state.service.model.name!r} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.Server(server_config(app, args.port)).run()
     return 0

@@ -127,7 +127,8 @@ def neighbourhood_bias(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, num_p
     """NACLIP's additive attention bias ``T x T`` (``T = num_prefix + h*w``):
     ``exp(-|p_i - p_j|^2 / (2 sigma^2))`` between patch positions, 0 for prefix (class) tokens."""
     key = (grid, sigma, num_prefix, str(device), dtype)
-    bias = _GAUSS_CACHE.get(key)
+    static = all(type(v) is int for v in (*grid, num_prefix))  # symbolic sizes (ONNX export): no cache
+    bias = _GAUSS_CACHE.get(key) if static else None
     if bias is None:
         h, w = grid
         ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
@@ -137,6 +138,8 @@ def neighbourhood_bias(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, num_p
         bias = torch.zeros(num_prefix + h * w, num_prefix + h * w, dtype=torch.float64)
         bias[num_prefix:, num_prefix:] = g
         bias = bias.to(device=device, dtype=dtype)
+        if not static:
+            return bias
         if len(_GAUSS_CACHE) > 16:
             _GAUSS_CACHE.clear()
         _GAUSS_CACHE[key] = bias

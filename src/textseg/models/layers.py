@@ -230,7 +230,8 @@ def resample_pos_embed(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, 
     (SCLIP / NACLIP / ClearCLIP ``clip/model.py``): ``scale_factor = (dst + 0.1) / src`` is handed to
     the resampler, so source coordinates are ``(i + 0.5) * src / (dst + 0.1) - 0.5`` (not
     ``... * src / dst``); the output still has ``dst`` cells."""
-    if tuple(src) == tuple(dst):
+    symbolic = not all(type(v) is int for v in (*src, *dst))  # sizes traced by torch.export (ONNX)
+    if not symbolic and tuple(src) == tuple(dst):
         return pos
     if method not in POS_INTERPOLATIONS:
         raise ValueError(f"unknown position interpolation {method!r}; choose one of {POS_INTERPOLATIONS}")
@@ -238,10 +239,56 @@ def resample_pos_embed(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, 
         return resample_pos_embed(pos[0], src, dst, num_prefix, method, mode)[None]
     prefix, grid = pos[:num_prefix], pos[num_prefix:]
     grid = grid.reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2).float()
-    if method == "sclip":
+    if symbolic:  # the same resampling as separable matrices built from tensors: exports with dynamic sizes
+        mh, mw = (_resample_matrix(int(s_), d, method, mode) for s_, d in zip(src, dst))
+        out = torch.einsum("ih,chw,jw->cij", mh, grid[0], mw)[None]
+        if method == "sclip":  # the official code keeps the table as is when the grid is the checkpoint's
+            same = ((torch.arange(dst[0])[-1:] + 1 == src[0]) & (torch.arange(dst[1])[-1:] + 1 == src[1]))
+            mh, mw = (_resample_matrix(int(s_), d, "size", mode) for s_, d in zip(src, dst))  # identity there
+            out = torch.where(same, torch.einsum("ih,chw,jw->cij", mh, grid[0], mw)[None], out)
+        grid = out
+    elif method == "sclip":
         scale = ((dst[0] + 0.1) / src[0], (dst[1] + 0.1) / src[1])
         grid = F.interpolate(grid, scale_factor=scale, mode=mode, align_corners=False,
                              recompute_scale_factor=False)[..., : dst[0], : dst[1]]
     else:
         grid = F.interpolate(grid, size=tuple(dst), mode=mode, align_corners=False)
     return torch.cat([prefix, grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1)])
+
+
+CUBIC_A = -0.75  # PyTorch's (and OpenCV's) bicubic convolution coefficient
+
+
+def _resample_matrix(src: int, dst, method: str, mode: str) -> torch.Tensor:
+    """``dst x src`` weights of PyTorch's ``align_corners=False`` 1-D ``mode`` resampling (bicubic: cubic
+    convolution with ``A = -0.75``, taps clamped to the border; bilinear: source index clamped at 0):
+    source coordinate ``(i + 0.5) * src / dst' - 0.5`` with ``dst' = dst`` (``"size"``) or ``dst + 0.1``
+    (``"sclip"``: the scale factor ``(dst + 0.1) / src``). ``dst`` may be a traced size."""
+    i = torch.arange(dst, dtype=torch.float32)
+    denom = (i[-1:] + 1.1) if method == "sclip" else (i[-1:] + 1.0)  # dst + 0.1 / dst, as a tensor
+    real = (i + 0.5) * (src / denom) - 0.5
+    cols = torch.arange(src)
+    if mode == "bilinear":
+        real = real.clamp_min(0)
+        i0 = real.floor()
+        lam = real - i0
+        taps = [(i0, 1 - lam), ((i0 + 1).clamp_max(src - 1), lam)]
+    elif mode == "bicubic":
+        i0 = real.floor()
+        t = real - i0
+        a = CUBIC_A
+
+        def near(x):  # |x| <= 1
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+
+        def far(x):  # 1 < |x| < 2
+            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+        weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        taps = [((i0 - 1 + k).clamp(0, src - 1), w) for k, w in enumerate(weights)]
+    else:
+        raise ValueError(f"no traced resampling for mode {mode!r}")
+    m = torch.zeros(i.shape[0], src)
+    for idx, w in taps:
+        m = m + (idx.long()[:, None] == cols[None, :]).float() * w[:, None]
+    return m

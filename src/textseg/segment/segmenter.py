@@ -59,6 +59,7 @@ from PIL import Image
 from textseg import viz
 from textseg.errors import TextsegError
 from textseg.io import load_image
+from textseg.precision import autocast, resolve_precision, to_float32
 from textseg.preprocess import canvas_size, keep_ratio_size, normalize, resize_to_tensor
 from textseg.segment.pamr import NACLIP_DILATIONS, pamr
 from textseg.segment.slide import BAND_BUDGET, argmax_bands, crop_boxes, stitch, upsample, upsample_bands
@@ -117,6 +118,11 @@ class SegmentCfg:
         refined there; ``"canvas"`` (cheaper, textseg's): the logits are refined on the resized image
         downsampled by ``pamr_stride``.
     batch_size: crops per image-tower forward pass.
+    precision: the image tower's precision (:mod:`textseg.precision`): ``"fp32"``, ``"bf16"``,
+        ``"fp16"`` or ``"auto"`` (bf16 on CPUs with native bf16 and on CUDA capability >= 8, fp16 on
+        older CUDA, else fp32); None = the model's ``inference_precision`` (set by
+        ``load_model(precision=...)``), else fp32. The dense features are cast back to float32, so
+        logits, softmax, thresholds and PAMR are float32 at every precision.
     cache_dir: directory for the on-disk text-embedding cache (None = memory only).
     """
 
@@ -139,6 +145,7 @@ class SegmentCfg:
     pamr_resolution: str = "original"
     pamr_stride: int = 4
     batch_size: int = 4
+    precision: str | None = None
     cache_dir: str | None = None
 
 
@@ -156,6 +163,7 @@ class SegmentResult:
     background_index: index of the background label, or None.
     dropped: labels removed by ``min_area``.
     timings: seconds per stage.
+    precision: the image tower's resolved precision (``fp32`` / ``bf16`` / ``fp16``).
     """
 
     labels: list[str]
@@ -166,6 +174,7 @@ class SegmentResult:
     background_index: int | None = None
     dropped: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"
 
     @property
     def logits(self) -> torch.Tensor:
@@ -182,7 +191,8 @@ class SegmentResult:
         ``--json`` lines) and the web app's ``/v1/segment``: ``labels`` (names in label-map index
         order), ``legend`` (per label: ``name``, ``index``, ``color`` = RGB of the mask / overlay
         palette, ``fraction``), ``fractions`` (name -> pixel fraction), ``background_index``,
-        ``dropped``, ``width``, ``height`` and ``timings`` (seconds per stage). Callers add their
+        ``dropped``, ``width``, ``height``, ``precision`` (the image tower's) and ``timings`` (seconds
+        per stage). Callers add their
         own keys (files written, image id, model, mode)."""
         colors = viz.palette(self.labels, self.background_index)
         return {
@@ -194,6 +204,7 @@ class SegmentResult:
             "dropped": list(self.dropped),
             "width": int(self.size[1]),
             "height": int(self.size[0]),
+            "precision": self.precision,
             "timings": {k: round(float(v), 6) for k, v in self.timings.items()},
         }
 
@@ -231,6 +242,8 @@ class Segmenter:
                 f"choose one of: {', '.join(modes)}"
             )
         self.mode = self.cfg.mode or (modes[0] if modes else None)
+        if self.cfg.mode is None and getattr(model, "dense_runtime", None) is not None:
+            self.mode = model.dense_runtime.mode  # an ONNX export's mode is the default
         # A pixel mode is scored by the model's official per-pixel inference on a pixel canvas.
         self.pixel_mode = self.mode is not None and self.mode in tuple(getattr(model, "pixel_modes", ()) or ())
         if self.cfg.resolution not in RESOLUTIONS:
@@ -247,6 +260,15 @@ class Segmenter:
         if self.cfg.temperature <= 0:
             raise TextsegError(f"temperature must be positive, got {self.cfg.temperature}")
         self.text_cache = TextEmbeddingCache.for_model(model, self.cfg.cache_dir)
+        wanted = self.cfg.precision if self.cfg.precision is not None else getattr(model, "inference_precision", None)
+        self.precision = resolve_precision(wanted, self.device)  # fp32 / bf16 / fp16, resolved once
+        # an exported ONNX dense graph (textseg.export.load_onnx) replaces the PyTorch tower (fp32)
+        self.runtime = None if self.pixel_mode else getattr(model, "dense_runtime", None)
+        if self.runtime is not None:
+            if self.runtime.mode != self.mode:
+                raise TextsegError(f"the ONNX graph was exported for dense mode {self.runtime.mode!r}, not "
+                                   f"{self.mode!r}; export that mode or drop --mode")
+            self.precision = "fp32"
         self.labels = labels
         self._views: list[_View] = []
         self._image_small: torch.Tensor | None = None  # 1 x 3 x h x w in [0, 1], for PAMR ("canvas")
@@ -281,10 +303,14 @@ class Segmenter:
         feats = []
         for i in range(0, pixels.shape[0], max(1, self.cfg.batch_size)):
             x = pixels[i : i + self.cfg.batch_size].to(self.device, dtype)
-            if self.pixel_mode:
-                feats.append(self.model.official_features(x))
-            else:
-                feats.append(self.model.encode_dense(x, mode=self.mode))
+            if self.runtime is not None:
+                feats.append(self.runtime(x))
+                continue
+            with autocast(self.precision, self.device):  # the tower only; its output back to float32
+                if self.pixel_mode:
+                    feats.append(to_float32(self.model.official_features(x)))
+                else:
+                    feats.append(to_float32(self.model.encode_dense(x, mode=self.mode)))
         if self.pixel_mode:
             return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
         return torch.cat(feats)
@@ -634,7 +660,7 @@ class Segmenter:
             frac = self._fractions(label_map, len(names))
             return SegmentResult(labels=names, logits_lowres=z, size=self.image_size, label_map=label_map,
                                  fractions={n: float(f) for n, f in zip(names, frac)}, background_index=bg,
-                                 dropped=dropped, timings=timings)
+                                 dropped=dropped, timings=timings, precision=self.precision)
         else:
             z = self._class_logits(classes)
         timings["embed_text"] = self.timings.pop("embed_text", 0.0)
@@ -687,6 +713,7 @@ class Segmenter:
             background_index=bg,
             dropped=dropped,
             timings=timings,
+            precision=self.precision,
         )
 
     def _area_drop(self, z: torch.Tensor, bg: int) -> list[int]:

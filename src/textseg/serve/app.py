@@ -492,16 +492,35 @@ def _parse_labels(labels: str, settings: ServeSettings):
     return classes
 
 
+def apply_precision(model, precision: str) -> None:
+    """Issue 17: set an already loaded ``model``'s image-tower precision (resolved for its device)."""
+    from textseg.precision import resolve_precision
+
+    p = next(model.parameters(), None)
+    model.inference_precision = resolve_precision(precision, p.device if p is not None else "cpu")
+
+
+def precision_info(model) -> dict:
+    """Issue 17: the precision entries of ``/v1/models`` (``precision``, ``cpu_native_bf16``)."""
+    from textseg.precision import describe
+
+    return describe(model)
+
+
 def create_app(model=None, *, model_name: str | None = None, weights: str | None = None,
-               settings: ServeSettings | None = None, templates: str = "imagenet") -> FastAPI:
+               settings: ServeSettings | None = None, templates: str = "imagenet",
+               precision: str | None = None) -> FastAPI:
     """The ASGI app. Pass a loaded ``model``, or ``model_name`` / ``weights`` to load one at start-up
     (nothing given: the offline default model). ``templates``: the prompt templates of every request
-    (:func:`textseg.prompts.resolve_templates`; default the 80 OpenAI prompts)."""
+    (:func:`textseg.prompts.resolve_templates`; default the 80 OpenAI prompts). ``precision``: the
+    image tower's (:func:`apply_precision`; reported by ``/v1/models``)."""
     settings = settings or ServeSettings()
     if model is None:
         from textseg.weights.load import load_model
 
-        model = load_model(model_name, weights)
+        model = load_model(model_name, weights, precision=precision)
+    elif precision is not None:
+        apply_precision(model, precision)
     service = SegmentService(model.eval(), settings, templates)
 
     app = FastAPI(title="textseg", version=__version__, docs_url=None, redoc_url=None,
@@ -542,7 +561,7 @@ def create_app(model=None, *, model_name: str | None = None, weights: str | None
         m = service.model
         return {
             "current": {"name": m.name, "modes": list(getattr(m, "dense_modes", ())),
-                        "embed_dim": getattr(m, "embed_dim", None)},
+                        "embed_dim": getattr(m, "embed_dim", None), **precision_info(m)},
             "available": available_names(),
         }
 

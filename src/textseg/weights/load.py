@@ -122,7 +122,7 @@ def available_names() -> list[str]:
 
 
 def load_model(name: str | None = None, weights: str | Path | None = None, device: str | torch.device = "cpu",
-               download: bool = True) -> DualEncoder:
+               download: bool = True, precision: str | None = None) -> DualEncoder:
     """Load any textseg model, in eval mode, on ``device``.
 
     - nothing given: the offline default model (``"offline"``);
@@ -130,7 +130,14 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
       ``"ViT-L/14@336px"``; open_clip spellings like ``"ViT-B-16"`` too), read from the cache and, if
       absent and ``download``, fetched once (SHA-256 checked);
     - ``weights``: a checkpoint file or folder in any supported format (detected). With a ``name``
-      too, the checkpoint must be of that model (``"clip"``, ``"lseg"``, ``"groupvit"``, ...)."""
+      too, the checkpoint must be of that model (``"clip"``, ``"lseg"``, ``"groupvit"``, ...).
+
+    ``precision`` (``auto`` / ``fp32`` / ``bf16`` / ``fp16``, :mod:`textseg.precision`) is resolved
+    for ``device`` and kept as ``model.inference_precision``: the precision the Segmenter and
+    classification run the image tower at (weights stay float32; None = fp32)."""
+    from textseg.precision import resolve_precision
+
+    resolved = resolve_precision(precision, device)  # a bad value fails before any weights load
     if weights is not None:
         model = load_checkpoint(weights)
         if name is not None and name != model.name and presets.find(name) is None:
@@ -149,7 +156,9 @@ def load_model(name: str | None = None, weights: str | Path | None = None, devic
         else:
             raise CheckpointError(f"unknown model {name!r}; known: {', '.join(available_names())} "
                                   "(or pass a checkpoint with --weights)")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.inference_precision = resolved
+    return model
 
 
 # ----------------------------------------------------------------------------------------------

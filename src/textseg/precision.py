@@ -1,0 +1,86 @@
+"""Inference precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (one home for every command and the API).
+
+Only the image tower runs in reduced precision (``torch.autocast``: matrix products and convolutions
+in bf16 / fp16, accumulations and norms as autocast keeps them); its dense features are cast back to
+float32 before anything is scored, so logits, softmax, thresholds and PAMR are always float32.
+
+``auto`` picks, without guessing:
+
+- CUDA: bf16 on devices of compute capability >= 8.0 (Ampere and later have native bf16), else fp16;
+- CPU: bf16 when the processor has native bf16 instructions (the ``avx512_bf16`` or ``amx_bf16``
+  flags of ``/proc/cpuinfo``); fp32 otherwise (bf16 emulated in fp32 is slower than fp32);
+- anything else (MPS, unknown): fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from textseg.errors import TextsegError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The ``flags`` of the first processor in ``cpuinfo`` (empty when the file is absent: not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / arm64 spellings
+            return set(value.split())
+    return set()
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    """True when the CPU executes bf16 natively (AVX-512 BF16 or AMX-BF16 in ``flags``; arm64 ``bf16``)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in CPU_BF16_FLAGS) or "bf16" in flags
+
+
+def resolve_precision(precision: str | None, device: str | torch.device = "cpu") -> str:
+    """``precision`` (``auto`` / ``fp32`` / ``bf16`` / ``fp16``; None = fp32) on ``device`` -> the
+    concrete one (``fp32``, ``bf16`` or ``fp16``); see the module docstring for ``auto``."""
+    precision = "fp32" if precision is None else str(precision).lower()
+    if precision not in PRECISIONS:
+        raise TextsegError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(precision: str, device: str | torch.device = "cpu"):
+    """A context running the image tower at ``precision`` (a resolved one) on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+
+
+def to_float32(x):
+    """Floating tensors (also inside dicts / lists / tuples) back to float32; others unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
+    if isinstance(x, dict):
+        return {k: to_float32(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(to_float32(v) for v in x)
+    return x
+
+
+def describe(model) -> dict:
+    """What ``/v1/models`` reports: the model's resolved ``precision`` and whether this CPU has native bf16."""
+    return {"precision": getattr(model, "inference_precision", None) or "fp32",
+            "cpu_native_bf16": cpu_has_native_bf16()}
