@@ -208,6 +208,7 @@ def train_head(feats: list[torch.Tensor], words: torch.Tensor, y: torch.Tensor, 
             sched.step()
             tot += loss.item() * len(ids)
         losses.append(round(tot / n, 5))
+        print(f"epoch {len(losses)}/{epochs}: loss {losses[-1]}", flush=True)
     return head.eval(), losses
 
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-images", type=int, default=5)
     p.add_argument("--max-vocab", type=int, default=400)
     p.add_argument("--short-side", type=int, default=320)
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lse-r", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=32)
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         words = minilm().embed(vocab).float()
     t1 = time.time()
     cache = a.feature_cache
-    if cache and cache.is_file():
+    cached = bool(cache and cache.is_file())
+    if cached:
         feats = torch.load(cache, weights_only=True)
     else:
         feats = image_features(pairs, a.short_side)
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
         "made_by": "scripts/build_offline_heads.py",
         "command": " ".join(["python", "scripts/build_offline_heads.py", *(argv if argv is not None else sys.argv[1:])]),
         "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": {"tagging": round(t1 - t0, 1), "features": round(t2 - t1, 1), "training": round(t3 - t2, 1)},
+        "seconds": {"tagging": round(t1 - t0, 1), "features": round(t2 - t1, 1), "training": round(t3 - t2, 1),
+                    "features_from_cache": cached},
         "data": {
             "images": len(pairs), "captions": sum(len(c) for _, c in pairs),
             "flickr8k-1k images": n_flickr, "coco-mini train2017 images": len(pairs) - n_flickr,

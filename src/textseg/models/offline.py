@@ -73,6 +73,7 @@ class OfflineCfg:
     # learned dense head (assets/offline_heads.*): label score = max(bridge, head_weight * gate * head)
     heads: bool = True  # False: the bridge-only model (registered as "offline-bridge")
     head_weight: float = 1.0
+    head_shift: float = 0.0  # added to the head's logits before the sigmoid (> 0 lifts rarely named labels)
     head_gate_low: float = 0.4  # a label's best similarity to the head's caption vocabulary at or below
     head_gate_high: float = 0.6  # ... this: head off / at or above this: head fully on
     # scores -> logits
@@ -344,7 +345,8 @@ class OfflineModel(DualEncoder):
         s = s / norm.view(shape)
         head_claim = None
         if head_img is not None:
-            h = self.head.location_logits(head_img.to(head_txt.dtype), head_txt).sigmoid().to(s.dtype)
+            h = self.head.location_logits(head_img.to(head_txt.dtype), head_txt)
+            h = (h + self.cfg.head_shift).sigmoid().to(s.dtype)
             h = h * (self.cfg.head_weight * gate.to(s.dtype)).view(shape)
             s = torch.maximum(s, h)
             head_claim = h[:, ~is_bg].amax(dim=1) if (~is_bg).any() else None
