@@ -2,7 +2,8 @@
 
 A stream of real photos at varied sizes (640 x 480 and 7 other shapes, each seen once first: no
 per-shape warm-up), 21 VOC labels with the text embeddings cached, channels-last (default) vs the
-plain NCHW layout as the baseline measured in the same run.
+plain NCHW layout as the baseline measured in the same run, and the v1 bridge-only model (no dense
+head) for the head's cost.
 
     python benchmarks/bench_offline.py [--threads 2] [--rounds 3]
 """
@@ -61,8 +62,9 @@ def main() -> None:
     images = [photos[i % 2].resize(s, Image.BICUBIC) for i, s in enumerate(SIZES)]
     short = args.short_side or None
     results = {}
-    for name, cl in (("nchw (baseline)", False), ("channels-last", True)):
-        model = OfflineModel(OfflineCfg(channels_last=cl))
+    for name, cl, heads in (("nchw (baseline)", False, True), ("bridge only (v1)", True, False),
+                            ("channels-last", True, True)):
+        model = OfflineModel(OfflineCfg(channels_last=cl, heads=heads))
         results[name] = run(model, images, short, args.rounds)
         r = results[name]
         print(f"{name:16s} 640x480: {r['vga_640x480']:.3f} s (median {r['vga_median']:.3f})  "

@@ -12,6 +12,8 @@ COCO-MINI's split comes from ``images_meta.json`` ("train2017" = tuning half, "v
 
     python benchmarks/offline_quality.py --set voc21 --split train2017
     python benchmarks/offline_quality.py --set voc21 --split val2017 --engine segmenter
+    python benchmarks/offline_quality.py --set voc21 --heads src/textseg/assets --output-stride 32 --short 448 \
+        --bridge '[{"head_weight": 1.0}, {"head_weight": 0.7}]'     # tune the v2 (dense head + bridge)
 """
 
 from __future__ import annotations
@@ -82,13 +84,20 @@ def class_logits(model: OfflineModel, img: Image.Image, shorts: list[int], flip:
     return out / (len(shorts) * (2 if flip else 1))
 
 
+@torch.no_grad()
+def lite_features(model: OfflineModel, img: Image.Image, short: int) -> torch.Tensor:
+    """``1280 x h x w`` frozen Lite features (``--heads``: the dense head and the bridge both start here)."""
+    return model.features(to_pixels(img, short, model.dense_stride))[0].float()
+
+
+@torch.no_grad()
 def evaluate(model: OfflineModel, cache: list[tuple[torch.Tensor, np.ndarray]], labels: list[str],
              image_temperature: float, power: float = 1.0, scale: float = 1.0,
-             oracle: bool = False) -> ConfusionMatrix:
+             oracle: bool = False, heads: bool = False) -> ConfusionMatrix:
     text = model.embed_texts(labels)
     cm = ConfusionMatrix(len(labels))
     for logits, mask in cache:
-        probs = model.class_probs(logits[None])
+        probs = model.dense_from_features(logits[None]) if heads else model.class_probs(logits[None])
         s = model.scores(probs, text)[0]
         z = torch.log(s + model.cfg.eps) * power
         if scale != 1.0:
@@ -135,7 +144,8 @@ def run_segmenter(args) -> None:
         root = DATA / "coco-mini"
         masks, classes = ("masks_voc21", "classes_voc21.txt") if args.set == "voc21" else ("masks", "classes.txt")
         ds = FolderDataset(root, split=None if args.split == "all" else args.split, masks=masks, classes=classes)
-    model = OfflineModel(OfflineCfg(variant=args.variant, output_stride=args.output_stride))
+    model = OfflineModel(OfflineCfg(variant=args.variant, output_stride=args.output_stride,
+                                    heads=args.heads is not None), heads_dir=args.heads)
     for ov in (json.loads(args.segment) if args.segment.startswith("[") else [json.loads(args.segment)]):
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ov.items()}
         pred = SegmenterPredictor(model, ds, **kw)
@@ -166,6 +176,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, help="file to keep the encoded logits in (reused when present)")
     ap.add_argument("--diagnose", action="store_true", help="print the ImageNet classes that fire per GT class")
+    ap.add_argument("--heads", type=Path, default=None,
+                    help="own engine: folder of a dense head (offline_heads.*) to score with the bridge; "
+                         "the cache then holds Lite features (one scale, no flip)")
     ap.add_argument("--engine", default="own", choices=["own", "segmenter"])
     ap.add_argument("--segment", default="{}", help="JSON SegmentCfg overrides (or a list) for --engine segmenter")
     args = ap.parse_args()
@@ -179,7 +192,9 @@ def main() -> None:
     labels = list(names)
     if args.set != "camvid":
         labels[0] = args.background
-    model = OfflineModel(OfflineCfg(variant=args.variant, output_stride=args.output_stride))
+    heads = args.heads is not None
+    model = OfflineModel(OfflineCfg(variant=args.variant, output_stride=args.output_stride, heads=heads),
+                         heads_dir=args.heads)
     shorts = [int(s) for s in args.short.split(",")]
     t0 = time.time()
     if args.cache and args.cache.is_file():
@@ -188,11 +203,12 @@ def main() -> None:
         cache = []
         for ip, mp in zip(images, masks):
             img = Image.open(ip).convert("RGB")
-            cache.append((class_logits(model, img, shorts, args.flip).half().float(), np.array(Image.open(mp))))
+            enc = lite_features(model, img, shorts[0]) if heads else class_logits(model, img, shorts, args.flip)
+            cache.append((enc.half().float(), np.array(Image.open(mp))))
         if args.cache:
             torch.save([(lg.half(), mk) for lg, mk in cache], args.cache)
     enc = time.time() - t0
-    if args.diagnose:
+    if args.diagnose and not heads:
         diagnose(model, cache, names)
     print(f"{args.set}/{args.split}: {len(cache)} images encoded in {enc:.1f} s "
           f"({enc / len(cache):.2f} s/img; {args.variant} os{args.output_stride} short {shorts} flip {args.flip})")
@@ -212,7 +228,8 @@ def main() -> None:
         from dataclasses import replace
 
         model.cfg = replace(model.cfg, image_temperature=temp, **ov)
-        m = evaluate(model, cache, labels, temp, model.cfg.score_power, args.eval_scale, args.oracle).compute()
+        m = evaluate(model, cache, labels, temp, model.cfg.score_power, args.eval_scale, args.oracle,
+                     heads).compute()
         results.append((m.miou, ov, temp))
         print(f"mIoU {100 * m.miou:5.1f}  pixAcc {100 * m.pixel_accuracy:5.1f}  T={temp} {ov}", flush=True)
         if args.per_class:

@@ -31,7 +31,8 @@ TINY: dict[str, dict] = {
     "lseg": LSegConfig(backbone="vit", text_encoder="clip", embed_dim=16, features=8, vit_patch=16, vit_width=32,
                        vit_layers=4, vit_heads=2, vit_image_size=64, vit_hooks=(0, 1, 2, 3),
                        vit_reassemble=(8, 16, 32, 32), text_cfg=asdict(TINY_TEXT), image_size=64).to_dict(),
-    "offline": {},  # the real packaged EfficientNet-Lite0 + MiniLM + bridge
+    "offline": {},  # the real packaged EfficientNet-Lite0 + MiniLM + bridge + dense head
+    "offline-bridge": {},  # the same without the dense head (the v1 default)
     "lit": {"image_variant": "lite0", "embed_dim": 16},  # heads on the packaged towers
     "cam": {"class_names": ["a cat", "grass", "a red car"], "backbone": "tiny", "image_size": 32},  # = LABELS
 }

@@ -1,4 +1,5 @@
-"""The offline default model: bridge known cases, interface shapes, real photos, real data quality."""
+"""The offline model's ConSE bridge ("offline-bridge", the v1 default; the v2 default adds a learned dense
+head, tests/test_offline_heads.py): bridge known cases, interface shapes, real photos, real data quality."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from textseg.errors import CheckpointError
 from textseg.examples import example_path
-from textseg.models.offline import NUM_CLASSES, OfflineModel, build_offline_model
+from textseg.models.offline import NUM_CLASSES, OfflineCfg, OfflineModel, build_offline_model
 
 DOMESTIC_CATS = [281, 282, 283, 284, 285]
 CARS = [436, 468, 511, 609, 627, 656, 661, 717, 751, 817]  # beach wagon, cab, convertible, jeep, ...
@@ -20,7 +21,7 @@ WORN_BY_PEOPLE = [834, 610, 608, 841, 474]  # suit, jersey, jean, sweatshirt, ca
 
 @pytest.fixture(scope="module")
 def model() -> OfflineModel:
-    return build_offline_model()
+    return build_offline_model(heads=False)
 
 
 def _pixels(model, name: str, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -108,13 +109,13 @@ def test_text_cache_key_covers_bridge_and_settings(model, tmp_path):
 
     for ext in ("safetensors", "json"):
         shutil.copy(ASSETS / f"{BRIDGE}.{ext}", tmp_path / f"{BRIDGE}.{ext}")
-    same = OfflineModel(bridge_dir=tmp_path)
+    same = OfflineModel(OfflineCfg(heads=False), bridge_dir=tmp_path)
     assert model_fingerprint(same) == model_fingerprint(model)
     path = tmp_path / f"{BRIDGE}.safetensors"
     t = load_file(str(path))
     t["weight_value"] = t["weight_value"] * 0.5  # another bridge
     save_file(t, str(path))
-    assert model_fingerprint(OfflineModel(bridge_dir=tmp_path)) != model_fingerprint(model)
+    assert model_fingerprint(OfflineModel(OfflineCfg(heads=False), bridge_dir=tmp_path)) != model_fingerprint(model)
     path.write_bytes(path.read_bytes()[:100])  # a broken bridge: one clear error
     with pytest.raises(CheckpointError, match="bridge"):
         OfflineModel(bridge_dir=tmp_path)

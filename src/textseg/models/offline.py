@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from textseg.errors import CheckpointError
 from textseg.models.base import DualEncoder, PreprocessCfg
@@ -42,6 +43,7 @@ from textseg.models.minilm import minilm
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BRIDGE = "offline_bridge"
+HEADS = "offline_heads"  # learned dense head (scripts/build_offline_heads.py); absent -> bridge only
 NUM_CLASSES = 1000
 BACKGROUND_WORDS = ("background", "backdrop", "other", "everything else", "rest", "nothing")
 
@@ -68,9 +70,44 @@ class OfflineCfg:
     background_floor: float = 0.05  # ... plus this constant score (an absolute "nothing named here" level)
     size_power: float = 0.5  # a label's score is divided by (its total class weight) ** this
     lift_power: float = 0.0  # ... and by (its mean score on ordinary photos) ** this (PMI-style lift)
+    # learned dense head (assets/offline_heads.*): label score = max(bridge, head_weight * gate * head)
+    heads: bool = True  # False: the bridge-only model (registered as "offline-bridge")
+    head_weight: float = 1.0
+    head_shift: float = 0.0  # added to the head's logits before the sigmoid (> 0 lifts rarely named labels)
+    head_gate_low: float = 0.4  # a label's best similarity to the head's caption vocabulary at or below
+    head_gate_high: float = 0.6  # ... this: head off / at or above this: head fully on
     # scores -> logits
     score_power: float = 1.0  # logits = power * log(score + eps)
     eps: float = 1e-4
+
+
+class DenseHead(nn.Module):
+    """The learned dense text-image head: Lite0 feature locations and MiniLM label embeddings mapped
+    into one ``dim``-d space, scored ``exp(logit_scale) * cos + bias`` at every location (a logit of
+    "the label is here"; trained weakly from caption nouns by ``scripts/build_offline_heads.py``)."""
+
+    def __init__(self, in_dim: int = 1280, text_dim: int = 384, dim: int = 384):
+        super().__init__()
+        self.image_proj = nn.Conv2d(in_dim, dim, 1)
+        self.text_proj = nn.Linear(text_dim, dim, bias=False)
+        with torch.no_grad():
+            nn.init.normal_(self.image_proj.weight, std=in_dim**-0.5)
+            nn.init.zeros_(self.image_proj.bias)
+            self.text_proj.weight.copy_(torch.eye(dim, text_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(2.3))
+        self.bias = nn.Parameter(torch.tensor(-4.0))
+
+    def image(self, feats: torch.Tensor) -> torch.Tensor:
+        """``B x 1280 x h x w`` features -> ``B x D x h x w`` unit vectors."""
+        return F.normalize(self.image_proj(feats), dim=1)
+
+    def text(self, emb: torch.Tensor) -> torch.Tensor:
+        """``N x 384`` MiniLM embeddings -> ``N x D`` unit vectors."""
+        return F.normalize(self.text_proj(emb), dim=-1)
+
+    def location_logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """``B x D [x h x w]``, ``N x D`` -> ``B x N [x h x w]`` logits."""
+        return self.logit_scale.exp() * torch.einsum("bd...,nd->bn...", img, txt) + self.bias
 
 
 class OfflineModel(DualEncoder):
@@ -82,16 +119,24 @@ class OfflineModel(DualEncoder):
     default_background_threshold = 0.5
     segment_resolution = "canvas"  # its settings (background_scale, ...) were tuned on the patch canvas
 
-    def __init__(self, cfg: OfflineCfg = OfflineCfg(), bridge_dir: str | Path | None = None):
+    def __init__(self, cfg: OfflineCfg = OfflineCfg(), bridge_dir: str | Path | None = None,
+                 heads_dir: str | Path | None = None):
         super().__init__()
         self.cfg = cfg
+        if not cfg.heads:
+            self.name = "offline-bridge"  # the v1 model, saved and reloaded under its own registry name
         self.image = efficientnet_lite(cfg.variant).set_output_stride(cfg.output_stride).fuse()  # frozen: BN folded
         self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.image = self.image.to(memory_format=self._memory_format)
         self.text = minilm()
         self.dense_stride = cfg.output_stride
         self.preprocess_cfg = replace(self.preprocess_cfg, image_size=self.image.cfg.image_size)
-        self._load_bridge(Path(bridge_dir) if bridge_dir is not None else ASSETS)
+        folder = Path(bridge_dir) if bridge_dir is not None else ASSETS
+        self._load_bridge(folder)
+        self.head: DenseHead | None = None
+        self._heads_sha = ""
+        if cfg.heads:
+            self._load_heads(Path(heads_dir) if heads_dir is not None else ASSETS)
         self.eval()
 
     @classmethod
@@ -99,6 +144,11 @@ class OfflineModel(DualEncoder):
         """The offline model for :meth:`config_dict` output (``{}``: the default), its packaged
         EfficientNet-Lite / MiniLM weights and bridge loaded."""
         return cls(OfflineCfg(**d))
+
+    @classmethod
+    def bridge_only(cls, d: dict) -> OfflineModel:
+        """The v1 offline model (``"offline-bridge"``): the ConSE bridge alone, no learned head."""
+        return cls(OfflineCfg(**{**d, "heads": False}))
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
@@ -134,13 +184,43 @@ class OfflineModel(DualEncoder):
         with torch.no_grad():
             self.register_buffer("background_embeddings", self.text.embed(list(BACKGROUND_WORDS)), persistent=False)
 
+    def _load_heads(self, folder: Path) -> None:
+        """The learned dense head, loaded strictly (every tensor present, no extra, shapes equal)."""
+        from safetensors.torch import load as load_safetensors
+
+        from textseg.weights.read import check_state_dict
+
+        st = folder / f"{HEADS}.safetensors"
+        if not st.is_file():
+            raise CheckpointError(f"the offline model's dense head {st} is missing (reinstall textseg, or "
+                                  "use the bridge-only model 'offline-bridge')")
+        data = st.read_bytes()
+        try:
+            t = load_safetensors(data)
+        except Exception as e:
+            raise CheckpointError(f"the offline model's dense head {st} is unreadable ({e}); reinstall textseg") from None
+        vocab = t.pop("vocab_embeddings", None)
+        if vocab is None:
+            raise CheckpointError(f"{st}: missing tensor 'vocab_embeddings'")
+        head = DenseHead()
+        check_state_dict(head, t, who=str(st))
+        self.head = head.eval().requires_grad_(False)
+        self.register_buffer("head_vocab", F.normalize(vocab.float(), dim=-1), persistent=False)
+        self._heads_sha = hashlib.sha256(data).hexdigest()
+
+    @property
+    def head_dim(self) -> int:
+        """Extra columns of the dense features / text rows that the learned head adds (0: none)."""
+        return 0 if self.head is None else self.head.text_proj.out_features
+
     @property
     def fingerprint(self) -> str:
-        """Cache key of the text side: MiniLM's weights, the bridge file and the settings that shape
-        a label's row (the on-disk text cache must not serve rows made by another bridge or cfg)."""
+        """Cache key of the text side: MiniLM's weights, the bridge and dense-head files and the
+        settings that shape a label's row (the on-disk text cache must not serve rows made by another
+        bridge, head or cfg)."""
         from textseg.text import model_fingerprint
 
-        h = hashlib.sha256(f"{model_fingerprint(self.text)}:{self._bridge_sha}:{self.cfg!r}".encode())
+        h = hashlib.sha256(f"{model_fingerprint(self.text)}:{self._bridge_sha}:{self._heads_sha}:{self.cfg!r}".encode())
         return h.hexdigest()
 
     @torch.no_grad()
@@ -164,7 +244,13 @@ class OfflineModel(DualEncoder):
         w = w * related[:, None]
         is_bg = (text_emb @ self.background_embeddings.t()).amax(dim=1) > 0.97
         w[is_bg] = 0
-        return torch.cat([w, is_bg[:, None].to(w.dtype)], dim=1)
+        rows = [w, is_bg[:, None].to(w.dtype)]
+        if self.head is not None:  # + the head's text vector and its gate (how well the captions knew it)
+            known = (text_emb @ self.head_vocab.t()).amax(dim=1)
+            gate = ((known - c.head_gate_low) / max(1e-6, c.head_gate_high - c.head_gate_low)).clamp(0, 1)
+            gate[is_bg] = 0
+            rows += [self.head.text(text_emb), gate[:, None]]
+        return torch.cat(rows, dim=1)
 
     def explain(self, text: str, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` ImageNet classes a label leans on most, with their weights (for debugging)."""
@@ -183,7 +269,7 @@ class OfflineModel(DualEncoder):
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], templates: Sequence[str] = ("{}",)) -> torch.Tensor:
-        """Texts -> ``N x 1001`` bridge weights. Prompt templates are ignored: the bridge matches
+        """Texts -> ``N x 1001`` bridge weights (+ the head's ``D`` text vector and gate). Prompt templates are ignored: the bridge matches
         label words to concept names, which sentences like "a photo of a {}." would only blur."""
         del templates
         device = self.row_embeddings.device
@@ -192,15 +278,28 @@ class OfflineModel(DualEncoder):
     # ------------------------------------------------------------------ image side
     def class_logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` ImageNet logits at every location."""
-        x = pixels.contiguous(memory_format=self._memory_format)
-        feats = self.image.forward_features(x)
+        return self._classify(self.features(pixels))
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x 1280 x H/s x W/s`` frozen Lite features (before the classifier)."""
+        return self.image.forward_features(pixels.contiguous(memory_format=self._memory_format))
+
+    def _classify(self, feats: torch.Tensor) -> torch.Tensor:
         fc = self.image.classifier
         return F.conv2d(feats, fc.weight[:, :, None, None], fc.bias)
 
     def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` per-location class probabilities."""
+        """``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` per-location class probabilities (+ ``D``
+        channels: the dense head's unit vectors, when it is loaded)."""
         del mode
-        return self.class_probs(self.class_logits(pixels).float())
+        return self.dense_from_features(self.features(pixels))
+
+    def dense_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """``B x 1280 x h x w`` Lite features -> what :meth:`encode_dense` returns."""
+        probs = self.class_probs(self._classify(feats).float())
+        if self.head is None:
+            return probs
+        return torch.cat([probs, self.head.image(feats.float())], dim=1)
 
     def class_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """``B x 1000 x h x w`` logits -> per-location probabilities (temperature, image-level prior)."""
@@ -214,14 +313,27 @@ class OfflineModel(DualEncoder):
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x 1000`` ImageNet class probabilities of the whole image
-        (the classifier as trained; ``normalize`` is accepted for interface compatibility)."""
-        x = pixels.contiguous(memory_format=self._memory_format)
-        return self.image(x).float().softmax(dim=-1)
+        (the classifier as trained; ``normalize`` is accepted for interface compatibility), + ``D``:
+        the dense head's unit vector of the pooled feature, when it is loaded."""
+        feats = self.features(pixels)
+        probs = self.image.classifier(feats.mean(dim=(-2, -1))).float().softmax(dim=-1)
+        if self.head is None:
+            return probs
+        return torch.cat([probs, self.head.image(feats.float().mean(dim=(-2, -1), keepdim=True))[..., 0, 0]], dim=1)
 
     # ------------------------------------------------------------------ scoring
     def scores(self, probs: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Class probabilities ``B x 1000 [x h x w]`` and bridge rows ``N x 1001`` -> label scores
-        ``B x N [x h x w]`` in [0, 1] (background rows: the mass no other row claims)."""
+        """Class probabilities ``B x 1000 [x h x w]`` (+ the head's ``D`` channels) and text rows
+        ``N x 1001`` (+ ``D + 1``) -> label scores ``B x N [x h x w]`` in [0, 1]: the bridge's mass,
+        or where larger the head's probability ``head_weight * gate * sigmoid(head logit)``
+        (background rows: the mass no other row claims)."""
+        d = self.head_dim
+        if d and text.shape[1] == NUM_CLASSES + 2 + d and probs.shape[1] == NUM_CLASSES + d:
+            head_img, probs = probs[:, NUM_CLASSES:], probs[:, :NUM_CLASSES]
+            head_txt, gate = text[:, NUM_CLASSES + 1: -1], text[:, -1]
+        else:
+            head_img = None
+            probs = probs[:, :NUM_CLASSES]
         w, is_bg = text[:, :NUM_CLASSES].to(probs.dtype), text[:, NUM_CLASSES] > 0.5
         s = torch.einsum("bc...,nc->bn...", probs, w)
         norm = torch.ones(w.shape[0], dtype=s.dtype, device=s.device)
@@ -229,10 +341,21 @@ class OfflineModel(DualEncoder):
             norm = norm * w.sum(dim=1).clamp_min(1.0) ** self.cfg.size_power
         if self.cfg.lift_power:
             norm = norm * (w @ self.class_prior.to(w.dtype)).clamp_min(1e-4) ** self.cfg.lift_power
-        s = s / norm.view(1, -1, *([1] * (s.dim() - 2)))
+        shape = (1, -1, *([1] * (s.dim() - 2)))
+        s = s / norm.view(shape)
+        head_claim = None
+        if head_img is not None:
+            h = self.head.location_logits(head_img.to(head_txt.dtype), head_txt)
+            h = (h + self.cfg.head_shift).sigmoid().to(s.dtype)
+            h = h * (self.cfg.head_weight * gate.to(s.dtype)).view(shape)
+            s = torch.maximum(s, h)
+            head_claim = h[:, ~is_bg].amax(dim=1) if (~is_bg).any() else None
         if is_bg.any():
             claimed = w[~is_bg].amax(dim=0) if (~is_bg).any() else torch.zeros_like(w[0])
-            rest = 1 - torch.einsum("bc...,c->b...", probs, claimed.clamp(0, 1))
+            bridge_claim = torch.einsum("bc...,c->b...", probs, claimed.clamp(0, 1))
+            if head_claim is not None:
+                bridge_claim = torch.maximum(bridge_claim, head_claim)
+            rest = 1 - bridge_claim
             rest = self.cfg.background_scale * rest.clamp_min(0) + self.cfg.background_floor
             s[:, is_bg] = rest.unsqueeze(1).to(s.dtype)
         return s

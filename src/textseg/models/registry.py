@@ -35,11 +35,12 @@ MODELS: dict[str, Builder] = {
     "groupvit": GroupViT.from_config_dict,
     "lit": LiTModel.from_config_dict,
     "lseg": LSeg.from_config_dict,
-    "offline": OfflineModel.from_config_dict,
+    "offline": OfflineModel.from_config_dict,  # v2: ConSE bridge + learned dense head (assets/offline_heads.*)
+    "offline-bridge": OfflineModel.bridge_only,  # the v1 default: the ConSE bridge alone
 }
 
 # Architectures whose builder loads packaged weights: ``load_model(name)`` needs no checkpoint.
-PACKAGED: tuple[str, ...] = ("offline",)
+PACKAGED: tuple[str, ...] = ("offline", "offline-bridge")
 DEFAULT_MODEL = "offline"
 
 

@@ -150,7 +150,7 @@ def similarity(evaluator: DualEncoder, image_emb: torch.Tensor, text_emb: torch.
     from textseg.models.offline import NUM_CLASSES, OfflineModel
 
     if isinstance(evaluator, OfflineModel):
-        return image_emb.float() @ text_emb[:, :NUM_CLASSES].float().t()
+        return image_emb[:, :NUM_CLASSES].float() @ text_emb[:, :NUM_CLASSES].float().t()  # v2: bridge part only
     return F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
 
 

@@ -1,0 +1,305 @@
+"""Build the offline model's learned dense head (``src/textseg/assets/offline_heads.*``).
+
+The ConSE bridge of the offline model only knows ImageNet's 1000 classes (no people, no stuff).
+This script learns, from image captions alone, a small **dense text-image head** on the frozen
+towers (EfficientNet-Lite0 features at stride 32, MiniLM word embeddings):
+
+* **labels from captions**: every caption is tagged with the project's noun tagger
+  (:func:`textseg.train.nouns.extract_nouns`, NN / NNS), nouns are lower-cased and singularised
+  (:func:`singular`), and a few word groups are folded into their head word (:data:`GROUPS`: "man",
+  "woman", "girl" ... also count for "person"). A noun's image-level target is the fraction of the
+  image's captions that name it (soft multi-label targets); the vocabulary is every noun named for at
+  least ``--min-images`` images;
+* **the head** (:class:`~textseg.models.offline.DenseHead`): a linear map of every 1280-d Lite0
+  feature location into MiniLM's 384-d space and a linear map of the word's MiniLM embedding, scored
+  by ``scale * cos + bias`` at every location (MaskCLIP-style dense scoring, so any label text can be
+  scored, not only the vocabulary);
+* **weak supervision** (CAM-style multiple-instance learning): an image's logit for a noun is the
+  log-sum-exp pool of its location logits (``--lse-r``), trained with binary cross-entropy against
+  the caption targets. Only the head trains; the towers' features are computed once.
+
+Data (research use; never shipped, only the learned head is): ``flickr8k-1k`` (1,000 photos,
+5,000 captions) and COCO-MINI's ``train2017`` half (80 photos, 400 captions). COCO-MINI's val2017
+half is never read here.
+
+    python scripts/build_offline_heads.py                      # ../shared/data -> src/textseg/assets
+    python scripts/build_offline_heads.py --limit 16 --epochs 2 --out /tmp/h   # CI smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from textseg.models.offline import ASSETS, HEADS, DenseHead  # noqa: E402
+
+DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+NOUN_TAGS = ("NN", "NNS")
+# Words also counted for a group's head word (a caption saying "a man" shows a person).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "person": ("man", "woman", "boy", "girl", "child", "kid", "people", "lady", "guy", "baby", "player",
+               "skier", "surfer", "rider", "biker", "bicyclist", "skateboarder", "snowboarder", "climber",
+               "swimmer", "runner", "toddler", "crowd", "adult", "teenager", "cyclist", "worker", "couple",
+               "family", "group", "team", "football", "soccer", "dancer", "hiker", "wrestler", "men"),
+    "dog": ("puppy", "poodle", "terrier", "collie", "retriever", "dachshund", "greyhound", "shepherd"),
+    "road": ("street", "pavement"),
+    "grass": ("lawn", "field", "yard", "meadow"),
+    "water": ("lake", "river", "ocean", "pool", "sea", "wave", "waves"),
+    "building": ("house", "store", "shop"),
+    "tree": ("trees", "forest", "woods"),
+}
+IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "people", "feet": "foot",
+             "teeth": "tooth", "mice": "mouse", "geese": "goose", "dice": "dice", "grass": "grass",
+             "glasses": "glasses", "pants": "pants", "shorts": "shorts", "jeans": "jeans", "sunglasses": "sunglasses",
+             "clothes": "clothes", "stairs": "stairs", "bus": "bus", "dress": "dress", "waves": "wave"}
+STOP = {"front", "top", "side", "picture", "photo", "image", "background", "view", "way", "something", "air",
+        "lot", "couple", "group", "bunch", "while", "area", "one", "other", "middle", "edge", "end", "camera",
+        "color", "colors", "kind", "thing", "things", "day", "time", "fun", "look", "game", "part", "back",
+        "distance", "number", "pair", "shot", "close", "closeup", "shade"}
+
+
+def singular(word: str) -> str:
+    """Lower-cased singular of a noun (irregulars first, then -ies / -es / -s)."""
+    w = word.lower()
+    if w in IRREGULAR:
+        return IRREGULAR[w]
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-3] + "y"
+    if w.endswith(("ches", "shes", "sses", "xes")):
+        return w[:-2]
+    if w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
+        return w[:-1]
+    return w
+
+
+def read_pairs(flickr: Path | None, coco: Path | None, limit: int) -> list[tuple[Path, list[str]]]:
+    """(image path, captions) of flickr8k-1k and COCO-MINI's train2017 half (never val2017)."""
+    pairs = []
+    if flickr is not None and (flickr / "captions.jsonl").is_file():
+        for line in (flickr / "captions.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                pairs.append((flickr / r["image"], r["captions"]))
+    if coco is not None and (coco / "captions.jsonl").is_file():
+        meta = json.loads((coco / "images_meta.json").read_text())
+        train = {m["image"] for m in meta if m["split"] == "train2017"}
+        for line in (coco / "captions.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if Path(r["image"]).stem in train:
+                    pairs.append((coco / r["image"], r["captions"]))
+    if limit:
+        pairs = pairs[:limit]
+    if not pairs:
+        raise SystemExit(f"no captioned images found under {flickr} / {coco}")
+    return pairs
+
+
+def caption_targets(pairs, min_images: int, max_vocab: int) -> tuple[list[str], torch.Tensor]:
+    """(vocabulary, ``N x V`` soft targets = fraction of an image's captions naming the noun)."""
+    from textseg.train.nouns import extract_nouns
+
+    per_image: list[Counter] = []
+    group_of = {w: head for head, words in GROUPS.items() for w in words}
+    for _, caps in pairs:
+        c: Counter = Counter()
+        for cap in caps:
+            words = {singular(w) for w in extract_nouns(cap, tags=NOUN_TAGS)}
+            words = {w for w in words if w.isalpha() and len(w) > 2 and w not in STOP}
+            words |= {group_of[w] for w in words if w in group_of}
+            c.update(words)
+        per_image.append(c)
+    df = Counter(w for c in per_image for w in c)
+    vocab = [w for w, n in df.most_common(max_vocab) if n >= min_images]
+    if not vocab:
+        vocab = [w for w, _ in df.most_common(8)]
+    index = {w: j for j, w in enumerate(vocab)}
+    y = torch.zeros(len(pairs), len(vocab))
+    for i, (c, (_, caps)) in enumerate(zip(per_image, pairs)):
+        for w, n in c.items():
+            if w in index:
+                y[i, index[w]] = min(1.0, n / max(1, min(len(caps), 3)))
+    return vocab, y
+
+
+@torch.no_grad()
+def image_features(pairs, short_side: int, batch: int = 8) -> list[torch.Tensor]:
+    """Frozen Lite0 feature maps (``1280 x h x w``, bf16) of every image: short side ``short_side``,
+    centre-cropped to ``short x 1.3 short`` (landscape) or its transpose (portrait), multiples of 32,
+    so that images batch (the Segmenter sees the same scale at run time)."""
+    from PIL import Image
+
+    from textseg.models.efficientnet import efficientnet_lite
+    from textseg.preprocess import canvas_size, normalize, resize_to_tensor
+
+    net = efficientnet_lite("lite0").fuse().eval().to(memory_format=torch.channels_last)
+    short = max(32, short_side // 32 * 32)
+    long = max(short, round(short * 1.3 / 32) * 32)
+    xs: list[torch.Tensor] = []
+    out: list[torch.Tensor] = []
+
+    def flush():
+        if xs:
+            x = torch.cat(xs).contiguous(memory_format=torch.channels_last)
+            out.extend(net.forward_features(x).to(torch.bfloat16).unbind(0))
+            xs.clear()
+
+    for path, _ in pairs:
+        img = Image.open(path).convert("RGB")
+        th, tw = (short, long) if img.width >= img.height else (long, short)
+        h, w = canvas_size(img.height, img.width, short, 4 * long, 1)
+        h, w = max(h, th), max(w, tw)
+        x = normalize(resize_to_tensor(img, (h, w)), (0.5,) * 3, (0.5,) * 3)
+        top, left = (h - th) // 2, (w - tw) // 2
+        x = x[..., top: top + th, left: left + tw]
+        if xs and xs[0].shape != x.shape or len(xs) == batch:
+            flush()
+        xs.append(x)
+    flush()
+    return out
+
+
+def train_head(feats: list[torch.Tensor], words: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
+               lse_r: float, batch: int, seed: int) -> tuple[DenseHead, list[float]]:
+    torch.manual_seed(seed)
+    head = DenseHead()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    n = len(feats)
+    losses = []
+    # Group images of one feature-map size into a batch (no padding needed).
+    by_size = defaultdict(list)
+    for i, f in enumerate(feats):
+        by_size[tuple(f.shape[-2:])].append(i)
+    g = torch.Generator().manual_seed(seed)
+    total_steps = epochs * (n // batch + len(by_size) + 1)  # an upper bound of the chunks run
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
+    for _ in range(epochs):
+        chunks = []
+        for idx in by_size.values():
+            perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            chunks += [perm[s: s + batch] for s in range(0, len(perm), batch)]
+        order = torch.randperm(len(chunks), generator=g).tolist()
+        tot = 0.0
+        for c in order:
+            ids = chunks[c]
+            x = torch.stack([feats[i] for i in ids]).float()
+            if torch.rand((), generator=g) < 0.5:
+                x = x.flip(-1)  # feature-map flip: a cheap augmentation
+            t = head.text(words)  # V x D (normalised)
+            z = head.location_logits(head.image(x), t)  # B x V x h x w
+            z = z.flatten(2)
+            pooled = (torch.logsumexp(lse_r * z, dim=-1) - torch.log(torch.tensor(float(z.shape[-1])))) / lse_r
+            loss = F.binary_cross_entropy_with_logits(pooled, y[ids])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(ids)
+        losses.append(round(tot / n, 5))
+        print(f"epoch {len(losses)}/{epochs}: loss {losses[-1]}", flush=True)
+    return head.eval(), losses
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--flickr", type=Path, default=DATA / "flickr8k-1k")
+    p.add_argument("--coco", type=Path, default=DATA / "coco-mini", help="its train2017 half only")
+    p.add_argument("--out", type=Path, default=ASSETS)
+    p.add_argument("--limit", type=int, default=0, help="first N images only (CI smoke run)")
+    p.add_argument("--min-images", type=int, default=5)
+    p.add_argument("--max-vocab", type=int, default=400)
+    p.add_argument("--short-side", type=int, default=320)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lse-r", type=float, default=5.0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature-cache", type=Path, default=None, help="keep the tower features here (re-runs)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    pairs = read_pairs(a.flickr, a.coco, a.limit)
+    min_images = a.min_images if not a.limit else 1
+    vocab, y = caption_targets(pairs, min_images, a.max_vocab)
+    from textseg.models.minilm import minilm
+
+    with torch.no_grad():
+        words = minilm().embed(vocab).float()
+    t1 = time.time()
+    cache = a.feature_cache
+    cached = bool(cache and cache.is_file())
+    if cached:
+        feats = torch.load(cache, weights_only=True)
+    else:
+        feats = image_features(pairs, a.short_side)
+        if cache:
+            torch.save(feats, cache)
+    t2 = time.time()
+    head, losses = train_head(feats, words, y, a.epochs, a.lr, a.lse_r, a.batch, a.seed)
+    t3 = time.time()
+    a.out.mkdir(parents=True, exist_ok=True)
+    st = a.out / f"{HEADS}.safetensors"
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    tensors["vocab_embeddings"] = words.half().contiguous()
+    save_file(tensors, str(st))
+    n_flickr = sum(1 for pth, _ in pairs if a.flickr in pth.parents) if a.flickr else 0
+    card = {
+        "what": "learned dense text-image head of textseg's offline model (Lite0 features x MiniLM words)",
+        "made_by": "scripts/build_offline_heads.py",
+        "command": " ".join(["python", "scripts/build_offline_heads.py", *(argv if argv is not None else sys.argv[1:])]),
+        "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": {"tagging": round(t1 - t0, 1), "features": round(t2 - t1, 1), "training": round(t3 - t2, 1),
+                    "features_from_cache": cached},
+        "data": {
+            "images": len(pairs), "captions": sum(len(c) for _, c in pairs),
+            "flickr8k-1k images": n_flickr, "coco-mini train2017 images": len(pairs) - n_flickr,
+            "never used": "COCO-MINI val2017 (held-out evaluation), CamVid (zero-shot evaluation), any mask",
+        },
+        "licences": ("The head's weights are learned from captions + frozen features of: Flickr8k (1,000 photos, "
+                     "5,000 captions; Flickr8k terms: research use, photos keep their Flickr copyright) and "
+                     "COCO 2017 train captions (CC BY 4.0; photos keep their Flickr licences). No image or "
+                     "caption is shipped; only the weights below and the mined vocabulary."),
+        "recipe": {
+            "labels": "caption nouns (textseg.train.nouns.extract_nouns, tags NN/NNS), singular, groups folded "
+                      "into their head word; target = fraction of the image's captions (of at most 3) naming it",
+            "groups": {k: list(v) for k, v in GROUPS.items()},
+            "features": f"EfficientNet-Lite0 (packaged, frozen) stride-32 map, short side {a.short_side}, "
+                        "centre crop 1.3:1; feature-map horizontal flip as augmentation",
+            "loss": f"BCE on log-sum-exp pooled location logits (r={a.lse_r})",
+            "optimiser": f"AdamW lr {a.lr} one-cycle, wd 1e-4, {a.epochs} epochs, batch {a.batch}, seed {a.seed}",
+            "min_images": min_images, "max_vocab": a.max_vocab,
+        },
+        "inputs_sha256": {"flickr8k-1k/captions.jsonl": sha256(a.flickr / "captions.jsonl") if a.flickr else "",
+                          "coco-mini/captions.jsonl": sha256(a.coco / "captions.jsonl") if a.coco else ""},
+        "train_loss": losses,
+        "sizes": {"parameters": sum(v.numel() for k, v in head.state_dict().items()),
+                  "vocabulary": len(vocab), "bytes": st.stat().st_size},
+        "vocabulary": vocab,
+        "sha256": sha256(st),
+    }
+    (a.out / f"{HEADS}.json").write_text(json.dumps(card, indent=1) + "\n")
+    print(json.dumps({k: card[k] for k in ("seconds", "data", "sizes")}))
+    return card
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The offline v2 default: the ConSE bridge + the learned dense head (assets/offline_heads.*).
+
+Pins: the packaged head file loads strictly (and a wrong one is one clear error); a label's score is,
+by hand, the larger of the bridge's mass and the head's gated probability; "person" beats "dog" on
+photos of people; the build script runs on a tiny caption folder and its output changes the scores
+and the text-cache key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from textseg.errors import CheckpointError
+from textseg.examples import example_path
+from textseg.models.offline import ASSETS, HEADS, NUM_CLASSES, OfflineModel, build_offline_model
+from textseg.models.registry import PACKAGED
+from textseg.weights.load import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model() -> OfflineModel:
+    return build_offline_model()
+
+
+def _pixels(img: Image.Image, short: int = 448) -> torch.Tensor:
+    w, h = img.size
+    s = short / min(w, h)
+    img = img.convert("RGB").resize((max(32, round(w * s / 32) * 32), max(32, round(h * s / 32) * 32)), Image.BICUBIC)
+    x = torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    return (x - 0.5) / 0.5
+
+
+def test_head_file_loads_strictly(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    file = load_file(str(ASSETS / f"{HEADS}.safetensors"))
+    # the file's tensors are exactly the head's parameters (+ the vocabulary embeddings), loaded as they are
+    own = dict(model.head.state_dict())
+    assert set(file) == set(own) | {"vocab_embeddings"}
+    for k, v in own.items():
+        torch.testing.assert_close(v, file[k].float(), rtol=0, atol=0)
+    card = json.loads((ASSETS / f"{HEADS}.json").read_text())
+    assert card["made_by"] == "scripts/build_offline_heads.py" and "licences" in card and card["data"]["images"] > 0
+    assert len(card["vocabulary"]) == file["vocab_embeddings"].shape[0] and "person" in card["vocabulary"]
+    # wrong files: one clear CheckpointError each
+    for name, change in (("unexpected", lambda t: {**t, "extra": torch.zeros(1)}),
+                         ("missing", lambda t: {k: v for k, v in t.items() if k != "bias"}),
+                         ("shape", lambda t: {**t, "bias": torch.zeros(2)})):
+        save_file(change(dict(file)), str(tmp_path / f"{HEADS}.safetensors"))
+        with pytest.raises(CheckpointError, match=name):
+            OfflineModel(heads_dir=tmp_path)
+    (tmp_path / f"{HEADS}.safetensors").write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        OfflineModel(heads_dir=tmp_path)
+    shutil.rmtree(tmp_path)
+    with pytest.raises(CheckpointError, match="offline-bridge"):
+        OfflineModel(heads_dir=tmp_path)
+
+
+def test_default_is_v2_and_bridge_only_keeps_its_name():
+    assert {"offline", "offline-bridge"} <= set(PACKAGED)
+    v1 = load_model("offline-bridge")
+    assert v1.head is None and v1.name == "offline-bridge"
+    assert v1.embed_texts(["cat"]).shape == (1, NUM_CLASSES + 1)
+
+
+def test_scores_by_hand(model):
+    """score = max(bridge mass / max(1, sum w) ** 0.5, head_weight * gate * sigmoid(e^s cos + b));
+    background = 0.4 * (1 - max(claimed ImageNet mass, best head probability)) + 0.05."""
+    labels = ["cat", "person", "quantum chromodynamics", "background"]
+    x = _pixels(Image.open(example_path("chelsea")), 224)
+    with torch.no_grad():
+        got = model.scores(model.encode_dense(x), model.embed_texts(labels))[0]
+        feats = model.features(x).float()
+        fc = model.image.classifier
+        logits = torch.nn.functional.conv2d(feats, fc.weight[:, :, None, None], fc.bias)
+        logits = torch.nn.functional.avg_pool2d(logits, 3, stride=1, padding=1, count_include_pad=False)
+        probs = (logits + logits.mean(dim=(-2, -1), keepdim=True).log_softmax(1)).softmax(1)[0]  # 1000 x h x w
+        w = model.bridge(model.text.embed(labels))[:, :NUM_CLASSES]  # the bridge rows (pinned in test_offline)
+        bridge = torch.einsum("chw,nc->nhw", probs, w) / w.sum(1).clamp_min(1).sqrt()[:, None, None]
+        hd = model.head
+        f = hd.image_proj.weight[:, :, 0, 0] @ feats[0].flatten(1) + hd.image_proj.bias[:, None]
+        f = f / f.norm(dim=0, keepdim=True)
+        emb = model.text.embed(labels)
+        t = emb @ hd.text_proj.weight.t()
+        t = t / t.norm(dim=1, keepdim=True)
+        known = (emb @ (model.head_vocab / model.head_vocab.norm(dim=1, keepdim=True)).t()).max(dim=1).values
+        gate = ((known - model.cfg.head_gate_low) / (model.cfg.head_gate_high - model.cfg.head_gate_low)).clamp(0, 1)
+        gate[3] = 0  # "background" is never a head label
+        head = torch.sigmoid(hd.logit_scale.exp() * (t @ f) + hd.bias) * gate[:, None] * model.cfg.head_weight
+        want = torch.maximum(bridge.flatten(1), head)
+        claim = torch.maximum((w[:3].max(0).values.clamp(0, 1) @ probs.flatten(1)), head[:3].max(0).values)
+        want[3] = 0.4 * (1 - claim).clamp_min(0) + 0.05
+    torch.testing.assert_close(got.flatten(1), want, atol=1e-5, rtol=1e-4)
+    assert gate[2] < gate[1]  # a word the captions never name leans on the bridge
+
+
+def test_packaged_photo_cat_beats_person_and_dog(model):
+    with torch.no_grad():
+        s = model.scores(model.encode_dense(_pixels(Image.open(example_path("chelsea")))),
+                         model.embed_texts(["cat", "person", "dog"]))[0]
+    h, w = s.shape[-2:]
+    centre = s[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4].mean(dim=(1, 2))
+    assert centre[0] > centre[1] and centre[0] > centre[2], centre
+
+
+def test_person_beats_dog_on_photos_of_people(model, coco_mini):
+    """COCO-MINI train2017 photos with people and no dog: over the person pixels "person" scores above "dog"
+    (the bridge-only model scores people only through their clothes)."""
+    meta = json.loads((coco_mini / "images_meta.json").read_text())
+    labels = json.loads((coco_mini / "labels.json").read_text())
+    ids = [m["image"] for m in sorted(meta, key=lambda m: m["image"]) if m["split"] == "val2017"
+           and "person" in labels.get(m["image"], []) and "dog" not in labels.get(m["image"], [])][:4]
+    assert ids
+    names = [n for n in (coco_mini / "classes_voc21.txt").read_text().split("\n") if n.strip()]
+    person = names.index("person")
+    text = model.embed_texts(["person", "dog", "background"])
+    wins, hit = [], []
+    for i in ids:
+        img = Image.open(coco_mini / "images" / f"{i}.jpg")
+        with torch.no_grad():
+            z = model.dense_logits(model.encode_dense(_pixels(img)), text)
+        mask = torch.from_numpy(np.array(Image.open(coco_mini / "masks_voc21" / f"{i}.png")).astype(np.int64))
+        z = torch.nn.functional.interpolate(z, size=mask.shape, mode="bilinear", align_corners=False)[0]
+        sel = mask == person
+        wins.append(bool(z[0][sel].mean() > z[1][sel].mean()))
+        hit.append(float((z.argmax(0)[sel] == 0).float().mean()))
+    assert all(wins), (ids, wins)
+    assert sum(hit) / len(hit) > 0.3, hit  # "person" takes most of the person pixels
+
+
+def test_build_script_tiny_run_changes_the_scores(model, tmp_path):
+    data = tmp_path / "captions"
+    (data / "images").mkdir(parents=True)
+    caps = {"chelsea": ["a cat sits by a wall", "a tabby cat", "the cat looks up"],
+            "coffee": ["a cup of coffee on a table", "coffee in a white cup", "a mug of coffee"]}
+    with open(data / "captions.jsonl", "w") as fh:
+        for name, c in caps.items():
+            shutil.copy(example_path(name), data / "images" / f"{name}.jpg")
+            fh.write(json.dumps({"image": f"images/{name}.jpg", "captions": c}) + "\n")
+    spec = importlib.util.spec_from_file_location("build_offline_heads", ROOT / "scripts" / "build_offline_heads.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "heads"
+    card = mod.main(["--flickr", str(data), "--coco", str(tmp_path / "none"), "--out", str(out), "--limit", "2",
+                     "--epochs", "3", "--short-side", "160"])
+    assert {"cat", "coffee", "cup"} <= set(card["vocabulary"]) and card["data"]["images"] == 2
+    tiny = OfflineModel(heads_dir=out)  # loads strictly
+    x = _pixels(Image.open(example_path("chelsea")), 224)
+    labels = ["cat", "cup", "background"]
+    with torch.no_grad():
+        a = model.scores(model.encode_dense(x), model.embed_texts(labels))
+        b = tiny.scores(tiny.encode_dense(x), tiny.embed_texts(labels))
+    assert (a - b).abs().max() > 1e-3
+    assert tiny.fingerprint != model.fingerprint
