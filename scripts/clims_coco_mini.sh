@@ -52,4 +52,4 @@ for r in "${RUNS[@]}"; do
   $PY cam eval "$D" --cams "$OUT/cams_$r" --masks masks_voc21 --json > "$OUT/eval_$r.json"
   echo "$r: $(.venv/bin/python -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['best']['miou'], 'at', d['best_threshold'])" "$OUT/eval_$r.json")"
 done
-.venv/bin/python scripts/clims_evaluator_probe.py "$D" --threads "$T" --json "$OUT/probe_offline.json" > /dev/null
+$PY cam probe "$D" --masks masks_voc21 --threads "$T" --json "$OUT/probe_offline.json" > /dev/null

@@ -4,6 +4,8 @@
     textseg cam make   DATA --checkpoint RUN/model.safetensors --out CAMS   multi-scale + flip CAMs (.npz)
     textseg cam eval   DATA --cams CAMS [--masks masks_voc21]               mIoU over a threshold sweep
     textseg cam labels DATA --cams CAMS --out PSEUDO [--pamr]               a folder dataset of pseudo masks
+    textseg cam probe  DATA --weights EVALUATOR [--masks masks_voc21]       can a CLIMS evaluator tell a
+                                                                           masked object from its background?
 
 DATA is a folder-layout dataset (``labels.json`` + ``images/``), a VOC root or, with ``--labels``,
 a COCO instances JSON (``--images`` then names the image folder).
@@ -65,6 +67,27 @@ def add_parser(sub) -> None:
     lab.add_argument("--no-progress", action="store_true")
     lab.set_defaults(func=run_labels)
 
+    pr = cmds.add_parser("probe", help="how well a CLIMS evaluator tells a ground-truth-masked object from its "
+                         "masked-out background (textseg.wsss.probe)")
+    pr.add_argument("data", help="folder dataset with images/ and masks")
+    pr.add_argument("--masks", default="masks", help="mask folder under DATA (e.g. masks_voc21)")
+    pr.add_argument("--classes", default="", help="class list of the masks, background first (default: "
+                    "DATA/classes_<suffix>.txt for masks_<suffix>, else DATA/classes.txt)")
+    pr.add_argument("--evaluator", default="", help="model name (default: offline unless --weights)")
+    pr.add_argument("--weights", default="", help="evaluator weights file / folder (e.g. a CLIP's model.safetensors)")
+    pr.add_argument("--size", type=int, default=0, help="evaluator input side (0: its own)")
+    pr.add_argument("--template", default="", help="prompt template (default: CLIMS' 'a photo of {}.'; offline '{}')")
+    pr.add_argument("--min-pixels", type=int, default=1, help="skip objects smaller than this")
+    pr.add_argument("--batch", type=int, default=16)
+    pr.add_argument("--checkpoint", action="append", default=[],
+                    help="CAM model(s) whose sigmoid maps also get the CLIMS terms, beside the ground truth")
+    pr.add_argument("--crop", type=int, default=320, help="CAM input side for --checkpoint")
+    pr.add_argument("--background", default="voc", help="CBS words for --checkpoint: voc | coco | FILE")
+    pr.add_argument("--cbs-threshold", type=float, default=0.26)
+    pr.add_argument("--threads", type=int, default=0)
+    pr.add_argument("--json", default="", help="also write the result here")
+    pr.set_defaults(func=run_probe)
+
 
 # ---------------------------------------------------------------------------------------- steps
 def run_make(args) -> int:
@@ -116,4 +139,32 @@ def run_labels(args) -> int:
                             pamr=args.pamr, link=args.link, progress=not args.no_progress)
     print(f"wrote {n} pseudo masks to {args.out} (threshold {args.bg_threshold}, "
           f"ignore band {args.ignore_band}, pamr {'on' if args.pamr else 'off'})", file=sys.stderr)
+    return 0
+
+
+def run_probe(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from textseg.train.cam import load_evaluator
+    from textseg.wsss.probe import clims_terms, probe_evaluator
+    from textseg.wsss.pseudo_labels import mask_classes_file
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.data)
+    classes = str(mask_classes_file(root, args.masks, args.classes).relative_to(root)) if not args.classes \
+        else args.classes
+    ev = load_evaluator(args.evaluator or ("" if args.weights else "offline"), args.weights)
+    out = {"evaluator": args.evaluator or args.weights or "offline",
+           **probe_evaluator(root, ev, args.masks, classes, args.size, args.template, args.min_pixels, args.batch)}
+    if args.checkpoint:
+        out["clims_terms"] = clims_terms(root, ev, args.checkpoint, args.masks, classes, args.background,
+                                         args.cbs_threshold, args.template, args.size, args.crop, args.min_pixels,
+                                         args.batch)
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
     return 0

@@ -1,0 +1,135 @@
+"""CLIMS vs the CAM baseline where co-occurrence must hurt the baseline: boats on water, trains on rails...
+
+Everything is textseg's own: the scenes (:mod:`textseg.data.cooccurrence`), the evaluator (a small
+CLIP trained with the ``textseg train clip`` recipe on the scenes' captions, which name objects and
+backgrounds separately), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
+(``textseg train cam``'s recipe, tiny backbone). Per seed: a baseline CAM trains ``--base-steps``;
+from it, with the same schedule and budget (``--steps`` more), train the baseline further (``cam``),
+CLIMS (``clims``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
+0; ``cbs_wrong_words``: every class's CBS words are another class's background). Each is scored on
+held-out scenes: CAM mIoU at the best background threshold of the sweep, and the co-occurring
+background false-activation rate at that threshold (:func:`~textseg.data.cooccurrence.evaluate_scene_cams`).
+
+    python benchmarks/clims_cooccurrence.py --seeds 0 1 2 --out runs/clims_cooc   # -> summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from textseg.data.cooccurrence import evaluate_scene_cams, make_scenes, write_scene_folder
+from textseg.train.cam import CAMTrainCfg, load_evaluator, train_cam
+from textseg.train.clip import ClipRecipeConfig, train_clip
+from textseg.train.config import load_config
+from textseg.wsss.probe import probe_evaluator
+from textseg.wsss.pseudo_labels import load_cam_model
+
+ENGINE = ["train.progress=false", "train.tensorboard=false", "train.device=cpu", "train.resume=none",
+          "train.log_every=1000", "train.eval_every=0"]
+CLIP_SETS = ["model.arch=clip", "model.lock_image=false", "model.lock_text=false", "model.clip.embed_dim=64",
+             "model.clip.vision.image_size=32", "model.clip.vision.layers=2", "model.clip.vision.width=64",
+             "model.clip.vision.patch_size=8", "model.clip.text.context_length=16", "model.clip.text.width=64",
+             "model.clip.text.heads=2", "model.clip.text.layers=2", "eval.templates=a photo of {}.",
+             "train.batch_size=32", "train.lr=2e-3", "train.weight_decay=0.01", "train.warmup_steps=10"]
+ABLATIONS = {"no_otm": ["clims.alpha=0"], "no_btm": ["clims.beta=0"], "no_cbs": ["clims.gamma=0"],
+             "no_reg": ["clims.delta=0"], "cbs_wrong_words": ["clims.background={wrong}"]}
+
+
+def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: int) -> list[str]:
+    return [*ENGINE, f"data.root={data}", "backbone=tiny", "pretrained=false", "freeze_bn=false",
+            f"data.crop_size={size}", "train.batch_size=16", "train.lr=0.05", f"train.steps={steps}",
+            f"train.seed={seed}", f"train.out_dir={out}", f"threads={threads}"]
+
+
+def run(args) -> dict:
+    out = Path(args.out)
+    t0 = time.time()
+    train, val = out / "data" / "train", out / "data" / "val"
+    if not (val / "labels.json").is_file():
+        write_scene_folder(make_scenes(args.train, args.size, seed=1000), train)
+        write_scene_folder(make_scenes(args.val, args.size, seed=2000), val)
+    torch.set_num_threads(args.threads)
+    ev_path = out / "evaluator" / "model.safetensors"
+    ev_file = out / "evaluator" / "result.json"
+    if not ev_file.is_file():
+        res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE, f"train.steps={args.clip_steps}",
+                                                              f"data.train={train}", f"data.val={val}",
+                                                              f"train.out_dir={ev_path.parent}"]))
+        ev_file.write_text(json.dumps({k: v for k, v in res.items() if isinstance(v, (int, float, str))}))
+    res = json.loads(ev_file.read_text())
+    probe = probe_evaluator(val, load_evaluator("", str(ev_path)))
+    evaluator = {"zero_shot_top1": round(res["zeroshot_top1"], 2), "fg_over_bg": probe["fg_vs_bg_accuracy"],
+                 "right_class_first": probe["fg_top1"], "probe": probe, "train_seconds": res.get("time_s")}
+    print("evaluator", json.dumps({k: v for k, v in evaluator.items() if k != "probe"}), flush=True)
+    clims_base = [f"clims.evaluator_weights={ev_path}", "clims.evaluator=", f"clims.background={train / 'background.txt'}",
+                  f"clims.cbs_threshold={args.cbs_threshold}"]
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        sd = out / f"seed{seed}"
+        base = sd / "base"
+        if not (base / "model.safetensors").is_file():
+            train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads)))
+        init = f"init={base / 'model.safetensors'}"
+        variants = {"cam": ["mode=baseline"], "clims": ["mode=clims", *clims_base]}
+        for name, extra in ABLATIONS.items():
+            variants[name] = ["mode=clims", *clims_base, *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
+        for name, extra in variants.items():
+            rd = sd / name
+            score_file = rd / "score.json"
+            if not score_file.is_file():
+                t = time.time()
+                train_cam(load_config(CAMTrainCfg, None, [*cam_sets(train, rd, seed + 1, args.steps, args.size,
+                                                                    args.threads), init, *extra]))
+                score = evaluate_scene_cams(load_cam_model(rd / "model.safetensors"), val)
+                score["seconds"] = round(time.time() - t, 1)
+                score_file.write_text(json.dumps(score))
+            score = json.loads(score_file.read_text())
+            runs.setdefault(name, []).append(score)
+            print(f"seed {seed} {name:16s} mIoU {score['miou']:6.2f}  bg false act {score['bg_false_activation']:6.2f}"
+                  f"  (thr {score['best_threshold']:.2f}, {score['seconds']} s)", flush=True)
+
+    def block(rows):
+        m = [r["miou"] for r in rows]
+        f = [r["bg_false_activation"] for r in rows]
+        return {"miou_per_seed": m, "bg_false_activation_per_seed": f, "miou_mean": round(float(np.mean(m)), 3),
+                "miou_std": round(float(np.std(m)), 3), "bg_false_activation_mean": round(float(np.mean(f)), 3),
+                "bg_false_activation_std": round(float(np.std(f)), 3),
+                "best_threshold_per_seed": [r["best_threshold"] for r in rows]}
+
+    summary = {"seeds": list(args.seeds), "cam": block(runs["cam"]), "clims": block(runs["clims"]),
+               "ablations": {n: block(runs[n]) for n in ABLATIONS}, "evaluator": evaluator,
+               "config": {k: v for k, v in vars(args).items() if k != "out"}}
+    c, b = summary["clims"], summary["cam"]
+    summary["clims_minus_cam_miou"] = round(c["miou_mean"] - b["miou_mean"], 3)
+    summary["bg_false_activation_cut_pct"] = round(100 * (1 - c["bg_false_activation_mean"]
+                                                         / max(b["bg_false_activation_mean"], 1e-9)), 2)
+    summary["seconds"] = round(time.time() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--train", type=int, default=400, help="training scenes")
+    ap.add_argument("--val", type=int, default=120, help="held-out scenes")
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--clip-steps", type=int, default=150)
+    ap.add_argument("--base-steps", type=int, default=150, help="baseline CAM steps every run starts from")
+    ap.add_argument("--steps", type=int, default=100, help="steps of each compared run (cam, clims, ablations)")
+    ap.add_argument("--cbs-threshold", type=float, default=0.26)
+    ap.add_argument("--threads", type=int, default=2)
+    s = run(ap.parse_args())
+    keys = ("clims_minus_cam_miou", "bg_false_activation_cut_pct", "seconds")
+    print(json.dumps({k: s[k] for k in keys} | {"cam": s["cam"]["miou_mean"], "clims": s["clims"]["miou_mean"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Co-occurrence scenes: objects that nearly always come with their own background (CLIMS' setting).
+
+Four foreground classes, each with a co-occurring background (:data:`PAIRS`): a boat on water, a
+train on rails, a plane in the sky, a cow on grass. A scene is drawn on neutral grey noise; a
+background is a band of its own texture (sky at the top, the others at the bottom; two ground
+backgrounds share the bottom band side by side). With probability ``p_pair`` an object comes with its
+own background and sits on it; otherwise it stands on the neutral ground (sometimes beside another
+class's background). Some scenes hold backgrounds only. Every scene has
+
+* ``mask``: ``H x W`` ids, 0 = background (neutral *and* co-occurring), ``k`` = :data:`CLASSES` ``[k]``;
+* ``context``: ``H x W`` ids of the background textures, 0 = neutral, ``m`` = :data:`BACKGROUNDS` ``[m-1]``;
+* ``labels``: the object classes present (image-level labels, what a CAM trains on);
+* ``captions``: two captions naming every object *and* every background ("a photo of boat and
+  water.", "water, boat"), so a CLIP trained on them learns "boat" and "water" as separate words.
+
+:func:`write_scene_folder` writes a folder dataset that textseg's recipes read as they are:
+``images/``, ``masks/`` (class ids), ``context/`` (background ids), ``labels.json``,
+``classes.txt`` (``background`` first), ``captions.jsonl`` (``textseg train clip``),
+``background.txt`` (``class: word`` lines for CLIMS' CBS) and ``background_wrong.txt`` (each class
+paired with another class's background: the CBS-with-wrong-words ablation).
+
+Pure numpy, deterministic per seed::
+
+    scenes = make_scenes(400, size=96, seed=0)
+    write_scene_folder(scenes, "data/cooc/train")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from textseg.errors import TextsegError
+
+PAIRS = {"boat": "water", "train": "rails", "plane": "sky", "cow": "grass"}
+OBJECTS = tuple(PAIRS)
+BACKGROUNDS = tuple(PAIRS.values())
+CLASSES = ("background", *OBJECTS)
+NEUTRAL = (122, 118, 110)  # near the ImageNet mean colour: a masked-out pixel looks like the ground
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # H x W x 3 uint8
+    mask: np.ndarray  # H x W uint8 class ids (0 = background)
+    context: np.ndarray  # H x W uint8 background ids (0 = neutral)
+    labels: list[str]
+    captions: list[str]
+
+
+def _texture(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    noise = rng.normal(0, 1, (h, w)).astype(np.float32)
+    if kind == "water":  # blue with light horizontal waves
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = (np.sin(xx * 0.5 + phase + 2 * np.sin(yy * 0.3)) > 0.6) & (yy.astype(int) % 4 == 0)
+        base = np.array([40, 90, 200], np.float32) + 8 * noise[..., None]
+        base[wave] = (150, 190, 250)
+        return base
+    if kind == "rails":  # brown ballast, dark vertical ties, two bright horizontal rails
+        base = np.array([110, 85, 60], np.float32) + 12 * noise[..., None]
+        base[(xx.astype(int) % 6) < 2] = (60, 40, 25)
+        for frac in (0.3, 0.7):
+            r = int(h * frac)
+            base[max(r - 1, 0) : r + 1] = (200, 200, 210)
+        return base
+    if kind == "sky":  # light-blue vertical gradient
+        t = (yy / max(h - 1, 1))[..., None]
+        return (1 - t) * np.array([120, 170, 240], np.float32) + t * np.array([190, 220, 250], np.float32) \
+            + 3 * noise[..., None]
+    if kind == "grass":  # green noise with darker vertical blades
+        base = np.array([50, 150, 50], np.float32) + 20 * noise[..., None]
+        blades = rng.random(w) < 0.3
+        base[:, blades] *= 0.6
+        return base
+    raise TextsegError(f"unknown background {kind!r}")
+
+
+def _object(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``(rgb s x s x 3, bool mask s x s)`` of one object drawn in a square of side ``size``."""
+    s = size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    u, v = (xx - s / 2) / (s / 2), (yy - s / 2) / (s / 2)  # [-1, 1]
+    rgb = np.zeros((s, s, 3), np.float32)
+    if kind == "boat":  # red hull (trapezoid) under a white triangular sail
+        hull = (v > 0.2) & (v < 0.7) & (np.abs(u) < 0.9 - 0.6 * (v - 0.2))
+        sail = (v <= 0.2) & (v > -0.9) & (u > -0.05) & (u < 0.6 * (v + 0.9))
+        m = hull | sail
+        rgb[hull], rgb[sail] = (210, 40, 40), (245, 245, 235)
+    elif kind == "train":  # yellow body with dark windows
+        m = (np.abs(u) < 0.95) & (np.abs(v) < 0.5)
+        rgb[m] = (235, 200, 30)
+        win = m & (v > -0.35) & (v < 0.0) & ((((u + 1) * 4).astype(int) % 2) == 1)
+        rgb[win] = (30, 30, 40)
+    elif kind == "plane":  # white fuselage and wings, orange tail
+        body = (np.abs(v) < 0.15) & (np.abs(u) < 0.95)
+        wing = (np.abs(u + 0.05) < 0.2) & (np.abs(v) < 0.85)
+        tail = (u < -0.7) & (v < 0) & (v > -0.5)
+        m = body | wing | tail
+        rgb[m] = (250, 250, 250)
+        rgb[tail] = (240, 130, 30)
+    elif kind == "cow":  # white body with black spots, dark head
+        body = (u / 0.8) ** 2 + (v / 0.5) ** 2 <= 1
+        head = ((u - 0.75) / 0.25) ** 2 + ((v + 0.25) / 0.25) ** 2 <= 1
+        legs = (v > 0.3) & (v < 0.85) & ((np.abs(u + 0.45) < 0.1) | (np.abs(u - 0.45) < 0.1))
+        m = body | head | legs
+        rgb[m] = (240, 235, 225)
+        spots = body & (np.sin(u * 7 + rng.uniform(0, 6)) * np.sin(v * 9 + rng.uniform(0, 6)) > 0.35)
+        rgb[spots | head | legs] = (30, 25, 25)
+    else:
+        raise TextsegError(f"unknown object {kind!r}")
+    if rng.random() < 0.5:
+        rgb, m = rgb[:, ::-1], m[:, ::-1]
+    return rgb, m
+
+
+def make_scene(rng: np.random.Generator, size: int = 96, p_pair: float = 0.85, p_empty: float = 0.08,
+               p_two: float = 0.25, p_extra: float = 0.1) -> Scene:
+    """One random scene (see the module docstring)."""
+    h = w = size
+    n_obj = 0 if rng.random() < p_empty else (2 if rng.random() < p_two else 1)
+    objs = list(rng.choice(len(OBJECTS), size=n_obj, replace=False)) if n_obj else []
+    bgs: list[int] = []  # indices into BACKGROUNDS
+    paired: dict[int, bool] = {}
+    for k in objs:
+        paired[k] = bool(rng.random() < p_pair)
+        if paired[k]:
+            bgs.append(k)
+    if not objs:  # background-only scene: one or two backgrounds
+        bgs = list(rng.choice(len(BACKGROUNDS), size=int(rng.integers(1, 3)), replace=False))
+    elif rng.random() < p_extra:  # another class's background beside the objects
+        others = [b for b in range(len(BACKGROUNDS)) if b not in bgs and b not in objs]
+        if others:
+            bgs.append(int(rng.choice(others)))
+    img = np.array(NEUTRAL, np.float32) + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    context = np.zeros((h, w), np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    region: dict[int, tuple[int, int, int, int]] = {}  # background -> (y0, y1, x0, x1)
+    sky = BACKGROUNDS.index("sky")
+    ground = [b for b in bgs if b != sky]
+    if sky in bgs:
+        y1 = int(h * rng.uniform(0.4, 0.55))
+        region[sky] = (0, y1, 0, w)
+    top = int(h * rng.uniform(0.45, 0.6))
+    for i, b in enumerate(ground):
+        x0, x1 = (0, w) if len(ground) == 1 else ((0, w // 2) if i == 0 else (w // 2, w))
+        region[b] = (max(top, region[sky][1]) if sky in region else top, h, x0, x1)
+    for b, (y0, y1, x0, x1) in region.items():
+        img[y0:y1, x0:x1] = _texture(BACKGROUNDS[b], y1 - y0, x1 - x0, rng)
+        context[y0:y1, x0:x1] = b + 1
+    for j, k in enumerate(objs):
+        s = int(size * rng.uniform(0.28, 0.4))
+        rgb, m = _object(OBJECTS[k], s, rng)
+        if paired[k]:
+            y0, y1, x0, x1 = region[k]
+            cy = (y0 + 0.35 * (y1 - y0)) if OBJECTS[k] != "plane" else (y0 + 0.5 * (y1 - y0))
+            cx = rng.uniform(x0 + s / 2, max(x0 + s / 2, x1 - s / 2))
+            if OBJECTS[k] == "boat":  # floats: hull on the water line
+                cy = y0 + 0.1 * s
+        else:  # on the neutral ground, left or right half
+            cy = rng.uniform(s / 2, h - s / 2)
+            cx = rng.uniform(s / 2, w / 2 - s / 4) if j == 0 else rng.uniform(w / 2 + s / 4, w - s / 2)
+        oy = int(np.clip(round(cy - s / 2), 0, h - s))
+        ox = int(np.clip(round(cx - s / 2), 0, w - s))
+        img[oy : oy + s, ox : ox + s][m] = rgb[m]
+        mask[oy : oy + s, ox : ox + s][m] = k + 1
+    image = np.clip(img, 0, 255).astype(np.uint8)
+    labels = [OBJECTS[k] for k in sorted(objs)]
+    present_bgs = [BACKGROUNDS[b - 1] for b in sorted(set(np.unique(context).tolist()) - {0})]
+    labels = [c for c in labels if (mask == CLASSES.index(c)).any()]
+    words = [*labels, *present_bgs]
+    order = list(rng.permutation(len(words)))
+    captions = [f"a photo of {' and '.join(words)}.", ", ".join(words[i] for i in order)]
+    return Scene(image, mask, context, labels, captions)
+
+
+def make_scenes(n: int, size: int = 96, seed: int = 0, **kw) -> list[Scene]:
+    """``n`` scenes, deterministic per ``seed`` (``kw``: :func:`make_scene`'s probabilities)."""
+    if n < 1 or size < 32:
+        raise TextsegError(f"need n >= 1 scenes of size >= 32, got n={n}, size={size}")
+    rng = np.random.default_rng(seed)
+    return [make_scene(rng, size, **kw) for _ in range(n)]
+
+
+def write_scene_folder(scenes: list[Scene], root: str | Path) -> Path:
+    """Write ``scenes`` as a folder dataset (layout in the module docstring); returns ``root``."""
+    from PIL import Image
+
+    root = Path(root)
+    for sub in ("images", "masks", "context"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    labels, lines = {}, []
+    for i, sc in enumerate(scenes):
+        key = f"{i:05d}"
+        Image.fromarray(sc.image).save(root / "images" / f"{key}.png")
+        Image.fromarray(sc.mask, mode="L").save(root / "masks" / f"{key}.png")
+        Image.fromarray(sc.context, mode="L").save(root / "context" / f"{key}.png")
+        labels[key] = sc.labels
+        lines.append(json.dumps({"image": f"images/{key}.png", "captions": sc.captions}))
+    (root / "labels.json").write_text(json.dumps(labels, indent=0))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "background.txt").write_text("".join(f"{c}: {b}\n" for c, b in PAIRS.items()))
+    wrong = dict(zip(OBJECTS, BACKGROUNDS[1:] + BACKGROUNDS[:1]))  # every class gets another's background
+    (root / "background_wrong.txt").write_text("".join(f"{c}: {b}\n" for c, b in wrong.items()))
+    return root
+
+
+def evaluate_scene_cams(model, root: str | Path, thresholds: Sequence[float] = tuple(np.arange(1, 20) / 20),
+                        scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0)) -> dict:
+    """A CAM network on a scene folder: label-keyed multi-scale + flip CAMs
+    (:func:`~textseg.wsss.cam_maps.multiscale_cam`), mIoU over the background-threshold sweep
+    (:class:`~textseg.wsss.cam_maps.ThresholdSweep`, best threshold chosen) and the co-occurring
+    background false-activation rate: over every (image, labelled class ``k`` whose own background
+    is in the image), the fraction of that background's pixels where ``k``'s map is above the
+    chosen threshold. Returns ``{"miou" (%), "best_threshold", "bg_false_activation" (%), "sweep"}``."""
+    import torch
+    from PIL import Image
+
+    from textseg.io import load_image
+    from textseg.wsss.cam_maps import ThresholdSweep, image_tensor, multiscale_cam
+
+    root = Path(root)
+    labels = json.loads((root / "labels.json").read_text())
+    index = {c: i for i, c in enumerate(model.class_names)}
+    own_bg = [BACKGROUNDS.index(PAIRS[c]) + 1 if c in PAIRS else -1 for c in model.class_names]
+    ids = np.asarray([CLASSES.index(c) for c in model.class_names])
+    sweep = ThresholdSweep(thresholds, len(CLASSES))
+    kept = []  # (K' x H x W maps of the classes whose background is present, their background masks)
+    model.eval()
+    for key in sorted(labels):
+        keys = [index[c] for c in labels[key] if c in index]
+        img = image_tensor(load_image(root / "images" / f"{key}.png"))
+        keys, maps = multiscale_cam(model, img, keys, scales)
+        target = torch.from_numpy(np.asarray(Image.open(root / "masks" / f"{key}.png"), dtype=np.int64))
+        sweep.update(keys, maps, target, ids)
+        context = torch.from_numpy(np.asarray(Image.open(root / "context" / f"{key}.png"), dtype=np.int64))
+        for j, k in enumerate(keys.tolist()):
+            region = context == own_bg[k]
+            if region.any():
+                kept.append(maps[j][region])
+    results = sweep.results()
+    best_t, best = max(results, key=lambda r: r[1].miou)
+    pix = torch.cat(kept) if kept else torch.zeros(0)
+    fa = float((pix > best_t).float().mean()) * 100 if pix.numel() else float("nan")
+    return {"miou": round(best.miou * 100, 3), "best_threshold": best_t, "bg_false_activation": round(fa, 3),
+            "sweep": [{"threshold": t, "miou": round(m.miou * 100, 3)} for t, m in results]}
