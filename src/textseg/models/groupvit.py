@@ -233,7 +233,10 @@ class AssignAttention(nn.Module):
     def forward(self, groups: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = (self.q_proj(groups) @ self.k_proj(segments).transpose(1, 2)) * self.scale  # B x G x S
         hard = self.hard if self.training else self.eval_hard
-        assign = gumbel_assign(raw, dim=1, tau=self.tau, hard=hard, gumbel=hard and self.training)
+        if self.training and not hard:  # soft training: softmax at temperature tau (annealed by the recipe)
+            assign = (raw / self.tau).softmax(dim=1)
+        else:
+            assign = gumbel_assign(raw, dim=1, tau=self.tau, hard=hard, gumbel=hard and self.training)
         soft = raw.softmax(dim=1)
         if self.pool == "mean":
             assign = assign / (assign.sum(dim=-1, keepdim=True) + self.eps)

@@ -35,10 +35,13 @@ PROMPT = ("a photo of a {}.",)
 
 def emergence_model_cfg(variant: str = "faithful", groups: int = 8, image_size: int = 64,
                         **overrides) -> GroupViTModelCfg:
-    """A GroupViT small enough for a shared CPU: 8 x 8-px patches, width 64, one grouping stage (one
-    layer, then ``groups`` groups, no layer after), a linear projector, a 2-layer text tower, no
-    stochastic depth. ``overrides``: any other :class:`GroupViTModelCfg` field."""
-    cfg = dict(variant=variant, image_size=image_size, patch_size=8, width=64, heads=4, depths=[1, 0],
+    """A GroupViT small enough for a shared CPU: 8 x 8-px patches, width 64, one grouping stage (no
+    transformer layer before or after it: ``groups`` group tokens cross-attend to the patch
+    embeddings and group them), a linear projector, a 2-layer text tower, no stochastic depth.
+    ``overrides``: any other :class:`GroupViTModelCfg` field. (One layer before the grouping,
+    ``depths=[1, 0]``, measured worse for the pure track at 600 steps: 64.4 / 66.2 / 41.6 mIoU on
+    seeds 0 / 1 / 2 against 68.9 / 72.4 on seeds 0 / 1 without it.)"""
+    cfg = dict(variant=variant, image_size=image_size, patch_size=8, width=64, heads=4, depths=[0, 0],
                num_group_tokens=[groups, 0], num_output_groups=[groups, 0], proj_layers=1, text_width=64,
                text_heads=2, text_layers=2, context_length=16, embed_dim=64, proj_hidden=256, drop_path_rate=0.0)
     cfg.update(overrides)
@@ -47,7 +50,7 @@ def emergence_model_cfg(variant: str = "faithful", groups: int = 8, image_size: 
 
 def train_on_scenes(model_cfg: GroupViTModelCfg, scenes: Scenes, steps: int, out_dir: str, seed: int = 0,
                     batch_size: int = 48, lr: float = 2e-3, k: int = 3, log_every: int = 50,
-                    progress: bool = False) -> GroupViT:
+                    progress: bool = False, tau_final: float | None = None) -> GroupViT:
     """Train ``model_cfg`` on the captions of ``scenes`` (masks never seen) with the recipe's losses
     (:class:`GroupViTTrainModule`: image-text + multi-label noun loss, the track's pooling) on the
     engine: AdamW, warm-up then cosine to 0. Returns the model in eval mode."""
@@ -61,9 +64,23 @@ def train_on_scenes(model_cfg: GroupViTModelCfg, scenes: Scenes, steps: int, out
                       schedule="cosine", clip_grad=5.0, log_every=log_every, resume="none", progress=progress,
                       tensorboard=False, device="cpu", seed=seed)
     trainer = Trainer(cfg, GroupViTTrainModule(model), ds,
-                      collate_fn=GroupViTCollate(model.tokenize, k=k, template=PROMPT[0], seed=seed))
+                      collate_fn=GroupViTCollate(model.tokenize, k=k, template=PROMPT[0], seed=seed),
+                      callbacks=[annealer(model, steps, tau_final)] if tau_final else ())
     trainer.fit()
     return model.eval()
+
+
+def annealer(model: GroupViT, steps: int, tau_final: float):
+    """An engine callback that anneals every grouping block's assignment temperature geometrically
+    from its configured ``gumbel_tau`` to ``tau_final`` over ``steps``."""
+    blocks = [s.grouping.assign for s in model.visual.stages if s.grouping is not None]
+    start = blocks[0].tau
+
+    def step(trainer):
+        t = min(1.0, trainer.step / max(1, steps))
+        for b in blocks:
+            b.tau = start * (tau_final / start) ** t
+    return step
 
 
 def _batches(scenes: Scenes, model: GroupViT, batch_size: int):
