@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -47,12 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_scenes import BACKGROUND_NOUNS, CLASSES, SHAPES, Scenes, make_scenes  # noqa: E402
-
-from textseg.metrics import ConfusionMatrix  # noqa: E402
-from textseg.models.groupvit import GroupViT  # noqa: E402
-from textseg.train.groupvit import GroupViTCollate, GroupViTModelCfg, GroupViTTrainModule  # noqa: E402
+from textseg.data.synthetic import BACKGROUND_NOUNS, CLASSES, SHAPES, SceneDataset, Scenes, make_scenes
+from textseg.metrics import ConfusionMatrix
+from textseg.models.groupvit import GroupViT
+from textseg.train.groupvit import GroupViTCollate, GroupViTModelCfg, GroupViTTrainModule
 
 
 def small_model_cfg(image_size: int = 64, hard_assignment: bool = True, **overrides) -> GroupViTModelCfg:
@@ -77,30 +74,10 @@ def small_model_cfg(image_size: int = 64, hard_assignment: bool = True, **overri
     return GroupViTModelCfg(**cfg)
 
 
-class SceneDataset(torch.utils.data.Dataset):
-    """Scenes as ``(normalised image 3 x H x W, caption)``; masks are never shown to training."""
-
-    def __init__(self, scenes: Scenes, mean, std):
-        self.scenes = scenes
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.scenes.captions)
-
-    def pixels(self, i) -> torch.Tensor:
-        img = torch.from_numpy(self.scenes.images[i]).permute(0, 3, 1, 2) if not isinstance(i, int) else \
-            torch.from_numpy(self.scenes.images[i]).permute(2, 0, 1)
-        return (img.float() / 255 - self.mean) / self.std
-
-    def __getitem__(self, i: int):
-        return self.pixels(i), self.scenes.captions[i]
-
-
 def background_names(captions: str = "plain") -> tuple[str, ...]:
     """The label names of the background class for a caption style: the word its captions use
     ("background" for ``"plain"``; the background nouns "noise", "gradient", "grid" for
-    ``"named_background"``, see :data:`synthetic_scenes.BACKGROUND_NOUNS`)."""
+    ``"named_background"``, see :data:`textseg.data.synthetic.BACKGROUND_NOUNS`)."""
     return ("background",) if captions == "plain" else tuple(BACKGROUND_NOUNS.values())
 
 

@@ -18,8 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
 
 def check_gather() -> dict:
     from textseg.distributed import get_rank, get_world_size
@@ -52,9 +50,7 @@ def check_gather() -> dict:
 
 
 def main(out_json: str) -> None:
-    from groupvit_synthetic import SceneDataset
-    from synthetic_scenes import make_scenes
-
+    from textseg.data.synthetic import SceneDataset, make_scenes
     from textseg.distributed import init_distributed, is_main
     from textseg.train.engine import TrainConfig, Trainer, seed_everything
     from textseg.train.groupvit import GroupViTCollate, GroupViTModelCfg, GroupViTTrainModule

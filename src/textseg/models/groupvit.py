@@ -95,6 +95,17 @@ class GroupViTVisionCfg:
     gumbel_tau: float = 1.0
     hard_assignment: bool = True
     layer_norm_eps: float = 1e-5
+    # textseg's options (the GROUPVIT_VARIANTS "pure" track; the defaults are the official model):
+    # content_only: a group is built from its own members only: the stage's transformer layers run
+    # over the segment tokens alone (the group tokens join only the cross-attention that forms the
+    # assignment queries) and the grouping block has no ``new_x + queries`` residual, so no global
+    # summary reaches an empty group. assign_pool: "mean" (official: assigned values / (count +
+    # assign_eps)) or "sum" (the paper's text). eval_hard_assignment: the assignment used outside
+    # training (None: as hard_assignment; True with hard_assignment=False: soft in training, argmax
+    # one-hot at inference).
+    content_only: bool = False
+    assign_pool: str = "mean"
+    eval_hard_assignment: bool | None = None
     # Stochastic depth of the transformer layers (training only): layer j of all sum(depths) drops its
     # residual branches with probability drop_path_rate * j / (sum(depths) - 1) (NVlabs: linspace over
     # the blocks; 0.1 in gcc_yfcc_30e). 0 = off; an identity at eval either way.
@@ -113,6 +124,8 @@ class GroupViTVisionCfg:
         for g, o in zip(self.num_group_tokens, self.num_output_groups):
             if g and o <= 0:
                 raise TextsegError("GroupViT: every grouping stage needs num_output_groups > 0")
+        if self.assign_pool not in ("mean", "sum"):
+            raise TextsegError(f"GroupViT: assign_pool must be 'mean' or 'sum', not {self.assign_pool!r}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,24 @@ class GroupViTCfg:
     proj_hidden: int = 4096  # MLP projector's hidden width
     proj_layers: int = 2  # 1 = a single linear layer
     logit_scale_init: float = math.log(1 / 0.07)
+    # How the multi-label (noun) loss scores an image against a noun prompt: "image" (official: the
+    # mean-pooled image embedding) or "max_group" (textseg's pure track: the best non-empty group).
+    multi_label_pool: str = "image"
+
+    def __post_init__(self):
+        if self.multi_label_pool not in ("image", "max_group"):
+            raise TextsegError(f"GroupViT: multi_label_pool must be 'image' or 'max_group', "
+                               f"not {self.multi_label_pool!r}")
+
+
+# The two tracks: "faithful" = the official GroupViT; "pure" = textseg's variant in which every group
+# is built from its members only, a noun is scored by its best group, and training assigns softly
+# (argmax one-hot at inference, as the official inference). Values: (vision fields, model fields).
+GROUPVIT_VARIANTS = {
+    "faithful": ({}, {}),
+    "pure": ({"content_only": True, "hard_assignment": False, "eval_hard_assignment": True},
+             {"multi_label_pool": "max_group"}),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,18 +220,26 @@ class AssignAttention(nn.Module):
     assignment ``B x G x S`` (softmax over groups, so each column sums to 1). Not the shared
     attention: the softmax runs over the *query* (group) axis, with Gumbel noise and a hard one-hot."""
 
-    def __init__(self, dim: int, eps: float, tau: float, hard: bool):
+    def __init__(self, dim: int, eps: float, tau: float, hard: bool, eval_hard: bool | None = None,
+                 pool: str = "mean"):
         super().__init__()
         self.scale = dim ** -0.5
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
         self.eps, self.tau, self.hard = eps, tau, hard
+        self.eval_hard = hard if eval_hard is None else eval_hard
+        self.pool = pool
 
     def forward(self, groups: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = (self.q_proj(groups) @ self.k_proj(segments).transpose(1, 2)) * self.scale  # B x G x S
-        assign = gumbel_assign(raw, dim=1, tau=self.tau, hard=self.hard, gumbel=self.hard and self.training)
+        hard = self.hard if self.training else self.eval_hard
+        if self.training and not hard:  # soft training: softmax at temperature tau (annealed by the recipe)
+            assign = (raw / self.tau).softmax(dim=1)
+        else:
+            assign = gumbel_assign(raw, dim=1, tau=self.tau, hard=hard, gumbel=hard and self.training)
         soft = raw.softmax(dim=1)
-        assign = assign / (assign.sum(dim=-1, keepdim=True) + self.eps)
+        if self.pool == "mean":
+            assign = assign / (assign.sum(dim=-1, keepdim=True) + self.eps)
         return self.proj(assign @ self.v_proj(segments)), soft
 
 
@@ -219,7 +258,9 @@ class GroupingBlock(nn.Module):
         self.norm_post_tokens = nn.LayerNorm(dim, eps=eps)
         self.norm_x = nn.LayerNorm(dim, eps=eps)
         self.pre_assign_attn = CrossAttnBlock(dim, heads, cfg.mlp_ratio, eps)
-        self.assign = AssignAttention(dim, cfg.assign_eps, cfg.gumbel_tau, cfg.hard_assignment)
+        self.assign = AssignAttention(dim, cfg.assign_eps, cfg.gumbel_tau, cfg.hard_assignment,
+                                      cfg.eval_hard_assignment, cfg.assign_pool)
+        self.content_only = cfg.content_only
         self.norm_new_x = nn.LayerNorm(dim, eps=eps)
         self.mlp_channels = Mlp(dim, channels_hidden)
 
@@ -229,7 +270,8 @@ class GroupingBlock(nn.Module):
         queries = self.norm_post_tokens(self.mlp_inter(group_tokens))
         queries = self.pre_assign_attn(queries, x)
         new_x, soft = self.assign(queries, x)
-        new_x = new_x + queries
+        if not self.content_only:
+            new_x = new_x + queries
         return new_x + self.mlp_channels(self.norm_new_x(new_x)), soft
 
 
@@ -242,6 +284,7 @@ class GroupingStage(nn.Module):
         super().__init__()
         dim, eps = cfg.width, cfg.layer_norm_eps
         self.num_group_tokens = g = cfg.num_group_tokens[index]
+        self.content_only = cfg.content_only
         rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)[index]
         self.blocks = nn.ModuleList(Block(dim, cfg.heads, cfg.mlp_ratio, eps=eps, drop_path=r) for r in rates)
         self.group_token = nn.Parameter(torch.zeros(1, g, dim)) if g else None
@@ -260,10 +303,14 @@ class GroupingStage(nn.Module):
         groups = self.group_token.expand(x.shape[0], -1, -1)
         if self.group_projector is not None:
             groups = groups + self.group_projector(prev_group_tokens)
-        cat = torch.cat([x, groups], dim=1)
-        for blk in self.blocks:
-            cat = blk(cat)
-        x, groups = cat[:, : -self.num_group_tokens], cat[:, -self.num_group_tokens:]
+        if self.content_only:  # the layers see the segments only; the tokens meet them in the grouping
+            for blk in self.blocks:
+                x = blk(x)
+        else:
+            cat = torch.cat([x, groups], dim=1)
+            for blk in self.blocks:
+                cat = blk(cat)
+            x, groups = cat[:, : -self.num_group_tokens], cat[:, -self.num_group_tokens:]
         new_x, soft = self.grouping(x, groups)
         return new_x, groups, soft
 
@@ -408,7 +455,8 @@ class GroupViT(DualEncoder):
         v = dict(d["vision"])
         for key in ("depths", "num_group_tokens", "num_output_groups", "assign_mlp_ratio"):
             v[key] = tuple(v[key])
-        rest = {k: d[k] for k in ("embed_dim", "proj_hidden", "proj_layers", "logit_scale_init") if k in d}
+        rest = {k: d[k] for k in ("embed_dim", "proj_hidden", "proj_layers", "logit_scale_init", "multi_label_pool")
+                if k in d}
         return cls(GroupViTCfg(vision=GroupViTVisionCfg(**v), text=TextConfig(**d["text"]), **rest))
 
     # ---- towers --------------------------------------------------------------------------------

@@ -34,8 +34,17 @@ from textseg.train.losses import LogitScale, info_nce
 from textseg.train.nouns import noun_prompts
 
 
+def group_max_similarity(groups: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``B x G x D`` unit group embeddings, ``T x D`` unit texts -> ``B x T``: each text's cosine with
+    the image's best group among ``valid`` (``B x G`` bool: the non-empty groups; None = all)."""
+    sim = torch.einsum("bgd,td->bgt", groups, texts)
+    if valid is not None:
+        sim = sim.masked_fill(~valid[:, :, None], float("-inf"))
+    return sim.amax(1)
+
+
 def multi_label_loss(image: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor | float,
-                     gather: bool = True) -> torch.Tensor:
+                     gather: bool = True, valid: torch.Tensor | None = None) -> torch.Tensor:
     """GroupViT's multi-label contrastive loss.
 
     ``image``: ``B x D`` L2-normalised image embeddings; ``texts``: ``B x K x D`` L2-normalised
@@ -43,21 +52,36 @@ def multi_label_loss(image: torch.Tensor, texts: torch.Tensor, logit_scale: torc
     ``W*B*K`` texts of the global batch whose target puts ``1/K`` on each of the image's own ``K``
     texts. Text -> image: cross-entropy of each of the ``B*K`` texts over the ``W*B`` images, target
     its own image. Returns the mean of the two directions (rows of this rank; under DDP the mean
-    over ranks is the global loss)."""
+    over ranks is the global loss).
+
+    textseg's pure track (``multi_label_pool="max_group"``): ``image`` is ``B x G x D`` unit group
+    embeddings (``valid`` ``B x G``: the non-empty ones) and an image scores a text by its best
+    valid group (:func:`group_max_similarity`) instead of the mean-pooled embedding."""
     b, k, _ = texts.shape
     flat = texts.reshape(b * k, -1)
     distributed = gather and get_world_size() > 1
     all_img = all_gather_with_grad(image) if distributed else image
     all_txt = all_gather_with_grad(flat) if distributed else flat
     offset = b * get_rank() if distributed else 0
+    per_group = image.dim() == 3
+    if per_group and valid is not None and distributed:
+        all_valid = all_gather_with_grad(valid.float()) > 0.5
+    else:
+        all_valid = valid
     # image -> its K texts (positions offset*K + i*K .. +K in the gathered text list)
-    logits_i2t = logit_scale * image @ all_txt.t()  # B x (W*B*K)
+    if per_group:
+        logits_i2t = logit_scale * group_max_similarity(image, all_txt, valid)  # B x (W*B*K)
+    else:
+        logits_i2t = logit_scale * image @ all_txt.t()  # B x (W*B*K)
     target = torch.zeros_like(logits_i2t)
     cols = (offset + torch.arange(b, device=image.device))[:, None] * k + torch.arange(k, device=image.device)
     target.scatter_(1, cols, 1.0 / k)
     loss_img = -(target * logits_i2t.log_softmax(-1)).sum(-1).mean()
     # each text -> its image
-    logits_t2i = logit_scale * flat @ all_img.t()  # (B*K) x (W*B)
+    if per_group:
+        logits_t2i = logit_scale * group_max_similarity(all_img, flat, all_valid).t()  # (B*K) x (W*B)
+    else:
+        logits_t2i = logit_scale * flat @ all_img.t()  # (B*K) x (W*B)
     labels = offset + torch.arange(b, device=image.device).repeat_interleave(k)
     loss_txt = F.cross_entropy(logits_t2i, labels)
     return 0.5 * (loss_img + loss_txt)
@@ -79,7 +103,15 @@ class GroupViTTrainModule(nn.Module):
     def forward(self, batch: dict) -> dict:
         images, text = batch["image"], batch["text"]
         b, n, length = text.shape
-        img = F.normalize(self.model.encode_image(images), dim=-1)
+        per_group = getattr(self.model.cfg, "multi_label_pool", "image") == "max_group"
+        if per_group:  # one pass: the image embedding and the groups with their non-empty mask
+            inter = self.model.forward_intermediates(images)
+            img = F.normalize(inter["image_embed"], dim=-1)
+            groups = F.normalize(inter["group_embeds"], dim=-1)
+            maps = inter["group_maps"][-1].flatten(2)  # B x G x N_0
+            valid = F.one_hot(maps.argmax(1), maps.shape[1]).sum(1) > 0  # B x G: argmax of some patch
+        else:
+            img = F.normalize(self.model.encode_image(images), dim=-1)
         txt = F.normalize(self.model.encode_text(text.reshape(b * n, length)), dim=-1).reshape(b, n, -1)
         scale = self.model.logit_scale_value
         itc = info_nce(img, txt[:, 0], scale)
@@ -87,7 +119,8 @@ class GroupViTTrainModule(nn.Module):
         loss = itc
         if n > 1 and self.multi_label_weight > 0:
             ml_scale = self.ml_scale()
-            mlc = multi_label_loss(img, txt[:, 1:], ml_scale)
+            mlc = (multi_label_loss(groups, txt[:, 1:], ml_scale, valid=valid) if per_group
+                   else multi_label_loss(img, txt[:, 1:], ml_scale))
             loss = loss + self.multi_label_weight * mlc
             out.update(mlc=mlc.detach(), ml_scale=ml_scale.detach())
         out["loss"] = loss
@@ -140,7 +173,15 @@ class GroupViTModelCfg:
     depths: list[int] = field(default_factory=lambda: [6, 3, 3])
     num_group_tokens: list[int] = field(default_factory=lambda: [64, 8, 0])
     num_output_groups: list[int] = field(default_factory=lambda: [64, 8, 0])
-    hard_assignment: bool = True  # Gumbel hard one-hot assignment in training (False: plain softmax)
+    # "faithful" (the official GroupViT) or "pure" (textseg's track, models.groupvit.GROUPVIT_VARIANTS):
+    # the fields below left at None take the variant's value; set explicitly they override it.
+    variant: str = "faithful"
+    hard_assignment: bool | None = None  # Gumbel hard one-hot in training (faithful: True; False: softmax)
+    eval_hard_assignment: bool | None = None  # argmax one-hot at inference (None: as hard_assignment)
+    content_only: bool | None = None  # groups from their members only (pure: True)
+    multi_label_pool: str | None = None  # "image" (faithful) / "max_group" (pure): the noun loss's pooling
+    assign_pool: str = "mean"  # "mean" (official, eps 1) or "sum" of the assigned segments
+    gumbel_tau: float = 1.0
     text_width: int = 256
     text_heads: int = 4
     text_layers: int = 12
@@ -151,18 +192,29 @@ class GroupViTModelCfg:
     drop_path_rate: float = 0.1  # stochastic depth, linear over the vision layers (NVlabs: 0.1; 0 = off)
 
     def build(self) -> GroupViT:
+        from textseg.errors import TextsegError
         from textseg.models.clip import TextConfig
-        from textseg.models.groupvit import GroupViTCfg, GroupViTVisionCfg
+        from textseg.models.groupvit import GROUPVIT_VARIANTS, GroupViTCfg, GroupViTVisionCfg
 
+        if self.variant not in GROUPVIT_VARIANTS:
+            raise TextsegError(f"model.variant must be one of {', '.join(GROUPVIT_VARIANTS)}, not {self.variant!r}")
+        vis, top = GROUPVIT_VARIANTS[self.variant]
+        vis = {"hard_assignment": True, "eval_hard_assignment": None, "content_only": False, **vis}
+        top = {"multi_label_pool": "image", **top}
+        for key in vis:
+            if getattr(self, key) is not None:
+                vis[key] = getattr(self, key)
+        if self.multi_label_pool is not None:
+            top["multi_label_pool"] = self.multi_label_pool
         vision = GroupViTVisionCfg(
             image_size=self.image_size, patch_size=self.patch_size, width=self.width, heads=self.heads,
             depths=tuple(self.depths), num_group_tokens=tuple(self.num_group_tokens),
-            num_output_groups=tuple(self.num_output_groups), hard_assignment=self.hard_assignment,
-            drop_path_rate=self.drop_path_rate)
+            num_output_groups=tuple(self.num_output_groups), drop_path_rate=self.drop_path_rate,
+            assign_pool=self.assign_pool, gumbel_tau=self.gumbel_tau, **vis)
         text = TextConfig(context_length=self.context_length, width=self.text_width, heads=self.text_heads,
                           layers=self.text_layers)
         return GroupViT(GroupViTCfg(vision=vision, text=text, embed_dim=self.embed_dim,
-                                    proj_hidden=self.proj_hidden, proj_layers=self.proj_layers))
+                                    proj_hidden=self.proj_hidden, proj_layers=self.proj_layers, **top))
 
 
 # ------------------------------------------------------------------------------------------ recipe

@@ -8,9 +8,17 @@ mentioned half of the time, the shapes always; the background in about 2 of 3 ca
 (0 = background, 1.. = shape class in :data:`SHAPES` order) comes with it, so a model trained from
 the captions alone can be scored zero-shot against it.
 
-Pure numpy; deterministic per seed. Importable by the tests (``sys.path`` + ``benchmarks``).
+Pure numpy; deterministic per seed.
 
     scenes = make_scenes(1000, size=64, seed=0)   # Scenes(images N x H x W x 3 uint8, masks, captions)
+
+:func:`cell_scenes` makes the *emergence* scenes (``benchmarks/groupvit_emergence.py``): objects that
+cover whole patch cells (so a perfect patch grouping scores 100 mIoU), one flat colour per class
+(appearance identifies the class), captions that name every object by its class noun and the
+background as "the ground", single- and multi-object scenes with every class and every pair equally
+often::
+
+    scenes = cell_scenes(1000, seed=0)            # "a car and a tree on the ground", ...
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 CLASSES = ("background", *SHAPES)
@@ -50,8 +59,9 @@ TEXTURE_SHADE = 0.45  # brightness of the darker half of a texture, relative to 
 @dataclass
 class Scenes:
     images: np.ndarray  # N x H x W x 3 uint8
-    masks: np.ndarray  # N x H x W uint8, 0 = background, k = SHAPES[k-1]
+    masks: np.ndarray  # N x H x W uint8, 0 = background, k = SHAPES[k-1] (cell_scenes: classes[k-1])
     captions: list[str]
+    classes: tuple[str, ...] = CLASSES  # mask value k -> classes[k]; 0 = the background's name
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, rot: float):
@@ -180,6 +190,96 @@ def make_scenes(n: int, size: int = 64, seed: int = 0, coupled: bool = True, men
         imgs[i], masks[i], c = render_scene(rng, size, coupled, mention, palette, captions)
         caps.append(c)
     return Scenes(imgs, masks, caps)
+
+
+class SceneDataset(torch.utils.data.Dataset):
+    """Scenes as ``(normalised image 3 x H x W, caption)``; masks are never shown to training."""
+
+    def __init__(self, scenes: Scenes, mean, std):
+        self.scenes = scenes
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.scenes.captions)
+
+    def pixels(self, i) -> torch.Tensor:
+        """Normalised ``3 x H x W`` for an int ``i``, ``B x 3 x H x W`` for an index array."""
+        img = torch.from_numpy(self.scenes.images[i])
+        img = img.permute(2, 0, 1) if isinstance(i, int) else img.permute(0, 3, 1, 2)
+        return (img.float() / 255 - self.mean) / self.std
+
+    def __getitem__(self, i: int):
+        return self.pixels(i), self.scenes.captions[i]
+
+
+# ------------------------------------------------------------------------------ emergence scenes
+CELL_CLASSES = ("car", "tree", "boat", "house", "bird")
+# more classes, for scenes with 10+ objects (the paper's 8-final-groups question)
+CELL_CLASSES_MANY = (*CELL_CLASSES, "cup", "book", "chair", "lamp", "clock", "bottle", "phone")
+CELL_BACKGROUND = "ground"
+
+
+def class_colours(n: int) -> np.ndarray:
+    """``n x 3`` well separated saturated colours (hues evenly spaced, value alternating)."""
+    h = np.arange(n) / n
+    v = np.where(np.arange(n) % 2 == 0, 0.95, 0.7)
+    i = np.floor(h * 6).astype(int) % 6
+    f = h * 6 - np.floor(h * 6)
+    p, q, t = v * 0.15, v * (1 - 0.85 * f), v * (1 - 0.85 * (1 - f))
+    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    return np.array([[table[k][c][j] for c in range(3)] for j, k in enumerate(i)]) * 255
+
+
+def _caption(names: list[str]) -> str:
+    a = [f"a {n}" for n in names]
+    body = a[0] if len(a) == 1 else (f"{a[0]} and {a[1]}" if len(a) == 2 else ", ".join(a[:-1]) + f" and {a[-1]}")
+    return f"{body} on the {CELL_BACKGROUND}"
+
+
+def cell_scenes(n: int, seed: int = 0, size: int = 64, patch: int = 8, classes: tuple[str, ...] = CELL_CLASSES,
+                objects: tuple[int, int] = (1, 2), cells: tuple[int, int] = (2, 4), noise: float = 10.0) -> Scenes:
+    """``n`` emergence scenes. Each holds ``objects[0]..objects[1]`` objects of distinct classes;
+    an object is a rectangle of ``cells[0]..cells[1]`` x ``cells[0]..cells[1]`` whole ``patch``-px
+    cells, filled with its class's flat colour (:func:`class_colours`) plus pixel noise of std
+    ``noise``; the background is grey (a random level per image) with the same noise, never a class
+    colour. With ``objects=(1, 2)`` scene ``i`` alternates single objects (every class equally often)
+    and pairs (every unordered pair equally often, in random caption order). Caption: "a car and a
+    tree on the ground". Deterministic per ``seed``."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(seed)
+    grid = size // patch
+    colours = class_colours(len(classes))
+    pairs = list(combinations(range(len(classes)), 2))
+    imgs = np.empty((n, size, size, 3), np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    caps = []
+    for i in range(n):
+        if objects == (1, 2):
+            kinds = [(i // 2) % len(classes)] if i % 2 == 0 else list(pairs[(i // 2) % len(pairs)])
+            rng.shuffle(kinds)
+        else:
+            k = int(rng.integers(objects[0], objects[1] + 1))
+            kinds = list(rng.choice(len(classes), size=k, replace=False))
+        cell = np.zeros((grid, grid), np.int64)
+        placed = []
+        for c in kinds:
+            for _ in range(200):  # rejection sampling of a free rectangle
+                h, w = rng.integers(cells[0], cells[1] + 1, size=2)
+                y, x = rng.integers(0, grid - h + 1), rng.integers(0, grid - w + 1)
+                if not cell[y:y + h, x:x + w].any():
+                    cell[y:y + h, x:x + w] = c + 1
+                    placed.append(int(c))
+                    break
+        m = np.kron(cell, np.ones((patch, patch), np.int64))
+        grey = rng.uniform(70, 150)
+        img = np.where(m[..., None] > 0, colours[np.maximum(m - 1, 0)], grey)
+        img = img + rng.normal(0, noise, size=img.shape)
+        imgs[i] = np.clip(img, 0, 255).astype(np.uint8)
+        masks[i] = m
+        caps.append(_caption([classes[c] for c in placed]))
+    return Scenes(imgs, masks, caps, (CELL_BACKGROUND, *classes))
 
 
 if __name__ == "__main__":  # write a contact sheet to look at
