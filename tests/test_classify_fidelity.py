@@ -235,10 +235,11 @@ def test_image_logits_are_scaled_cosine(family):
 
 
 def test_offline_model_keeps_its_conse_scoring():
-    """The documented exception: no joint space, labels are scored through ImageNet classes."""
-    from textseg.models.offline import load_offline_model
+    """The documented exception: no joint space, labels are scored through ImageNet classes (the
+    bridge-only model; the v2 default's learned head is pinned in tests/test_offline_heads.py)."""
+    from textseg.models.offline import OfflineCfg, OfflineModel
 
-    model = load_offline_model()
+    model = OfflineModel(OfflineCfg(heads=False)).eval()
     pixels = preprocess(IMAGES[0], model.preprocess_cfg)[None]
     text = model.embed_texts(["cat", "coffee mug", "car"])
     with torch.no_grad():

@@ -152,7 +152,7 @@ def test_torchrun_cli_gathers_errors(tmp_path):
     (root / "masks" / "im01.png").unlink()
     out = tmp_path / "r.json"
     _run([*TORCHRUN, "-m", "textseg.cli", "eval", "--dataset", "folder", "--root", str(root), "--model", "oracle",
-          "--no-progress", "--out", str(out)])
+          "--no-progress", "--max-failed", "0.5", "--out", str(out)])  # 1 of 4 failing is tolerated here
     rep = json.loads(out.read_text())
     assert rep["images"] == 3 and [e["id"] for e in rep["errors"]] == ["im01"] and rep["miou"] == 100.0
     assert rep["config"]["world_size"] == 2
