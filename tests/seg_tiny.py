@@ -71,3 +71,16 @@ class TinyColourModel(DualEncoder):
         if mode == "blur":
             x = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
         return x
+
+
+def save_tiny_clip(path) -> None:
+    """A tiny random CLIP ViT (seed 0; 32 px, patch 8, 2 blocks) saved as a native checkpoint at
+    ``path``, for end-to-end CLI tests of the CLIP dense modes and protocols."""
+    from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
+    from textseg.weights.load import save_model
+
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=2, width=32, patch_size=8,
+                                                               heads=2),
+                            text=TextConfig(context_length=16, width=32, heads=2, layers=1)))
+    save_model(model, path, {"source": "test"})

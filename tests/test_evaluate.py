@@ -161,14 +161,9 @@ def test_torchrun_cli_gathers_errors(tmp_path):
 def test_cli_protocol_with_a_clip_checkpoint(tmp_path, capsys):
     """A (tiny, random) CLIP saved as native safetensors runs under the NACLIP VOC-20 preset: the
     preset's dense mode, geometry, logit scale and PAMR reach the Segmenter, the report records them."""
-    from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-    from textseg.weights.load import save_model
+    from seg_tiny import save_tiny_clip
 
-    torch.manual_seed(0)
-    model = CLIP(CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=2, width=32, patch_size=8,
-                                                               heads=2),
-                            text=TextConfig(context_length=16, width=32, heads=2, layers=1)))
-    save_model(model, tmp_path / "tiny.safetensors", {"source": "test"})
+    save_tiny_clip(tmp_path / "tiny.safetensors")
     root = make_folder(tmp_path / "set", n=2)
     out = tmp_path / "r.json"
     code = cli(["eval", "--dataset", "folder", "--root", str(root), "--weights", str(tmp_path / "tiny.safetensors"),

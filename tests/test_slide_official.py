@@ -200,16 +200,11 @@ def test_pixel_path_is_chunked_and_banded(monkeypatch):
 
 def test_eval_protocol_runs_the_pixel_path(tmp_path):
     from eval_worker import make_folder
+    from seg_tiny import save_tiny_clip
 
     from textseg.cli import main as cli
-    from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-    from textseg.weights.load import save_model
 
-    torch.manual_seed(0)
-    model = CLIP(CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=2, width=32, patch_size=8,
-                                                               heads=2),
-                            text=TextConfig(context_length=16, width=32, heads=2, layers=1)))
-    save_model(model, tmp_path / "tiny.safetensors", {"source": "test"})
+    save_tiny_clip(tmp_path / "tiny.safetensors")
     root = make_folder(tmp_path / "set", n=2)
     out = tmp_path / "r.json"
     assert cli(["eval", "--dataset", "folder", "--root", str(root), "--weights", str(tmp_path / "tiny.safetensors"),
