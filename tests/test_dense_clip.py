@@ -257,7 +257,7 @@ def reference(model: CLIP, pixels: torch.Tensor, mode: str) -> torch.Tensor:
         return official_dense(model, pixels, mode)
 
 
-LAST_BLOCK_MODES = tuple(m for m in CLIP_DENSE_MODES if m != "sc-clip")
+LAST_BLOCK_MODES = tuple(m for m in CLIP_DENSE_MODES if m not in ("sc-clip", "resclip"))
 
 
 @pytest.mark.parametrize("patch", [8, 14])  # ViT-B/16-like and ViT-L/14-like patching

@@ -87,6 +87,27 @@ _INTERMEDIATES_FIELDS = frozenset(f.name for f in fields(Intermediates)) - {"ext
 OUTPUT_FORMATS = ("NLC", "NCHW")
 
 
+@dataclass
+class DenseText:
+    """The labels a text-conditioned dense mode reads (``encode_dense(pixels, mode, text=...)``).
+
+    Most dense modes are label-free (the image features do not depend on the words, so the
+    Segmenter caches them per image). A mode listed in a model's ``text_modes`` (ResCLIP's semantic
+    feedback refinement segments the image once inside the forward) needs the labels too:
+
+    * ``embeddings``: ``P x D`` prompt embeddings, one per (class, synonym), in the order the
+      Segmenter scores them (the official ``query_features``; normalised by the mode).
+    * ``logit_scale``: the factor cosine similarities are multiplied by before the softmax (the
+      Segmenter's ``model.logit_scale_value / temperature``; a protocol's ``logit_scale``).
+    * ``options``: the mode's settings (e.g. ResCLIP's ``temp_thd``), a protocol preset's
+      ``mode_options``; unknown keys are an error.
+    """
+
+    embeddings: torch.Tensor
+    logit_scale: float = 40.0
+    options: dict = field(default_factory=dict)
+
+
 def resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
     """``forward_intermediates``' ``indices`` over ``n`` blocks/stages -> sorted unique indices in
     ``range(n)``: None -> all; int k -> the last k; a sequence -> those (negatives from the end)."""
@@ -164,7 +185,8 @@ class DualEncoder(nn.Module):
     """An image encoder and a text encoder that meet in one embedding space.
 
     Subclasses set ``name``, ``preprocess_cfg``, ``dense_modes`` (first = default) and
-    ``dense_stride`` and implement ``tokenize``, ``encode_image``, ``encode_text`` and
+    ``dense_stride`` (and ``text_modes``: the dense modes whose features depend on the labels, which
+    ``encode_dense`` then reads from its ``text`` argument, a :class:`DenseText`) and implement ``tokenize``, ``encode_image``, ``encode_text`` and
     ``encode_dense``. ``embed_texts``, ``image_logits`` and ``dense_logits`` have defaults that suit
     CLIP-like models and may be overridden (the offline model scores by a ConSE bridge; GroupViT by group assignment).
     """
@@ -172,6 +194,7 @@ class DualEncoder(nn.Module):
     name: str = "dual-encoder"
     preprocess_cfg: PreprocessCfg = PreprocessCfg()
     dense_modes: tuple[str, ...] = ("plain",)
+    text_modes: tuple[str, ...] = ()  # dense modes that need encode_dense(..., text=DenseText(...))
     dense_stride: int = 16  # input pixels per dense-map cell
     # Probability below which a pixel becomes "background" when the user asks for the model's default.
     default_background_threshold: float | None = None
@@ -190,8 +213,12 @@ class DualEncoder(nn.Module):
         """``N x L`` tokens -> ``N x D`` text embeddings."""
         raise NotImplementedError
 
-    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """``B x 3 x H x W`` -> ``B x D x h x w`` dense features in the text embedding space."""
+    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None, text: DenseText | None = None
+                     ) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x D x h x w`` dense features in the text embedding space.
+
+        ``text``: the labels, read only by the modes in ``text_modes`` (required there); the other
+        modes ignore it. Models without text modes may keep the two-argument signature."""
         raise NotImplementedError
 
     @property

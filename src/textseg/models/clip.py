@@ -34,7 +34,7 @@ from textseg.models.base import (
     format_tokens,
     resolve_indices,
 )
-from textseg.models.clip_dense import clip_dense_features, clip_supported_modes
+from textseg.models.clip_dense import CLIP_TEXT_MODES, clip_dense_features, clip_supported_modes
 from textseg.models.layers import Attention as SharedAttention
 from textseg.models.layers import Block, LayerNorm, merge_heads, resample_pos_embed, split_heads
 
@@ -468,6 +468,7 @@ class CLIP(DualEncoder):
         self.preprocess_cfg = preprocess_cfg or PreprocessCfg(image_size=cfg.vision.image_size)
         # defined by textseg.models.clip_dense: sc-clip first (the default) for ViTs deep enough for it
         self.dense_modes = clip_supported_modes(self)
+        self.text_modes = tuple(m for m in self.dense_modes if m in CLIP_TEXT_MODES)
 
     @classmethod
     def from_config_dict(cls, d: dict) -> CLIP:
@@ -490,7 +491,8 @@ class CLIP(DualEncoder):
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None, text=None) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x embed_dim x h x w`` (h = H // dense_stride) by the dense method
-        ``mode`` of :mod:`textseg.models.clip_dense` (MaskCLIP, SCLIP, ...)."""
-        return clip_dense_features(self, pixels, mode)
+        ``mode`` of :mod:`textseg.models.clip_dense` (MaskCLIP, SCLIP, ...); ``text``
+        (:class:`~textseg.models.base.DenseText`): the labels, for the modes in ``text_modes`` (ResCLIP)."""
+        return clip_dense_features(self, pixels, mode, text)

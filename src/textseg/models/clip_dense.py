@@ -85,12 +85,14 @@ import torch.nn.functional as F
 from textseg.errors import TextsegError
 
 # ranked by the published eight-benchmark average (module docstring); the first a tower supports is its default
-CLIP_DENSE_MODES: tuple[str, ...] = ("sc-clip", "naclip", "clearclip", "sclip", "maskclip", "plain")
+CLIP_DENSE_MODES: tuple[str, ...] = ("sc-clip", "resclip", "naclip", "clearclip", "sclip", "maskclip", "plain")
 DENSE_MODES = CLIP_DENSE_MODES
+# modes whose features depend on the labels: encode_dense(pixels, mode, text=DenseText(...))
+CLIP_TEXT_MODES: tuple[str, ...] = ("resclip",)
 NACLIP_SIGMA = 5.0
 # position-embedding resizing per mode (textseg.models.layers.resample_pos_embed), as each official repo
 POS_INTERP = {"plain": "size", "maskclip": "size", "sclip": "sclip", "clearclip": "sclip", "naclip": "sclip",
-              "sc-clip": "sclip"}
+              "sc-clip": "sclip", "resclip": "sclip"}
 
 
 @dataclass(frozen=True)
@@ -262,23 +264,193 @@ def sc_clip_features(visual, pixels: torch.Tensor, cfg: SCCLIPCfg = SCCLIP) -> t
     return visual.head(x + _aggregate(fused, post)), (h, w)
 
 
+# ----------------------------------------------------------------------------------------------
+# ResCLIP
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResCLIPCfg:
+    """ResCLIP's settings (``ResCLIPSegmentation`` / ``VisionTransformer`` of yvhangyang/ResCLIP, arch
+    ``wo_resi``, attention ``resclip``, ``gaussian_std`` 5): the blocks whose query-key attention RCS
+    averages (``attn_map[5:9]``), RCS / SFR ``(tau, lambda)`` weights, SFR's ``temp_thd`` (AdaThr),
+    ``delete_same_entity``, the PAMR of the first pass (always 10 steps at dilations 8 / 16 there).
+    The per-benchmark values are the protocol presets' ``mode_options``; the defaults are the
+    ADE20K config's (the repository's segmentor has none: it fails without them)."""
+
+    rcs_blocks: tuple[int, ...] = (5, 6, 7, 8)
+    rcs_weights: tuple[float, float] = (2.0, 0.3)
+    sfr_weights: tuple[float, float] = (2.1, 0.7)
+    temp_thd: float = 0.25
+    delete_same_entity: bool = True
+    gaussian_std: float = NACLIP_SIGMA
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (8, 16)
+
+    @property
+    def min_blocks(self) -> int:
+        """RCS reads blocks before the last one: the deepest of them plus the last."""
+        return max(self.rcs_blocks) + 2
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> ResCLIPCfg:
+        """A config from a protocol's ``mode_options`` (names as the fields; lists become tuples)."""
+        options = dict(options or {})
+        known = {f for f in cls.__dataclass_fields__}
+        bad = sorted(set(options) - known)
+        if bad:
+            raise TextsegError(f"unknown resclip option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
+RESCLIP = ResCLIPCfg()
+RESCLIP_MIN_BLOCKS = RESCLIP.min_blocks  # 10
+_SIGHT_BUDGET = 1 << 24  # elements per chunk of the line-of-sight test
+
+
+def _line_of_sight(cat: torch.Tensor, coords: torch.Tensor, max_steps: int) -> torch.Tensor:
+    """ResCLIP's ``check_path`` for every (start, end) patch pair -> ``N x N`` bool: the category
+    ``cat`` (``h x w``) is the start's at each sample ``round(start (1 - t) + end t)``, ``t`` on a
+    ``max_steps + 1``-point grid of [0, 1] (the image's longest Chebyshev distance), for the first
+    ``steps + 1`` samples, ``steps`` = the pair's own Chebyshev distance (as the official code:
+    shorter pairs test only the start of their segment)."""
+    n = coords.shape[0]
+    t = torch.linspace(0, 1, steps=max_steps + 1, device=coords.device)[None, :, None]
+    rank = torch.arange(max_steps + 1, device=coords.device)[None]
+    out = torch.empty(n, n, dtype=torch.bool, device=coords.device)
+    rows = max(1, _SIGHT_BUDGET // max(1, n * (max_steps + 1) * 2))
+    end = coords[None].expand(rows, n, 2)
+    for r0 in range(0, n, rows):
+        start = coords[r0 : r0 + rows, None].expand(-1, n, 2).reshape(-1, 2)
+        stop = end[: start.shape[0] // n].reshape(-1, 2)
+        steps = (stop - start).abs().max(dim=1)[0]
+        cur = (start[:, None] * (1 - t) + stop[:, None] * t).round().long()
+        here = cat[cur[..., 0], cur[..., 1]] == cat[start[:, 0], start[:, 1]][:, None]
+        out[r0 : r0 + rows] = (here | ~(rank <= steps[:, None])).all(dim=1).view(-1, n)
+    return out
+
+
+def sfr_attention(cat: torch.Tensor, cfg: ResCLIPCfg = RESCLIP) -> torch.Tensor:
+    """ResCLIP's ``generate_attention_sfr`` for one image: ``h x w`` patch categories -> ``N x N``
+    (``N = h*w``, row-major) attention prior: 1 between patches of one category (and on the
+    diagonal); with ``delete_same_entity`` a pair not joined by a same-category line
+    (:func:`_line_of_sight`) is decayed by ``exp(-steps / max_steps)``; each row blurred by a 1-D
+    Gaussian (``gaussian_std``, size ``min(N, 6 std + 1)`` made odd, zero padding) along the
+    flattened patch index, ReLU, rows normalised to sum 1 (+1e-8)."""
+    h, w = cat.shape
+    n = h * w
+    flat = cat.reshape(-1)
+    same = (flat[:, None] == flat[None, :]).float()
+    same.fill_diagonal_(1.0)
+    if cfg.delete_same_entity:
+        idx = torch.arange(n, device=cat.device)
+        coords = torch.stack([idx // w, idx % w], dim=-1)
+        steps = (coords[None] - coords[:, None]).abs().max(dim=-1)[0]
+        max_steps = int(steps.max())
+        valid = _line_of_sight(cat, coords, max_steps)
+        decay = torch.exp(-steps / max_steps) if max_steps > 0 else torch.ones_like(same)
+        same = torch.where(valid, same, same * decay)
+    size = min(n, int(6 * cfg.gaussian_std + 1))
+    size = size if size % 2 == 1 else size + 1
+    x = torch.arange(size, device=cat.device) - size // 2
+    kernel = torch.exp(-(x**2) / (2 * cfg.gaussian_std**2))
+    kernel = kernel / kernel.sum()
+    blurred = F.relu(F.conv1d(same[:, None], kernel.view(1, 1, -1), padding=size // 2)[:, 0])
+    return blurred / (blurred.sum(dim=1, keepdim=True) + 1e-8)
+
+
+def resclip_features(visual, pixels: torch.Tensor, text, cfg: ResCLIPCfg = RESCLIP) -> tuple[torch.Tensor, tuple]:
+    """ResCLIP dense tokens of a CLIP ViT ``visual`` (``text``: a :class:`~textseg.models.base.DenseText`)
+    -> (``B x h*w x D`` patch features after ``ln_post`` / ``proj``, grid). The steps are the module
+    docstring's; every image of a batch is refined by its own segmentation."""
+    from textseg.segment.pamr import pamr  # the dense modes sit below the segment package
+
+    n = len(visual.blocks)
+    if n < cfg.min_blocks:
+        raise TextsegError(f"resclip averages the attention of blocks {', '.join(map(str, cfg.rcs_blocks))}: "
+                           f"it needs a ViT of at least {cfg.min_blocks} blocks, this one has {n}")
+    if min(cfg.rcs_blocks) < 1:
+        raise TextsegError("resclip's rcs_blocks must be >= 1 (their inputs are earlier blocks' outputs)")
+    out = visual.forward_intermediates(pixels, indices=list(range(n - 1)), intermediates_only=True,
+                                       pos_interp=POS_INTERP["resclip"])
+    feats, (h, w) = out.intermediates, out.grid
+    x = feats[-1]
+    b, t = x.shape[:2]
+    prefix = t - h * w
+    rcs = 0.0
+    for i in cfg.rcs_blocks:  # RCS: the blocks' own softmax(q k^T s), head by head, averaged
+        blk = visual.blocks[i]
+        q, k, _ = blk.attn.qkv(blk.ln_1(feats[i - 1]))
+        rcs = rcs + F.softmax((q * blk.attn.scale) @ k.transpose(-1, -2), dim=-1)
+    rcs = rcs / len(cfg.rcs_blocks)
+    blk = visual.blocks[-1]
+    _, k, v = blk.attn.qkv(blk.ln_1(x))
+    kk = (k @ k.transpose(-1, -2)) * blk.attn.scale
+    omega = neighbourhood_bias((h, w), cfg.gaussian_std, prefix, x.device, kk.dtype)
+    tau_r, lam_r = cfg.rcs_weights
+
+    def attend(sfr: torch.Tensor | None) -> torch.Tensor:
+        a = kk
+        if sfr is not None:
+            tau_s, lam_s = cfg.sfr_weights
+            a = tau_s * ((1 - lam_s) * a + lam_s * sfr[:, None])
+        a = tau_r * ((1 - lam_r) * F.softmax(a + omega, dim=-1) + lam_r * rcs)
+        return visual.head(blk.attn.project(a @ v)[:, prefix:])  # no residual, no FFN; ln_post, proj
+
+    # SFR: segment once (RCS only), PAMR, AdaThr, the patch categories, the prior, attend again
+    emb = F.normalize(text.embeddings.to(x.dtype), dim=-1)
+    logits = (F.normalize(attend(None), dim=-1) @ emb.t()).transpose(1, 2).reshape(b, -1, h, w)
+    size = pixels.shape[-2:]
+    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    logits = pamr(pixels.float(), logits, cfg.pamr_iterations, tuple(cfg.pamr_dilations))
+    probs = F.softmax(logits * float(text.logit_scale), dim=1)
+    pred = probs.argmax(1)
+    pred[probs.max(1)[0] < cfg.temp_thd] = 0
+    ps = visual.patch_size  # each patch's pixels (a remainder beyond the grid is dropped, as there)
+    patches = pred.unfold(1, ps, ps).unfold(2, ps, ps).reshape(b, h, w, -1)
+    cats = torch.mode(patches, dim=-1)[0]
+    sfr = kk.new_zeros(b, t, t)
+    for i in range(b):
+        sfr[i, prefix:, prefix:] = sfr_attention(cats[i], cfg).to(kk.dtype)
+    sfr = sfr / sfr.amax(dim=(1, 2), keepdim=True)
+    sfr = sfr.to(torch.float16).to(kk.dtype)  # the official casts the prior to float16
+    return attend(sfr), (h, w)
+
+
 def clip_supported_modes(model) -> tuple[str, ...]:
     """The dense modes of a CLIP ``model``, best first (its default): all of ``CLIP_DENSE_MODES``, less
-    ``sc-clip`` for a ViT with fewer than ``SCCLIP_MIN_BLOCKS`` blocks."""
+    ``sc-clip`` / ``resclip`` for a ViT with fewer than ``SCCLIP_MIN_BLOCKS`` / ``RESCLIP_MIN_BLOCKS``
+    blocks; a ResNet has no ``resclip`` (it needs attention maps). The default (first) is label-free:
+    on a 10-block tower (no sc-clip) naclip comes before resclip."""
     blocks = getattr(model.visual, "blocks", None)
-    if blocks is not None and len(blocks) < SCCLIP_MIN_BLOCKS:
-        return tuple(m for m in CLIP_DENSE_MODES if m != "sc-clip")
-    return CLIP_DENSE_MODES
+    if blocks is None:
+        return tuple(m for m in CLIP_DENSE_MODES if m not in CLIP_TEXT_MODES)  # ResNet: the value path
+    short = {"sc-clip": SCCLIP_MIN_BLOCKS, "resclip": RESCLIP_MIN_BLOCKS}
+    modes = [m for m in CLIP_DENSE_MODES if len(blocks) >= short.get(m, 0)]
+    if modes[0] in CLIP_TEXT_MODES:  # the default must run without labels: the best label-free mode first
+        first = next(m for m in modes if m not in CLIP_TEXT_MODES)
+        modes.remove(first)
+        modes.insert(0, first)
+    return tuple(modes)
 
 
-def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None, text=None) -> torch.Tensor:
     """``B x 3 x H x W`` normalised pixels -> ``B x embed_dim x h x w`` dense features of a CLIP
     ``model`` (ViT: ``h = H // patch_size``; ResNet: ``H // 32``) by ``mode`` (default: the model's
-    first, :func:`clip_supported_modes`)."""
+    first, :func:`clip_supported_modes`). ``text`` (a :class:`~textseg.models.base.DenseText`) is
+    required by the modes of ``CLIP_TEXT_MODES`` and ignored by the others."""
     mode = mode or clip_supported_modes(model)[0]
     if mode not in CLIP_DENSE_MODES:
         raise TextsegError(f"unknown CLIP dense mode {mode!r}; choose one of: {', '.join(CLIP_DENSE_MODES)}")
     visual = model.visual
+    if mode in CLIP_TEXT_MODES:
+        if text is None:
+            raise TextsegError(f"dense mode {mode!r} segments the image inside its forward: it needs the labels, "
+                               f"encode_dense(pixels, mode={mode!r}, text=DenseText(embeddings, logit_scale))")
+        if not hasattr(visual, "blocks"):
+            raise TextsegError(f"dense mode {mode!r} needs a CLIP ViT (attention maps); this CLIP is a ResNet")
+        feats, grid = resclip_features(visual, pixels, text, ResCLIPCfg.from_options(text.options))
+        return feats.transpose(1, 2).reshape(feats.shape[0], -1, grid[0], grid[1])
     if not hasattr(visual, "blocks"):  # ModifiedResNet
         x = visual.forward_intermediates(pixels, indices=[]).final  # the map the attention pool reads
         pool = visual.attnpool

@@ -124,6 +124,11 @@ class SegmentCfg:
         ``load_model(precision=...)``), else fp32. The dense features are cast back to float32, so
         logits, softmax, thresholds and PAMR are float32 at every precision.
     cache_dir: directory for the on-disk text-embedding cache (None = memory only).
+    mode_options: settings of a text-conditioned dense mode (a model's ``text_modes``, e.g. ResCLIP's
+        ``temp_thd``; a protocol's ``mode_options``), passed as ``DenseText.options``. Such a mode's
+        features depend on the labels: ``set_image`` keeps the crops and ``predict`` encodes them with
+        the prompt embeddings (``P x D``, one per class synonym, the order scored) and the logit scale
+        ``model.logit_scale_value / temperature``, again whenever the prompts change.
     """
 
     mode: str | None = None
@@ -147,6 +152,7 @@ class SegmentCfg:
     batch_size: int = 4
     precision: str | None = None
     cache_dir: str | None = None
+    mode_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -220,10 +226,12 @@ class SegmentResult:
 
 @dataclass
 class _View:
-    feats: torch.Tensor | dict  # K x D x h' x w' dense features of K crops (pixel modes: a dict of K-batches)
+    feats: torch.Tensor | dict | None  # K x D x h' x w' dense features of K crops (pixel modes: a dict of K-batches)
     boxes: list[tuple[int, int, int, int]]
     canvas_hw: tuple[int, int]
     flipped: bool
+    crops: torch.Tensor | None = None  # a text mode's K x 3 x h x w crops, encoded once the labels are known
+    text_key: tuple | None = None  # the prompts ``feats`` were computed with (text modes)
 
 
 class Segmenter:
@@ -246,6 +254,9 @@ class Segmenter:
             self.mode = model.dense_runtime.mode  # an ONNX export's mode is the default
         # A pixel mode is scored by the model's official per-pixel inference on a pixel canvas.
         self.pixel_mode = self.mode is not None and self.mode in tuple(getattr(model, "pixel_modes", ()) or ())
+        # A text mode (ResCLIP) reads the labels inside the image forward: encoded at predict time.
+        self.text_mode = (not self.pixel_mode and self.mode is not None
+                          and self.mode in tuple(getattr(model, "text_modes", ()) or ()))
         if self.cfg.resolution not in RESOLUTIONS:
             raise TextsegError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {self.cfg.resolution!r}")
         # Pixel resolution: exact keep-ratio resize, exact crops, a pixel canvas (cell = 1 pixel).
@@ -288,7 +299,8 @@ class Segmenter:
                 return sum(size(v) for v in x)
             return 0
 
-        return size([v.feats for v in self._views]) + size([self._image_small, self._image_input])
+        return (size([v.feats for v in self._views]) + size([v.crops for v in self._views])
+                + size([self._image_small, self._image_input]))
 
     @property
     def device(self) -> torch.device:
@@ -297,7 +309,7 @@ class Segmenter:
 
     # ---------------------------------------------------------------- image side
     @torch.no_grad()
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor, text=None) -> torch.Tensor:
         p = next(self.model.parameters(), None)
         dtype = p.dtype if p is not None and p.dtype.is_floating_point else torch.float32
         feats = []
@@ -309,6 +321,8 @@ class Segmenter:
             with autocast(self.precision, self.device):  # the tower only; its output back to float32
                 if self.pixel_mode:
                     feats.append(to_float32(self.model.official_features(x)))
+                elif text is not None:
+                    feats.append(to_float32(self.model.encode_dense(x, mode=self.mode, text=text)))
                 else:
                     feats.append(to_float32(self.model.encode_dense(x, mode=self.mode)))
         if self.pixel_mode:
@@ -363,7 +377,10 @@ class Segmenter:
             for flipped in (False, True) if self.cfg.flip else (False,):
                 xi = x.flip(-1) if flipped else x
                 crops = torch.cat([xi[:, :, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
-                self._views.append(_View(self._encode(crops), boxes, size, flipped))
+                if self.text_mode:  # encoded by _text_features once the labels are known
+                    self._views.append(_View(None, boxes, size, flipped, crops=crops))
+                else:
+                    self._views.append(_View(self._encode(crops), boxes, size, flipped))
         self.timings = {"encode_image": time.perf_counter() - t0}
 
     # ---------------------------------------------------------------- text side
@@ -401,7 +418,21 @@ class Segmenter:
         emb = self.text_cache.embed(texts, self.cfg.templates).to(self.device)
         self.timings["embed_text"] = time.perf_counter() - t0
         emb = emb[torch.tensor([p[1] for p in pairs], device=self.device)]
+        if self.text_mode:
+            self._text_features(emb, (tuple(texts[p[1]] for p in pairs), str(self.cfg.templates)))
         return emb, torch.tensor([p[0] for p in pairs], device=self.device)
+
+    def _text_features(self, emb: torch.Tensor, key: tuple) -> None:
+        """A text mode's dense features for the prompts ``emb`` (``P x D``): each view's crops encoded
+        with :class:`~textseg.models.base.DenseText` (kept until the prompts change)."""
+        from textseg.models.base import DenseText
+
+        scale = float(self.model.logit_scale_value.detach()) / self.cfg.temperature
+        key = (*key, scale)
+        text = DenseText(emb, scale, dict(self.cfg.mode_options or {}))
+        for view in self._views:  # its time counts in predict's "logits" timing
+            if view.text_key != key:
+                view.feats, view.text_key = self._encode(view.crops, text), key
 
     def _average_views(self, crop_scores) -> torch.Tensor:
         """``crop_scores(view) -> K x N x h x w`` per-crop scores, stitched on each view's canvas
