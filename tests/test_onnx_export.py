@@ -158,3 +158,13 @@ def test_groupvit_refused_with_one_line():
 
     with pytest.raises(TextsegError, match="groupvit cannot be exported"):
         exportable(G())
+
+
+def test_text_mode_refused_with_one_line(tmp_path):
+    """ResCLIP reads the labels inside its forward: no label-free graph to export."""
+    cfg = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=10, width=32, patch_size=8, heads=2),
+                     text=TextConfig(context_length=16, width=32, heads=2, layers=1))
+    model = CLIP(cfg).eval()
+    assert "resclip" in model.text_modes
+    with pytest.raises(TextsegError, match="no label-free dense graph"):
+        export_onnx(model, tmp_path / "x", mode="resclip")

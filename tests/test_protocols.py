@@ -35,6 +35,7 @@ from seg_tiny import TinyColourModel  # noqa: E402
 #             pamr_stride=(8, 16)
 #   ClearCLIP prob_thd=0.0 logit_scale=50 slide_stride=224 slide_crop=448
 #   SC-CLIP   prob_thd=0.0 logit_scale=40 slide_stride=112 slide_crop=224 area_thd=None pamr_steps=0
+#   ResCLIP   prob_thd=0.0 logit_scale=40 slide_stride=112 slide_crop=224 area_thd=None pamr_steps=0
 # Columns: short side (Resize scale=(2048, S)), crop (0 = whole image), stride, prob_thd, logit_scale,
 # area_thd, PAMR steps (0 = off), PAMR dilations, README mIoU.
 # ------------------------------------------------------------------------------------------------
@@ -78,7 +79,23 @@ SCCLIP = {  # SuleBai/SC-CLIP @ 0417ba9 configs/cfg_<name>.py; arXiv 2411.15869 
     "ade": (336, 224, 112, 0.0, 40, None, 0, None, 20.1),
     "cityscapes": (560, 224, 112, 0.0, 40, None, 0, None, 41.0),
 }
-REPOS = {"sclip": SCLIP, "naclip": NACLIP, "clearclip": CLEARCLIP, "sc-clip": SCCLIP}
+RESCLIP = {  # yvhangyang/ResCLIP @ 0e085f7 configs/cfg_<name>.py; README figs/main_results_w(o).png (NACLIP + ResCLIP)
+    "voc": (336, 0, 112, 0.1, 40, None, 0, None, 61.1),  # cfg_voc21: slide_crop=0, prob_thd .1
+    "voc20": (336, 0, 112, 0.0, 40, None, 0, None, 86.0),
+    "context": (336, 224, 112, 0.1, 40, None, 0, None, 33.5),
+    "context59": (336, 224, 112, 0.0, 40, None, 0, None, 36.8),
+    "coco-object": (336, 224, 112, 0.1, 40, None, 0, None, 35.0),
+    "coco-stuff": (336, 224, 112, 0.0, 40, None, 0, None, 24.7),
+    "ade": (336, 224, 112, 0.0, 40, None, 0, None, 18.0),
+    "cityscapes": (560, 224, 112, 0.0, 40, None, 0, None, 35.9),
+}
+RESCLIP_OPTIONS = {  # temp_thd, attn_rcs_weights, attn_sfr_weights (delete_same_entity=True in every config)
+    "voc": (0.50, (2.0, 0.3), (2.2, 0.7)), "context": (0.30, (2.0, 0.3), (1.8, 0.7)),
+    "coco-object": (0.11, (2.0, 0.4), (1.8, 0.7)), "voc20": (0.10, (2.0, 0.6), (2.1, 0.6)),
+    "context59": (0.25, (2.0, 0.4), (1.8, 0.7)), "coco-stuff": (0.11, (2.0, 0.4), (1.8, 0.7)),
+    "cityscapes": (0.10, (2.0, 0.2), (2.1, 0.6)), "ade": (0.25, (2.0, 0.3), (2.1, 0.7)),
+}
+REPOS = {"sclip": SCLIP, "naclip": NACLIP, "clearclip": CLEARCLIP, "sc-clip": SCCLIP, "resclip": RESCLIP}
 
 
 def test_presets_equal_the_repository_configs():
@@ -94,6 +111,12 @@ def test_presets_equal_the_repository_configs():
             if steps:
                 assert (p.pamr_iterations, tuple(p.pamr_dilations)) == (steps, dil), (method, bench)
             assert p.method == method and p.benchmark == bench and p.source
+            if method == "resclip":
+                thd_t, rcs, sfr = RESCLIP_OPTIONS[bench]
+                assert p.mode_options == {"temp_thd": thd_t, "rcs_weights": rcs, "sfr_weights": sfr,
+                                          "delete_same_entity": True}, bench
+            else:
+                assert p.mode_options == {}, (method, bench)
 
 
 def test_whole_image_presets_reach_the_segmenter(tmp_path):
@@ -248,6 +271,36 @@ def test_cli_segment_sc_clip(tmp_path, capsys, deep_clip_weights):
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert Image.open(rec["mask"]).size == (70, 50)
     assert json.loads((out / "x.json").read_text())["mode"] == "sc-clip"
+
+
+def test_cli_resclip_protocol_and_segment(tmp_path, capsys, deep_clip_weights):
+    """`textseg eval --protocol resclip:voc` (its per-benchmark options reach the segmenter) and
+    `textseg segment --mode resclip` run end to end on a 12-block tiny checkpoint."""
+    from PIL import Image
+
+    root = make_folder(tmp_path / "set", n=2)
+    out = tmp_path / "r.json"
+    code = cli(["eval", "--dataset", "folder", "--root", str(root), "--weights", str(deep_clip_weights),
+                "--protocol", "resclip:voc", "--short-side", "64", "--templates", "none", "--no-progress",
+                "--out", str(out)])
+    assert code == 0
+    assert "warning" not in capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    seg, proto = rep["config"]["segment"], rep["config"]["protocol"]
+    assert rep["images"] == 2 and 0 <= rep["miou"] <= 100 and not rep["errors"]
+    assert seg["mode"] == "resclip" and seg["slide"] is None and seg["pamr"] is False
+    assert seg["mode_options"]["temp_thd"] == 0.5 and list(seg["mode_options"]["sfr_weights"]) == [2.2, 0.7]
+    assert seg["temperature"] == pytest.approx((1 / 0.07) / 40, rel=1e-4)
+    assert proto["method"] == "resclip" and proto["reference"] == 61.1
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(img)
+    code = cli(["segment", str(img), "--labels", "cat, dog; puppy, grass", "--weights", str(deep_clip_weights),
+                "--mode", "resclip", "--short-side", "64", "--templates", "none", "--out", str(tmp_path / "o"),
+                "--json"])
+    assert code == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(rec["mask"]).size == (70, 50)
+    assert json.loads((tmp_path / "o" / "x.json").read_text())["mode"] == "resclip"
 
 
 def sclip_postprocess(logits: torch.Tensor, prob_thd: float, area_thd: float) -> torch.Tensor:

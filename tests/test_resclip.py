@@ -146,11 +146,12 @@ def test_resclip_matches_the_official_code(vits, patch, cells):
     with torch.no_grad():
         ours = model.encode_dense(pixels, mode="resclip", text=text)
         ref = official_resclip(model, pixels, query)
-        no_sfr = official_resclip(model, pixels, query, use_sfr=False)
     assert ours.shape == ref.shape == (1, 24, *cells)
     torch.testing.assert_close(_unit(ours), _unit(ref), atol=1e-4, rtol=0)
-    # SFR matters here (the test would not see a dropped refinement otherwise)
-    assert (_unit(no_sfr) - _unit(ref)).abs().max() > 1e-3
+    if (patch, cells) == (8, (6, 6)):  # SFR matters here (the test would not see a dropped refinement otherwise)
+        with torch.no_grad():
+            no_sfr = official_resclip(model, pixels, query, use_sfr=False)
+        assert (_unit(no_sfr) - _unit(ref)).abs().max() > 1e-3
 
 
 def test_resclip_options_and_per_benchmark_settings(vits):
@@ -163,13 +164,13 @@ def test_resclip_options_and_per_benchmark_settings(vits):
     with torch.no_grad():
         ours = model.encode_dense(pixels, mode="resclip", text=DenseText(query, 40.0, voc))
         ref = official_resclip(model, pixels, query, temp_thd=0.5, sfr_w=(2.2, 0.7))
-        plain = official_resclip(model, pixels, query, rcs_w=(2.0, 0.6), sfr_w=(2.1, 0.6), temp_thd=0.1)
+        default = model.encode_dense(pixels, mode="resclip", text=DenseText(query, 40.0))
         no_del = official_resclip(model, pixels, query, delete_same_entity=False)
         ours_no_del = model.encode_dense(pixels, mode="resclip",
                                          text=DenseText(query, 40.0, {"delete_same_entity": False}))
     torch.testing.assert_close(_unit(ours), _unit(ref), atol=1e-4, rtol=0)
     torch.testing.assert_close(_unit(ours_no_del), _unit(no_del), atol=1e-4, rtol=0)
-    assert (_unit(plain) - _unit(ref)).abs().max() > 1e-3
+    assert (_unit(default) - _unit(ours)).abs().max() > 1e-3  # the settings change the result
     with pytest.raises(TextsegError, match="unknown resclip option"):
         model.encode_dense(pixels, mode="resclip", text=DenseText(query, 40.0, {"temp": 0.5}))
     with pytest.raises(TextsegError, match="needs the labels"):
@@ -225,3 +226,46 @@ def test_segmenter_passes_the_labels_to_resclip(vits):
         feats2 = model.encode_dense(pixels, mode="resclip", text=DenseText(emb[[0, 3]], 40.0, {"temp_thd": 0.1}))
     torch.testing.assert_close(seg._views[0].feats, feats2, atol=1e-5, rtol=1e-5)
     assert other.label_map.shape == (48, 64)
+
+
+def _official_slide(model, x, q, crop, stride, scale, temp_thd, out_hw):
+    """forward_slide with ResCLIP's forward_feature (every prompt in the first pass), official maths."""
+    _, _, h_img, w_img = x.shape
+    preds = torch.zeros(1, q.shape[0], h_img, w_img)
+    count = torch.zeros(1, 1, h_img, w_img)
+    with torch.no_grad():
+        for hi in range(max(h_img - crop + stride - 1, 0) // stride + 1):
+            for wi in range(max(w_img - crop + stride - 1, 0) // stride + 1):
+                y1, x1 = hi * stride, wi * stride
+                y2, x2 = min(y1 + crop, h_img), min(x1 + crop, w_img)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                c = x[:, :, y1:y2, x1:x2]
+                f = _unit(official_resclip(model, c, q, logit_scale=scale, temp_thd=temp_thd))
+                lg = F.interpolate(torch.einsum("bdhw,qd->bqhw", f, q), size=c.shape[-2:], mode="bilinear")
+                preds += F.pad(lg, (x1, w_img - x2, y1, h_img - y2))
+                count[:, :, y1:y2, x1:x2] += 1
+    return F.interpolate(preds / count, size=out_hw, mode="bilinear")
+
+
+def test_resclip_slide_inference_is_the_official(vits):
+    """resclip_segmentor.py forward_slide / postprocess_result (SCLIP's) on crops with a remainder; with
+    synonyms the first pass scores every prompt (``query_idx`` maps them to classes afterwards)."""
+    from test_slide_official import CLASSES, image, postprocess, query_features, segmenter
+
+    model = vits[8]
+    img = image(56, 83, seed=3)
+    crop, stride, scale = 48, 20, 40.0
+    seg = segmenter(model, scale, mode="resclip", short_side=None, slide=(crop, stride),
+                    mode_options={"temp_thd": 0.1})
+    seg.set_image(img)
+    x = seg._image_input
+    q, idx = query_features(model, [c[:1] for c in CLASSES])  # one query per class: compare probabilities
+    probs, _ = postprocess(_official_slide(model, x, q, crop, stride, scale, 0.1, (56, 83)), idx, scale)
+    res = seg.predict([c[0] for c in CLASSES])
+    torch.testing.assert_close(res.probs, probs, atol=1e-4, rtol=0)
+    assert probs.std(dim=(1, 2)).max() > 1e-3  # not flat
+    q, idx = query_features(model, CLASSES)  # synonyms and prob_thd, as the VOC-21 config
+    _, want = postprocess(_official_slide(model, x, q, crop, stride, scale, 0.1, (56, 83)), idx, scale, prob_thd=0.1)
+    seg.cfg.threshold = 0.1
+    res = seg.predict(["; ".join(c) for c in CLASSES])
+    assert np.array_equal(res.label_map, want.numpy())

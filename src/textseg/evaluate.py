@@ -55,7 +55,8 @@ class Protocol:
     ``logit_scale`` is the factor the reference code multiplies cosine similarities by before the
     softmax; it becomes ``SegmentCfg.temperature = model.logit_scale_value / logit_scale``.
     ``threshold`` is their ``prob_thd`` (max class probability below it -> background).
-    ``area_threshold``: SCLIP's ``area_thd`` (``SegmentCfg.area_threshold``). ``pamr``: PAMR with ``pamr_iterations`` steps at ``pamr_dilations`` at the original
+    ``mode_options``: the dense mode's own per-benchmark settings (ResCLIP's ``temp_thd`` and
+    RCS / SFR weights), passed to ``SegmentCfg.mode_options``. ``area_threshold``: SCLIP's ``area_thd`` (``SegmentCfg.area_threshold``). ``pamr``: PAMR with ``pamr_iterations`` steps at ``pamr_dilations`` at the original
     image size. ``reference`` is the mIoU (percent) the reference code reports with OpenAI CLIP
     ViT-B/16 and ``source`` where that number is published (None: not published by the repository).
     """
@@ -76,6 +77,7 @@ class Protocol:
     reference: float | None = None
     source: str = ""
     note: str = ""
+    mode_options: dict = field(default_factory=dict)  # a text mode's settings (SegmentCfg.mode_options)
 
 
 _SCLIP = "github.com/wangf3014/SCLIP README 'Results' table and configs/cfg_*.py @ b56bd30"
@@ -88,6 +90,19 @@ _CLEARCLIP_NOTE = ("ClearCLIP's configs/base_config.py ships model_type='vanilla
 _CLEARCLIP_NOREF = _CLEARCLIP_NOTE + "; the repository publishes no number for this benchmark"
 _SCCLIP = ("arXiv 2411.15869 (SC-CLIP) Table 1, CLIP ViT-B/16 without post-processing (the repository README "
            "publishes none); settings github.com/SuleBai/SC-CLIP scclip_segmentor.py and configs/cfg_*.py @ 0417ba9")
+
+_RESCLIP = ("github.com/yvhangyang/ResCLIP README figs/main_results_w.png / main_results_wo.png (NACLIP + ResCLIP, "
+            "CLIP ViT-B/16, no post-processing) and configs/cfg_*.py @ 0e085f7")
+
+
+def _res(benchmark: str, short: int, thd: float, rcs: tuple, sfr: tuple, crop: int = 224, threshold=None,
+         reference=None) -> Protocol:
+    """A ResCLIP preset: ``ResCLIPSegmentation`` defaults (slide 224/112, logit scale 40, no PAMR,
+    arch ``wo_resi``, attention ``resclip``, std 5) and the config's temp_thd / RCS / SFR weights."""
+    return Protocol("resclip", benchmark, short, crop=crop, threshold=threshold, reference=reference,
+                    source=_RESCLIP, mode_options={"temp_thd": thd, "rcs_weights": rcs, "sfr_weights": sfr,
+                                                   "delete_same_entity": True})
+
 
 # Benchmark keys follow textseg's dataset names (coco-stuff = COCO-Stuff164k).
 PROTOCOLS: dict[str, dict[str, Protocol]] = {
@@ -134,6 +149,18 @@ PROTOCOLS: dict[str, dict[str, Protocol]] = {
         "cityscapes": Protocol("sc-clip", "cityscapes", 560, reference=41.0, source=_SCCLIP),
         "ade": Protocol("sc-clip", "ade", 336, reference=20.1, source=_SCCLIP),
     },
+    # ResCLIP (CVPR 2025, arXiv 2411.15851; ResCLIPSegmentation defaults + configs/cfg_*.py): RCS + SFR on
+    # NACLIP's last block; slide 224/112 except VOC-21 / VOC-20 (whole image); short side 336 (Cityscapes 560).
+    "resclip": {
+        "voc": _res("voc", 336, 0.50, (2.0, 0.3), (2.2, 0.7), crop=0, threshold=0.1, reference=61.1),
+        "context": _res("context", 336, 0.30, (2.0, 0.3), (1.8, 0.7), threshold=0.1, reference=33.5),
+        "coco-object": _res("coco-object", 336, 0.11, (2.0, 0.4), (1.8, 0.7), threshold=0.1, reference=35.0),
+        "voc20": _res("voc20", 336, 0.10, (2.0, 0.6), (2.1, 0.6), crop=0, reference=86.0),
+        "context59": _res("context59", 336, 0.25, (2.0, 0.4), (1.8, 0.7), reference=36.8),
+        "coco-stuff": _res("coco-stuff", 336, 0.11, (2.0, 0.4), (1.8, 0.7), reference=24.7),
+        "cityscapes": _res("cityscapes", 560, 0.10, (2.0, 0.2), (2.1, 0.6), reference=35.9),
+        "ade": _res("ade", 336, 0.25, (2.0, 0.3), (2.1, 0.7), reference=18.0),
+    },
     # ClearCLIP (ECCV 2024, arXiv 2407.12442; clearclip_segmentor.py defaults): slide 448/224, short side
     # 448, logit scale 50, 80 ImageNet templates, no PAMR; Cityscapes slides 224/224.
     "clearclip": {
@@ -168,7 +195,8 @@ PROTOCOL_CAVEATS = (
 
 
 def get_protocol(name: str, dataset: str) -> Protocol:
-    """The preset of method ``name`` (``sc-clip``, ``sclip``, ``naclip``, ``clearclip``) for benchmark ``dataset``.
+    """The preset of method ``name`` (``sc-clip``, ``resclip``, ``sclip``, ``naclip``, ``clearclip``) for benchmark
+    ``dataset``.
 
     ``name`` may carry the benchmark as ``"naclip:voc"``: e.g. a folder dataset holding a VOC-21
     view borrows the VOC preset."""
@@ -223,7 +251,7 @@ class SegmenterPredictor:
             kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride) if p.crop else None,
                       threshold=p.threshold, area_threshold=p.area_threshold, pamr=p.pamr, pamr_iterations=p.pamr_iterations,
                       pamr_dilations=tuple(p.pamr_dilations), pamr_resolution="original", templates=p.templates,
-                      resolution="pixel",
+                      resolution="pixel", mode_options=dict(p.mode_options),
                       temperature=float(model.logit_scale_value.detach()) / p.logit_scale)
             modes = tuple(getattr(model, "dense_modes", ()) or ())
             if p.method in modes:

@@ -93,6 +93,9 @@ def export_onnx(model, out_dir: str | Path, mode: str | None = None, opset: int 
     if mode is not None and modes and mode not in modes:
         raise TextsegError(f"model {model.name!r} has no dense mode {mode!r}; choose one of: {', '.join(modes)}")
     mode = mode or (modes[0] if modes else None)
+    if mode in tuple(getattr(model, "text_modes", ()) or ()):
+        raise TextsegError(f"dense mode {mode!r} segments the image with the labels inside its forward: it has "
+                           "no label-free dense graph to export; export another mode")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
