@@ -8,7 +8,10 @@ embeddings are already cached (whole-image inference, short side 448): ``Segment
 
 1. the bare ``encode_image`` forward pass of the same model on the same 448 x 600 tensor
    (target: ratio <= 1.15; each ``--mode`` is timed, ``all`` = every CLIP dense mode: a mode that
-   reads several blocks, as sc-clip, is expected to cost more), and
+   reads several blocks, as sc-clip, is expected to cost more; a text mode, resclip, runs its image
+   forward in ``predict`` once the labels are known: two passes of the last block, the attention of
+   four earlier blocks, a PAMR of the first-pass logits at the input size and the N x N semantic
+   prior), and
 2. transformers' ``CLIPSegForImageSegmentation`` (random init, configured as the published
    rd64-refined model: ViT-B/16, reduce_dim 64, complex decoder; 352 px input) on the same image
    with 21 prompts the standard way (the image batched once per prompt, as its processor does;

@@ -55,12 +55,40 @@ an image with fewer than 31 patches (``lof_pytorch``'s ``topk`` fails there) use
 neighbours; an image with no anomaly (its ``mean_interpolation`` fails on an empty index list) is left
 as it is. Position embeddings: ``interpolate_pos_encoding`` as SCLIP's.
 
+**resclip** (Yang et al., CVPR 2025, ``yvhangyang/ResCLIP clip/model.py`` ``VisionTransformer.forward``
+with arch ``wo_resi``, attention ``resclip``, ``use_rcs`` and ``use_sfr``; ``ResCLIPCfg``) rewires
+NACLIP's last block with two priors; it is a *text mode*: its forward segments the image, so
+``encode_dense(pixels, mode="resclip", text=DenseText(prompt_embeddings, logit_scale, options))``
+needs the labels (:class:`~textseg.models.base.DenseText`; the Segmenter passes them). With ``x`` the
+last block's input, ``A_i = softmax(q_i k_i^T s)`` block ``i``'s own attention (per head) and
+``G`` NACLIP's Gaussian bias:
+
+1. *RCS*: ``R = mean(A_5, A_6, A_7, A_8)``; ``W(M) = tau_r ((1 - lam_r) softmax(M + G) + lam_r R)``;
+   the block output is ``P(W(M) v)`` (no residual, no FFN), then ``ln_post`` / ``proj``.
+2. *SFR*: a first pass with ``M = k k^T s`` gives patch logits against the prompts (cosine),
+   bilinearly upsampled to the input, PAMR (10 steps, dilations 8 / 16), ``softmax(logit_scale z)``;
+   the arg-max prompt, prompt 0 where its probability is below ``temp_thd`` (AdaThr); each patch's
+   most frequent pixel label (``torch.mode``). ``S_ij = 1`` for patches of one label (and ``i = j``),
+   decayed by ``exp(-d_ij / d_max)`` (Chebyshev distances) where the straight line from ``i`` towards
+   ``j`` leaves the label (``delete_same_entity``, the official ``check_path``, which samples the
+   line on the image's longest-distance grid and so tests only the first ``d_ij + 1`` samples);
+   each row blurred by a 1-D Gaussian (std 5) along the flattened patch index, ReLU, rows
+   normalised; then ``S / max S``, rounded to float16 as the official code does.
+3. the second pass: ``M = tau_s ((1 - lam_s) k k^T s + lam_s S)`` (0 on class-token rows/columns).
+
+``(tau_r, lam_r)``, ``(tau_s, lam_s)`` and ``temp_thd`` are per-benchmark in the official configs
+(the ``resclip`` protocol presets carry them as ``mode_options``; the defaults are ADE20K's). RCS
+reads blocks 5..8 at every depth, so a tower needs ``RESCLIP_MIN_BLOCKS`` (10) blocks. Where textseg
+differs, only where the official code cannot run: it squeezes the batch (batch 1), textseg refines
+each image of a batch by its own segmentation; its patch indices are row-major (``i // w, i % w``)
+and so right on non-square grids too. Position embeddings: ``interpolate_pos_encoding``.
+
 The default is the first of ``CLIP.dense_modes``: **sc-clip** for towers with at least 11 blocks
-(every real CLIP ViT), else **naclip**. The published averages over the eight standard benchmarks
+(every real CLIP ViT), else **naclip**; a text mode is never the default (it needs the labels). The published averages over the eight standard benchmarks
 (VOC-21/20, Context-60/59, COCO-Object/Stuff, Cityscapes, ADE20K; OpenAI ViT-B/16, no
-post-processing) rank them SC-CLIP 43.9 > NACLIP 39.4 (without PAMR) > ClearCLIP, SCLIP (about 38
-each) > MaskCLIP, with plain CLIP tokens far behind (SC-CLIP paper, arXiv 2411.15869, Table 1; NACLIP
-paper, arXiv 2404.08181).
+post-processing) rank them SC-CLIP 43.9 > ResCLIP (on NACLIP) 41.4 > NACLIP 39.4 (without PAMR) >
+ClearCLIP, SCLIP (about 38 each) > MaskCLIP, with plain CLIP tokens far behind (SC-CLIP paper, arXiv
+2411.15869, Table 1; ResCLIP README tables; NACLIP paper, arXiv 2404.08181).
 No real CLIP weights exist in this environment, so we could not re-rank them on our data;
 ``--mode`` selects any of them.
 

@@ -31,6 +31,10 @@ probability is below ``threshold``, ``min_area`` -- at the original size, in cla
 model's dense stride, synonyms max-pooled per crop, crop logits averaged per patch cell, PAMR /
 background / ``min_area`` on that canvas, then bilinear upsampling to the original size, band by band.
 
+Text modes (a model's ``text_modes``; CLIP ``resclip``): the dense features depend on the labels, so
+``set_image`` keeps the crops and ``predict`` encodes them with ``encode_dense(crops, mode, text=DenseText(
+prompt embeddings, model.logit_scale_value / temperature, cfg.mode_options))``, again when the prompts change.
+
 Pixel modes (a model's ``pixel_modes``; GroupViT's default ``"official"``): the model's own official
 inference replaces ``encode_dense`` / ``dense_logits``. ``set_image`` caches
 ``model.official_features`` per crop; ``predict`` computes ``model.official_scores`` (GroupViT:
