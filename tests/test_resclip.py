@@ -269,3 +269,24 @@ def test_resclip_slide_inference_is_the_official(vits):
     seg.cfg.threshold = 0.1
     res = seg.predict(["; ".join(c) for c in CLASSES])
     assert np.array_equal(res.label_map, want.numpy())
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (6, 6), (1, 4)])
+def test_sfr_prior_equals_the_official(shape):
+    """generate_attention_sfr on category grids where lines of sight are blocked (a U-shaped object
+    around another), non-square and degenerate grids included."""
+    from textseg.models.clip_dense import ResCLIPCfg, sfr_attention
+
+    g = torch.Generator().manual_seed(sum(shape))
+    cat = torch.randint(0, 3, shape, generator=g)
+    if shape[0] >= 5:
+        cat[:] = 0
+        cat[1:, 1] = cat[1:, -2] = cat[-1, 1:-1] = 1  # a U of label 1 around label-0 cells
+        cat[2, 3] = 2
+    ours = sfr_attention(cat)
+    ref = _attention_sfr(cat, shape)[0, 1:, 1:]
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    if shape[0] >= 5:  # the line-of-sight decay bites here
+        loose = _attention_sfr(cat, shape, delete_same_entity=False)[0, 1:, 1:]
+        assert (loose - ref).abs().max() > 1e-3
+        torch.testing.assert_close(sfr_attention(cat, ResCLIPCfg(delete_same_entity=False)), loose, atol=1e-6, rtol=0)

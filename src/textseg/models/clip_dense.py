@@ -336,25 +336,30 @@ RESCLIP_MIN_BLOCKS = RESCLIP.min_blocks  # 10
 _SIGHT_BUDGET = 1 << 24  # elements per chunk of the line-of-sight test
 
 
-def _line_of_sight(cat: torch.Tensor, coords: torch.Tensor, max_steps: int) -> torch.Tensor:
-    """ResCLIP's ``check_path`` for every (start, end) patch pair -> ``N x N`` bool: the category
-    ``cat`` (``h x w``) is the start's at each sample ``round(start (1 - t) + end t)``, ``t`` on a
-    ``max_steps + 1``-point grid of [0, 1] (the image's longest Chebyshev distance), for the first
-    ``steps + 1`` samples, ``steps`` = the pair's own Chebyshev distance (as the official code:
+def _line_of_sight(cat: torch.Tensor, coords: torch.Tensor, pairs: torch.Tensor, max_steps: int) -> torch.Tensor:
+    """ResCLIP's ``check_path`` for the (start, end) patch index ``pairs`` (``M x 2``) -> ``M`` bool:
+    the category ``cat`` (``h x w``) is the start's at each sample ``round(start (1 - t) + end t)``,
+    ``t`` on a ``max_steps + 1``-point grid of [0, 1] (the image's longest Chebyshev distance), for the
+    first ``steps + 1`` samples, ``steps`` = the pair's own Chebyshev distance (as the official code:
     shorter pairs test only the start of their segment)."""
-    n = coords.shape[0]
-    t = torch.linspace(0, 1, steps=max_steps + 1, device=coords.device)[None, :, None]
+    h, w = cat.shape
+    flat = cat.reshape(-1)
+    t = torch.linspace(0, 1, steps=max_steps + 1, device=coords.device)
     rank = torch.arange(max_steps + 1, device=coords.device)[None]
-    out = torch.empty(n, n, dtype=torch.bool, device=coords.device)
-    rows = max(1, _SIGHT_BUDGET // max(1, n * (max_steps + 1) * 2))
-    end = coords[None].expand(rows, n, 2)
-    for r0 in range(0, n, rows):
-        start = coords[r0 : r0 + rows, None].expand(-1, n, 2).reshape(-1, 2)
-        stop = end[: start.shape[0] // n].reshape(-1, 2)
+
+    def axis(n):  # the official per-axis sample, round(s (1 - t) + e t), for every (s, e): n x n x (S + 1)
+        a = torch.arange(n, device=coords.device)
+        return (a[:, None, None] * (1 - t) + a[None, :, None] * t).round().long()
+
+    rows_at, cols_at = axis(h) * w, axis(w)
+    out = torch.empty(pairs.shape[0], dtype=torch.bool, device=coords.device)
+    chunk = max(1, _SIGHT_BUDGET // (2 * (max_steps + 1)))
+    for r0 in range(0, pairs.shape[0], chunk):
+        i, j = pairs[r0 : r0 + chunk, 0], pairs[r0 : r0 + chunk, 1]
+        start, stop = coords[i], coords[j]
         steps = (stop - start).abs().max(dim=1)[0]
-        cur = (start[:, None] * (1 - t) + stop[:, None] * t).round().long()
-        here = cat[cur[..., 0], cur[..., 1]] == cat[start[:, 0], start[:, 1]][:, None]
-        out[r0 : r0 + rows] = (here | ~(rank <= steps[:, None])).all(dim=1).view(-1, n)
+        here = flat[rows_at[start[:, 0], stop[:, 0]] + cols_at[start[:, 1], stop[:, 1]]] == flat[i][:, None]
+        out[r0 : r0 + chunk] = (here | ~(rank <= steps[:, None])).all(dim=1)
     return out
 
 
@@ -375,9 +380,12 @@ def sfr_attention(cat: torch.Tensor, cfg: ResCLIPCfg = RESCLIP) -> torch.Tensor:
         coords = torch.stack([idx // w, idx % w], dim=-1)
         steps = (coords[None] - coords[:, None]).abs().max(dim=-1)[0]
         max_steps = int(steps.max())
-        valid = _line_of_sight(cat, coords, max_steps)
-        decay = torch.exp(-steps / max_steps) if max_steps > 0 else torch.ones_like(same)
-        same = torch.where(valid, same, same * decay)
+        if max_steps > 0:  # only same-category pairs can be decayed (the others are 0 either way)
+            pairs = (same > 0).nonzero()
+            keep = _line_of_sight(cat, coords, pairs, max_steps)
+            decay = torch.exp(-steps / max_steps)
+            far = pairs[~keep]
+            same[far[:, 0], far[:, 1]] = same[far[:, 0], far[:, 1]] * decay[far[:, 0], far[:, 1]]
     size = min(n, int(6 * cfg.gaussian_std + 1))
     size = size if size % 2 == 1 else size + 1
     x = torch.arange(size, device=cat.device) - size // 2
