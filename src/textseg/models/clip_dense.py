@@ -96,7 +96,11 @@ Cost (``benchmarks/bench_segment.py --mode all --repeats 3 --no-clipseg``, ViT-B
 whole image, 2 CPU threads): every last-block mode runs at 0.95-1.01x the bare ``encode_image``;
 sc-clip at 1.39x, most of the extra being the exact pairwise distances of its LOF (kept exact: the
 anomaly choice sits on a quantile threshold), the rest its second pass of the last block's attention
-and the N x N similarity products.
+and the N x N similarity products. resclip (``--mode sc-clip,resclip,naclip --repeats 3``, 21 labels,
+machine load 11-12 on the 2 shared cores, so noisy) at 3.09x (sc-clip 1.48x, naclip 1.11x in the same
+run): its first pass's PAMR of 21 prompt maps at the input size (about one bare forward), the N x N
+semantic prior with its line-of-sight test (about 1 M patch pairs x 37 samples at 28 x 37 patches;
+computed only for same-label pairs), four earlier blocks' attention maps and a second last-block pass.
 
 ResNet CLIP has no last transformer block: every mode uses MaskCLIP's value path through the
 attention pool (``c_proj(v_proj(x))`` at each position, no query-key attention, no position
