@@ -90,6 +90,31 @@ def _naclip_addition(n_patches, std):
     return torch.hstack([torch.zeros((d1 * d2 + 1, 1)), out])
 
 
+def _pa_attn(q, k, v, use_kk=True, alpha_kk=0.08, polar_iters=5, eps=1e-6):
+    """PEARL ``pearl/attn.py`` ``pa_attn`` (detach_cls, solver polar) + ``_polar_unitary_newton_schulz``,
+    on (B*H) x T x d as the official code."""
+    bh, t, d = q.shape
+    scale = d ** -0.5
+    wt = q.norm(dim=2, keepdim=True)
+    wt[:, 0:1, :] = 0.0
+    wt = wt / (wt.sum(dim=1, keepdim=True) + 1e-6)
+    q_c, k_c = q - (wt * q).sum(dim=1, keepdim=True), k - (wt * k).sum(dim=1, keepdim=True)
+    mm = torch.bmm(k_c.transpose(1, 2), q_c)
+    eye = torch.eye(d).unsqueeze(0).expand(bh, -1, -1)
+    a = mm.transpose(1, 2) @ mm
+    anorm = a.reshape(bh, -1).norm(dim=1).clamp_min(eps).view(bh, 1, 1)
+    y, z = a / anorm + eps * eye, eye.clone()
+    for _ in range(polar_iters):
+        tt = 0.5 * (3.0 * eye - z @ y)
+        y = y @ tt
+        z = tt @ z
+    rot = mm @ (z / torch.sqrt(anorm))
+    logits = torch.bmm(q * scale, torch.bmm(k, rot).transpose(1, 2))
+    if use_kk:
+        logits = logits + alpha_kk * torch.bmm(k_c, k_c.transpose(1, 2)) * scale
+    return torch.bmm(F.softmax(logits, dim=-1), v)
+
+
 def _official_embed(sd, ps: int, eps: float, pixels: torch.Tensor, mode: str) -> torch.Tensor:
     """Patchify, class token, position embeddings (resized as the repository of ``mode``), ln_pre -> LND."""
     b, _, w, h = pixels.shape  # the official naming: w = rows, h = columns
@@ -101,7 +126,7 @@ def _official_embed(sd, ps: int, eps: float, pixels: torch.Tensor, mode: str) ->
         n, dim = pos.shape[0] - 1, pos.shape[1]
         side = int(math.sqrt(n))
         grid = pos[1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-        if mode in ("sclip", "clearclip", "naclip", "sc-clip"):  # interpolate_pos_encoding of the four repos
+        if mode in ("sclip", "clearclip", "naclip", "sc-clip", "pearl"):  # those repos' interpolate_pos_encoding
             w0, h0 = w // ps + 0.1, h // ps + 0.1
             grid = F.interpolate(grid, scale_factor=(w0 / side, h0 / side), mode="bicubic", align_corners=False,
                                  recompute_scale_factor=False)
@@ -158,6 +183,8 @@ def official_dense(model: CLIP, pixels: torch.Tensor, mode: str) -> torch.Tensor
     elif mode == "naclip":  # NACLIP arch 'reduced', attn 'naclip': x = custom_attn(...) only
         attn = torch.bmm(k, k.transpose(1, 2)) * scale + _naclip_addition((w // ps, h // ps), 5.0)[None]
         x = _merge(torch.bmm(F.softmax(attn, -1), v), sd, p, length, bsz, dim)
+    elif mode == "pearl":  # PEARL arch 'reduced', attn 'pearl': x = custom_attn(...) only
+        x = _merge(_pa_attn(q, k, v), sd, p, length, bsz, dim)
     else:
         raise AssertionError(mode)
     x = x.permute(1, 0, 2)

@@ -16,6 +16,8 @@ sclip       ``y = x + P((softmax(q q^T s) + softmax(k k^T s)) v)``, then        
 clearclip   ``P(softmax(q q^T s) v)``: no residual, no FFN                       Lan et al. 2024
 naclip      ``P(softmax(k k^T s + G) v)``: no residual, no FFN; ``G`` a Gaussian  Hajimiri et al.
             over patch-grid distance (sigma 5, 0 for the class token)            2025
+pearl       ``P(softmax(s q (k R)^T + 0.08 s k_c k_c^T) v)``: no residual, no FFN;  PEARL 2026
+            ``R`` the rotation closest to ``k_c^T q_c`` (centred q, k), polar
 ==========  ===================================================================  =================
 
 Each row follows the official code: plain ``openai/CLIP clip/model.py`` (``ResidualAttentionBlock``);
@@ -24,7 +26,8 @@ maskclip ``chongzhou96/MaskCLIP mmseg/models/backbones/vit.py`` (``TransformerEn
 clip/model.py`` (``VisionTransformer.forward`` + ``custom_attn(csa=True)``); clearclip ``mc-lan/ClearCLIP
 open_clip/transformer.py`` (``VisionTransformer.forward`` with ``ignore_residual=True`` +
 ``custom_attn(model_type='ClearCLIP')``); naclip ``sinahmr/NACLIP clip/model.py`` (arch ``reduced``,
-attention ``naclip``, ``gaussian_window`` / ``get_attention_addition``). For inputs whose patch grid
+attention ``naclip``, ``gaussian_window`` / ``get_attention_addition``); pearl ``PGSmall/PEARL
+clip/model.py`` (arch ``reduced``, attention ``pearl``) + ``pearl/attn.py`` ``pa_attn``. For inputs whose patch grid
 differs from the checkpoint's, sclip / clearclip / naclip resize the position embeddings as those
 repositories do (``interpolate_pos_encoding``: bicubic with ``scale_factor = (n + 0.1) / N``);
 plain and maskclip resample to the target size (mmseg's ``resize_pos_embed``).
@@ -117,14 +120,16 @@ import torch.nn.functional as F
 from textseg.errors import TextsegError
 
 # ranked by the published eight-benchmark average (module docstring); the first a tower supports is its default
-CLIP_DENSE_MODES: tuple[str, ...] = ("sc-clip", "resclip", "naclip", "clearclip", "sclip", "maskclip", "plain")
+# pearl: its only published average (43.2) includes its Laplacian propagation, so it ranks after naclip
+CLIP_DENSE_MODES: tuple[str, ...] = ("sc-clip", "resclip", "naclip", "pearl", "clearclip", "sclip", "maskclip",
+                                     "plain")
 DENSE_MODES = CLIP_DENSE_MODES
 # modes whose features depend on the labels: encode_dense(pixels, mode, text=DenseText(...))
 CLIP_TEXT_MODES: tuple[str, ...] = ("resclip",)
 NACLIP_SIGMA = 5.0
 # position-embedding resizing per mode (textseg.models.layers.resample_pos_embed), as each official repo
 POS_INTERP = {"plain": "size", "maskclip": "size", "sclip": "sclip", "clearclip": "sclip", "naclip": "sclip",
-              "sc-clip": "sclip", "resclip": "sclip"}
+              "sc-clip": "sclip", "resclip": "sclip", "pearl": "sclip"}
 
 
 @dataclass(frozen=True)
@@ -200,7 +205,67 @@ def last_block(block, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> torc
     if mode == "naclip":
         bias = neighbourhood_bias(grid, NACLIP_SIGMA, x.shape[1] - grid[0] * grid[1], x.device, q.dtype)
         return attn.project(F.scaled_dot_product_attention(k, k, v, attn_mask=bias))
+    if mode == "pearl":
+        return attn.project(pearl_attention(q, k, v, PEARL).to(v.dtype))
     raise TextsegError(f"unknown CLIP dense mode {mode!r}; choose one of: {', '.join(CLIP_DENSE_MODES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# PEARL (Procrustes-aligned attention)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PEARLCfg:
+    """PEARL's attention settings (``PGSmall/PEARL pearl_ovss.py`` defaults): the k-k term and its weight
+    ``alpha_kk`` (0.08; the ADE20K / Cityscapes configs use 0.3), the rotation solver (``polar``: Newton-Schulz
+    iterations; ``svd``: exact) and its iterations."""
+
+    use_kk: bool = True
+    alpha_kk: float = 0.08
+    solver: str = "polar"
+    polar_iters: int = 5
+
+
+PEARL = PEARLCfg()
+
+
+def polar_rotation(m: torch.Tensor, iters: int = 5, eps: float = 1e-6) -> torch.Tensor:
+    """The orthogonal polar factor ``m (m^T m)^{-1/2}`` of each ``... x d x d`` matrix, the inverse root by
+    coupled Newton-Schulz iterations on ``m^T m`` scaled by its Frobenius norm (+ ``eps`` I), as PEARL's
+    ``_polar_unitary_newton_schulz``."""
+    eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype).expand_as(m)
+    a = m.transpose(-1, -2) @ m
+    norm = a.flatten(-2).norm(dim=-1).clamp_min(eps)[..., None, None]
+    y, z = a / norm + eps * eye, eye
+    for _ in range(iters):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y, z = y @ t, t @ z
+    return m @ (z / norm.sqrt())
+
+
+def pearl_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PEARLCfg = PEARL) -> torch.Tensor:
+    """PEARL's Procrustes-aligned attention (``pearl/attn.py`` ``pa_attn``, class token first), in float32,
+    per image and head (``... x T x d``): ``q`` and ``k`` centred on their means weighted by ``|q_i|``
+    (class token weight 0); ``R`` = the rotation closest to ``k_c^T q_c``; logits ``s q (k R)^T`` plus
+    ``alpha_kk s k_c k_c^T``; ``softmax(logits) v``."""
+    q, k, v = q.float(), k.float(), v.float()
+    s = q.shape[-1] ** -0.5
+    w = q.norm(dim=-1, keepdim=True)
+    w[..., :1, :] = 0.0
+    w = w / (w.sum(dim=-2, keepdim=True) + 1e-6)
+    qc = q - (w * q).sum(dim=-2, keepdim=True)
+    kc = k - (w * k).sum(dim=-2, keepdim=True)
+    m = kc.transpose(-1, -2) @ qc
+    if cfg.solver == "polar":
+        r = polar_rotation(m, cfg.polar_iters)
+    elif cfg.solver == "svd":
+        u, _, vh = torch.linalg.svd(m, full_matrices=False)
+        r = u @ vh
+    else:
+        raise TextsegError(f"unknown PEARL solver {cfg.solver!r}; choose polar or svd")
+    logits = (q * s) @ (k @ r).transpose(-1, -2)
+    if cfg.use_kk:
+        logits = logits + cfg.alpha_kk * (kc @ kc.transpose(-1, -2)) * s
+    return logits.softmax(dim=-1) @ v
 
 
 # ----------------------------------------------------------------------------------------------
