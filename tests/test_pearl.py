@@ -143,3 +143,37 @@ def test_tlp_uses_only_the_diagonal_of_the_text_affinity():
     S = torch.rand(4, 4)
     p = torch.rand(1, 4, 3, 3)
     torch.testing.assert_close(torch.einsum("cc,bcij->bcij", S, p), S.diagonal()[None, :, None, None] * p)
+
+
+@pytest.mark.parametrize("grid", [80, 10])  # 40 x 56 on its own grid; pooled by (4, 6)
+def test_segmenter_tlp_is_pearls_predict(grid):
+    """pearl_ovss.py predict: cosine logits -> bilinear to the original size; the network input -> the same;
+    TLP there with the prompt embeddings; then the logit scale. SegmentCfg(propagation="tlp") is that."""
+    import numpy as np
+    from seg_tiny import TinyColourModel
+
+    from textseg.errors import TextsegError
+    from textseg.segment import SegmentCfg, Segmenter
+
+    rng = np.random.default_rng(0)
+    img = np.repeat(np.repeat(rng.integers(0, 256, (5, 7, 3)), 8, 0), 8, 1).astype(np.uint8)  # 40 x 56
+    img = (img.astype(np.int64) + rng.integers(-20, 20, img.shape)).clip(0, 255).astype(np.uint8)
+    words = ["red", "green", "blue", "yellow"]
+    base = dict(short_side=None, templates=("a {}.",), threshold=None, resolution="pixel")
+    model = TinyColourModel()
+    plain = Segmenter(model, SegmentCfg(**base)).segment(img, ", ".join(words))
+    refined = Segmenter(model, SegmentCfg(**base, propagation="tlp", tlp_grid=grid)).segment(img, ", ".join(words))
+    x = torch.from_numpy(img).permute(2, 0, 1).float()[None] / 255
+    x = (x - 0.5) / 0.5  # TinyColourModel's mean / std
+    scale = float(model.logit_scale_value)
+    with torch.no_grad():
+        text = model.encode_text(model.tokenize([f"a {w}." for w in words]))
+    cos = F.interpolate(plain.logits_lowres[None], size=(40, 56), mode="bilinear", align_corners=False) / scale
+    want = official_tlp(x, cos, text, grid)[0] * scale
+    torch.testing.assert_close(refined.logits_lowres, want, atol=1e-4, rtol=1e-4)
+    assert np.array_equal(refined.label_map, want.argmax(0).numpy())
+    assert (refined.logits_lowres - cos[0] * scale).abs().max() > 1e-2
+    with pytest.raises(TextsegError, match="drop pamr or propagation"):
+        Segmenter(model, SegmentCfg(**base, propagation="tlp", pamr=True))
+    with pytest.raises(TextsegError, match="propagation must be"):
+        Segmenter(model, SegmentCfg(**base, propagation="crf"))

@@ -67,6 +67,7 @@ from textseg.precision import autocast, resolve_precision, to_float32
 from textseg.preprocess import canvas_size, keep_ratio_size, normalize, resize_to_tensor
 from textseg.segment.pamr import NACLIP_DILATIONS, pamr
 from textseg.segment.slide import BAND_BUDGET, argmax_bands, crop_boxes, stitch, upsample, upsample_bands
+from textseg.segment.tlp import TLP_GRID, laplacian_propagation
 from textseg.text import BACKGROUND, LabelClass, TextEmbeddingCache, parse_labels
 
 Labels = str | Sequence[str | Sequence[str] | LabelClass]
@@ -121,6 +122,10 @@ class SegmentCfg:
         logits and the resized network input are bilinearly resized to the original image size and
         refined there; ``"canvas"`` (cheaper, textseg's): the logits are refined on the resized image
         downsampled by ``pamr_stride``.
+    propagation: a logit refinement after the dense features: None (default) or ``"tlp"``, PEARL's
+        text-aware Laplacian propagation (:mod:`textseg.segment.tlp`; ``tlp_grid`` 80, Cityscapes 224)
+        of the per-prompt cosine logits with the network input, both at the original size, before the
+        logit scale (``pearl_ovss.py`` ``predict``). Pixel resolution only; not with ``pamr``.
     batch_size: crops per image-tower forward pass.
     precision: the image tower's precision (:mod:`textseg.precision`): ``"fp32"``, ``"bf16"``,
         ``"fp16"`` or ``"auto"`` (bf16 on CPUs with native bf16 and on CUDA capability >= 8, fp16 on
@@ -153,6 +158,8 @@ class SegmentCfg:
     pamr_dilations: tuple[int, ...] = NACLIP_DILATIONS
     pamr_resolution: str = "original"
     pamr_stride: int = 4
+    propagation: str | None = None
+    tlp_grid: int = TLP_GRID
     batch_size: int = 4
     precision: str | None = None
     cache_dir: str | None = None
@@ -272,6 +279,11 @@ class Segmenter:
         if self.cfg.pamr_resolution not in PAMR_RESOLUTIONS:
             raise TextsegError(f"pamr_resolution must be one of {', '.join(PAMR_RESOLUTIONS)}, "
                                f"got {self.cfg.pamr_resolution!r}")
+        if self.cfg.propagation not in (None, "tlp"):
+            raise TextsegError(f"propagation must be None or 'tlp', got {self.cfg.propagation!r}")
+        if self.cfg.propagation and (self.cfg.pamr or not self.pixel_res or self.pixel_mode):
+            raise TextsegError("propagation='tlp' refines pixel-resolution logits of a dense model (resolution="
+                               "'pixel') and replaces PAMR: drop pamr or propagation")
         if self.cfg.temperature <= 0:
             raise TextsegError(f"temperature must be positive, got {self.cfg.temperature}")
         self.text_cache = TextEmbeddingCache.for_model(model, self.cfg.cache_dir)
@@ -504,9 +516,14 @@ class Segmenter:
                                   align_corners=False)
         elif self.cfg.pamr:  # textseg's cheaper variant: on the resized image downsampled by pamr_stride
             image = self._image_small.to(self.device)
+        tlp = self.cfg.propagation == "tlp"
+        if tlp:  # PEARL: the network input resized to the original size, like NACLIP's PAMR
+            image = F.interpolate(self._image_input.to(self.device), size=(height, width), mode="bilinear",
+                                  align_corners=False)
         src_hw = tuple(image.shape[-2:]) if image is not None else (hc, wc)
         counts = torch.bincount(owner.cpu(), minlength=n_cls).tolist()
-        per = max(1, PIXEL_BUDGET // max(1, src_hw[0] * src_hw[1], hc * wc))
+        # TLP's softmax spans every prompt: one chunk
+        per = n_cls + len(owner) if tlp else max(1, PIXEL_BUDGET // max(1, src_hw[0] * src_hw[1], hc * wc))
         chunks: list[list[int]] = [[]]
         n = 0
         for c in range(n_cls):  # whole classes per chunk (a class's synonyms stay together)
@@ -526,7 +543,13 @@ class Segmenter:
             sel = torch.isin(owner, cls).nonzero().squeeze(1)
             local = torch.searchsorted(cls, owner[sel])  # prompt -> index within the chunk
             zq = self._average_views(lambda view: self._dense_scores(view, emb[sel])) / self.cfg.temperature
-            if image is not None:
+            if tlp:  # on the cosines (the official logits before logit_scale), at the original size
+                t1 = time.perf_counter()
+                scale = float(self.model.logit_scale_value.detach()) / self.cfg.temperature
+                zq = F.interpolate(zq[None], size=src_hw, mode="bilinear", align_corners=False) / scale
+                zq = laplacian_propagation(image.to(zq.dtype), zq, emb[sel], self.cfg.tlp_grid)[0] * scale
+                t_pamr += time.perf_counter() - t1
+            elif image is not None:
                 t1 = time.perf_counter()
                 zq = zq[None]
                 if self.cfg.pamr_resolution == "original":
