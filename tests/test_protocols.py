@@ -95,7 +95,19 @@ RESCLIP_OPTIONS = {  # temp_thd, attn_rcs_weights, attn_sfr_weights (delete_same
     "context59": (0.25, (2.0, 0.4), (1.8, 0.7)), "coco-stuff": (0.11, (2.0, 0.4), (1.8, 0.7)),
     "cityscapes": (0.10, (2.0, 0.2), (2.1, 0.6)), "ade": (0.25, (2.0, 0.3), (2.1, 0.7)),
 }
-REPOS = {"sclip": SCLIP, "naclip": NACLIP, "clearclip": CLEARCLIP, "sc-clip": SCCLIP, "resclip": RESCLIP}
+PEARL = {  # PGSmall/PEARL configs/cfg_<name>.py; assets/results.png (PEARL, with its TLP)
+    "voc": (336, 0, 112, 0.1, 40, None, 0, None, 64.1),  # cfg_voc21: slide_crop=0, prob_thd .1
+    "voc20": (336, 0, 112, 0.0, 40, None, 0, None, 86.9),  # slide_crop=0
+    "context": (336, 224, 112, 0.1, 40, None, 0, None, 35.1),
+    "context59": (336, 224, 112, 0.0, 40, None, 0, None, 38.6),
+    "coco-object": (336, 224, 112, 0.1, 40, None, 0, None, 37.3),
+    "coco-stuff": (336, 224, 112, 0.0, 40, None, 0, None, 26.3),
+    "ade": (336, 224, 112, 0.0, 40, None, 0, None, 19.4),  # alpha_kk .3
+    "cityscapes": (560, 224, 112, 0.0, 40, None, 0, None, 37.6),  # alpha_kk .3, grid 224
+}
+PEARL_GRID = {"cityscapes": 224}  # TLP grid (PEARL default 80; use_prop "on" everywhere)
+REPOS = {"sclip": SCLIP, "naclip": NACLIP, "clearclip": CLEARCLIP, "sc-clip": SCCLIP, "resclip": RESCLIP,
+         "pearl": PEARL}
 
 
 def test_presets_equal_the_repository_configs():
@@ -117,6 +129,10 @@ def test_presets_equal_the_repository_configs():
                                           "delete_same_entity": True}, bench
             else:
                 assert p.mode_options == {}, (method, bench)
+            if method == "pearl":
+                assert (p.propagation, p.tlp_grid) == ("tlp", PEARL_GRID.get(bench, 80)), bench
+            else:
+                assert p.propagation is None, (method, bench)
 
 
 def test_whole_image_presets_reach_the_segmenter(tmp_path):
@@ -128,6 +144,8 @@ def test_whole_image_presets_reach_the_segmenter(tmp_path):
     cfg = SegmenterPredictor(ColourModel(), ds, protocol="clearclip").cfg
     assert (cfg.slide, cfg.short_side, cfg.pamr) == ((448, 224), 448, False)
     assert cfg.temperature == pytest.approx(100.0 / 50)
+    cfg = SegmenterPredictor(ColourModel(), ds, protocol="pearl").cfg
+    assert (cfg.slide, cfg.propagation, cfg.tlp_grid, cfg.pamr) == (None, "tlp", 80, False)
 
 
 # ------------------------------------------------------------------------------------------------

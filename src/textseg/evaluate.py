@@ -56,7 +56,8 @@ class Protocol:
     softmax; it becomes ``SegmentCfg.temperature = model.logit_scale_value / logit_scale``.
     ``threshold`` is their ``prob_thd`` (max class probability below it -> background).
     ``mode_options``: the dense mode's own per-benchmark settings (ResCLIP's ``temp_thd`` and
-    RCS / SFR weights), passed to ``SegmentCfg.mode_options``. ``area_threshold``: SCLIP's ``area_thd`` (``SegmentCfg.area_threshold``). ``pamr``: PAMR with ``pamr_iterations`` steps at ``pamr_dilations`` at the original
+    RCS / SFR weights), passed to ``SegmentCfg.mode_options``. ``propagation`` / ``tlp_grid``: a logit
+    refinement (PEARL's ``"tlp"``, ``SegmentCfg.propagation``). ``area_threshold``: SCLIP's ``area_thd`` (``SegmentCfg.area_threshold``). ``pamr``: PAMR with ``pamr_iterations`` steps at ``pamr_dilations`` at the original
     image size. ``reference`` is the mIoU (percent) the reference code reports with OpenAI CLIP
     ViT-B/16 and ``source`` where that number is published (None: not published by the repository).
     """
@@ -78,6 +79,8 @@ class Protocol:
     source: str = ""
     note: str = ""
     mode_options: dict = field(default_factory=dict)  # a text mode's settings (SegmentCfg.mode_options)
+    propagation: str | None = None  # a logit refinement (SegmentCfg.propagation: "tlp", PEARL's)
+    tlp_grid: int = 80
 
 
 _SCLIP = "github.com/wangf3014/SCLIP README 'Results' table and configs/cfg_*.py @ b56bd30"
@@ -102,6 +105,20 @@ def _res(benchmark: str, short: int, thd: float, rcs: tuple, sfr: tuple, crop: i
     return Protocol("resclip", benchmark, short, crop=crop, threshold=threshold, reference=reference,
                     source=_RESCLIP, mode_options={"temp_thd": thd, "rcs_weights": rcs, "sfr_weights": sfr,
                                                    "delete_same_entity": True})
+
+
+_PEARL = ("github.com/PGSmall/PEARL assets/results.png (PEARL, CLIP ViT-B/16, with its Laplacian propagation) "
+          "and configs/cfg_*.py")
+_PEARL_ALPHA = ("the config sets alpha_kk=0.3; textseg's pearl mode uses the default 0.08 (the per-benchmark "
+                "weight is not wired into label-free modes), so this preset is not the published setting")
+
+
+def _pearl(benchmark: str, short: int, crop: int = 224, threshold=None, grid: int = 80, reference=None,
+           note: str = "") -> Protocol:
+    """A PEARL preset: ``PEARL`` (pearl_ovss.py) defaults (arch ``reduced``, attention ``pearl``, slide
+    224/112, logit scale 40, TLP on with grid 80) and the config's prob_thd / slide_crop / grid."""
+    return Protocol("pearl", benchmark, short, crop=crop, threshold=threshold, propagation="tlp", tlp_grid=grid,
+                    reference=reference, source=_PEARL, note=note)
 
 
 # Benchmark keys follow textseg's dataset names (coco-stuff = COCO-Stuff164k).
@@ -161,6 +178,18 @@ PROTOCOLS: dict[str, dict[str, Protocol]] = {
         "cityscapes": _res("cityscapes", 560, 0.10, (2.0, 0.2), (2.1, 0.6), reference=35.9),
         "ade": _res("ade", 336, 0.25, (2.0, 0.3), (2.1, 0.7), reference=18.0),
     },
+    # PEARL (arXiv 2603.21528; pearl_ovss.py defaults + configs/cfg_*.py): Procrustes-aligned last block,
+    # then its text-aware Laplacian propagation (TLP) at the original size; VOC-21 / VOC-20 whole image.
+    "pearl": {
+        "voc": _pearl("voc", 336, crop=0, threshold=0.1, reference=64.1),
+        "context": _pearl("context", 336, threshold=0.1, reference=35.1),
+        "coco-object": _pearl("coco-object", 336, threshold=0.1, reference=37.3),
+        "voc20": _pearl("voc20", 336, crop=0, reference=86.9),
+        "context59": _pearl("context59", 336, reference=38.6),
+        "coco-stuff": _pearl("coco-stuff", 336, reference=26.3),
+        "cityscapes": _pearl("cityscapes", 560, grid=224, reference=37.6, note=_PEARL_ALPHA),
+        "ade": _pearl("ade", 336, reference=19.4, note=_PEARL_ALPHA),
+    },
     # ClearCLIP (ECCV 2024, arXiv 2407.12442; clearclip_segmentor.py defaults): slide 448/224, short side
     # 448, logit scale 50, 80 ImageNet templates, no PAMR; Cityscapes slides 224/224.
     "clearclip": {
@@ -195,8 +224,8 @@ PROTOCOL_CAVEATS = (
 
 
 def get_protocol(name: str, dataset: str) -> Protocol:
-    """The preset of method ``name`` (``sc-clip``, ``resclip``, ``sclip``, ``naclip``, ``clearclip``) for benchmark
-    ``dataset``.
+    """The preset of method ``name`` (``sc-clip``, ``resclip``, ``pearl``, ``sclip``, ``naclip``, ``clearclip``) for
+    benchmark ``dataset``.
 
     ``name`` may carry the benchmark as ``"naclip:voc"``: e.g. a folder dataset holding a VOC-21
     view borrows the VOC preset."""
@@ -251,7 +280,8 @@ class SegmenterPredictor:
             kw = dict(short_side=p.short_side, max_side=p.max_side, slide=(p.crop, p.stride) if p.crop else None,
                       threshold=p.threshold, area_threshold=p.area_threshold, pamr=p.pamr, pamr_iterations=p.pamr_iterations,
                       pamr_dilations=tuple(p.pamr_dilations), pamr_resolution="original", templates=p.templates,
-                      resolution="pixel", mode_options=dict(p.mode_options),
+                      resolution="pixel", mode_options=dict(p.mode_options), propagation=p.propagation,
+                      tlp_grid=p.tlp_grid,
                       temperature=float(model.logit_scale_value.detach()) / p.logit_scale)
             modes = tuple(getattr(model, "dense_modes", ()) or ())
             if p.method in modes:
