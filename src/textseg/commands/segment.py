@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     m.add_argument("--model", default=None, help="model name or preset (default: the offline model)")
     m.add_argument("--weights", default=None, help="checkpoint file or folder (any supported format)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    m.add_argument("--mode", default=None, help="dense mode of the model (CLIP: sc-clip (default), resclip, naclip, clearclip, sclip, maskclip, plain)")
+    m.add_argument("--mode", default=None, help="dense mode of the model (CLIP: sc-clip (default), resclip, naclip, pearl, clearclip, sclip, maskclip, plain)")
     add_precision_argument(m)
     m.add_argument("--onnx", default=None, metavar="DIR",
                    help="run the image tower from an ONNX export folder (textseg export) with onnxruntime")
