@@ -23,7 +23,8 @@ One home for the overlap of CPU work with the model, used by ``textseg segment``
   written by one thread from a bounded queue, in submission order; the first failure is re-raised
   in the caller's thread (at the next :meth:`~BackgroundWriter.submit` or at
   :meth:`~BackgroundWriter.close`) as one :class:`~textseg.errors.TextsegError` line naming what
-  was being written, and nothing after it is written.
+  was being written (an ``OSError`` too; any other exception, e.g. ``KeyboardInterrupt``, as it
+  is), and nothing after it is written.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class BackgroundWriter:
     def __init__(self, max_pending: int = 8, workers: int = 1):
         if max_pending < 1:
             raise TextsegError(f"writer queue must hold >= 1 job, got {max_pending}")
-        self.error: TextsegError | None = None
+        self.error: BaseException | None = None
         self._sync = workers == 0
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._thread = None
@@ -121,13 +122,15 @@ class BackgroundWriter:
             self._thread.start()
 
     @staticmethod
-    def _run(what: str, fn: Callable, args, kwargs) -> TextsegError | None:
+    def _run(what: str, fn: Callable, args, kwargs) -> BaseException | None:
         try:
             fn(*args, **kwargs)
         except TextsegError as e:
             return TextsegError(f"writing {what} failed: {e}" if what else str(e))
         except OSError as e:  # disk full, permissions, ...: one line, not a traceback
             return TextsegError(f"writing {what or 'output'} failed: {e.strerror or e}")
+        except BaseException as e:  # noqa: BLE001 -- a bug or an interrupt: re-raised as is in the caller
+            return e
         return None
 
     def _loop(self) -> None:

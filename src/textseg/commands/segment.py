@@ -166,10 +166,6 @@ def run(args) -> int:
         for group in chunks(stream, args.batch_images):
             t0 = time.perf_counter()
             ready = [(path, value) for path, value, error in group if error is None]
-            for path, _, error in group:
-                if error is not None:
-                    failed += 1
-                    writer.submit(report, path, error)
             results: list = []
             try:
                 results = seg.segment_batch([prep for _, (_, prep) in ready], classes)
@@ -179,12 +175,14 @@ def run(args) -> int:
                         results.append(seg.segment_batch([prep], classes)[0])
                     except TextsegError as e:
                         results.append(e)
-            for (path, (image, _)), res in zip(ready, results):
+            done = iter(results)
+            for path, value, error in group:  # outputs and errors in the order of the images
+                res = error if error is not None else next(done)
                 if isinstance(res, TextsegError):
                     failed += 1
                     writer.submit(report, path, res)
                     continue
-                writer.submit(write, path, image, res, _out_stem(path, used), t0, what=f"the outputs of {path}")
+                writer.submit(write, path, value[0], res, _out_stem(path, used), t0, what=f"the outputs of {path}")
     bar.close()
     if failed:
         print(f"textseg segment: {failed} of {len(paths)} images failed", file=sys.stderr)
