@@ -507,14 +507,15 @@ def run_benchmark(dataset: str, root: str | Path, *, split: str | None = None, m
                   device: str | None = None, limit: int | None = None, strict: bool = False,
                   progress: bool = True, keep_worst: int = 5, dump_worst: str | Path | None = None,
                   precision: str | None = None, workers: int = DEFAULT_WORKERS, prefetch_depth: int = DEFAULT_DEPTH,
-                  batch: int = 4, **options) -> tuple[EvalResult, dict, list[str]]:
+                  batch: int = 4, cast_weights: bool = False, **options) -> tuple[EvalResult, dict, list[str]]:
     """``textseg eval`` as a function: read the benchmark, load the model (``model="oracle"``: the
     ground truth as prediction), run :func:`evaluate` (sharded when ``torch.distributed`` is
     initialised) -> ``(result, report, warnings)``. ``options`` go to :class:`SegmenterPredictor`
     (``protocol``, ``mode``, ``slide``, ``short_side``, ``threshold``, ``pamr``, ``templates``);
     ``dump_worst`` writes the ``keep_worst`` worst images there (:func:`save_worst`); ``precision``
     goes to ``load_model`` (the image tower's, :mod:`textseg.precision`; reported in the config);
-    ``workers`` / ``prefetch_depth`` / ``batch``: the pipeline of :func:`evaluate`."""
+    ``workers`` / ``prefetch_depth`` / ``batch``: the pipeline of :func:`evaluate`; ``cast_weights``:
+    ``load_model``'s."""
     from textseg.data.benchmarks import build_dataset
 
     data = build_dataset(dataset, root, split=split, masks=masks, classes=classes)
@@ -529,10 +530,10 @@ def run_benchmark(dataset: str, root: str | Path, *, split: str | None = None, m
         from textseg.weights.load import load_model
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        net = load_model(model, weights, device=device, precision=precision)
+        net = load_model(model, weights, device=device, precision=precision, cast_weights=cast_weights)
         predictor = SegmenterPredictor(net, data, **options)
         predictor.config.update(model=getattr(net, "name", type(net).__name__), weights=weights, device=str(device),
-                                precision=predictor.segmenter.precision)
+                                precision=predictor.segmenter.precision, cast_weights=bool(cast_weights))
         warnings = list(predictor.warnings)
     on_worst = save_worst(dump_worst, data.class_names) if dump_worst is not None else None
     result = evaluate(data, predictor, limit=limit, strict=strict, progress=progress, keep_worst=keep_worst,

@@ -140,6 +140,9 @@ PRECISION_HELP = ("image-tower precision: auto (bf16 on CPUs with native bf16 / 
 def add_precision_argument(group) -> None:
     """``--precision`` (:func:`textseg.precision.resolve_precision`), the same on every command."""
     group.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
+    group.add_argument("--cast-weights", action="store_true",
+                       help="with bf16 / fp16: convert the image tower's weights once instead of casting them in "
+                       "every forward (autocast); faster on CPU")
 
 
 def add_pipeline_arguments(group) -> None:

@@ -101,7 +101,7 @@ def run(args) -> int:
         args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes, model=args.model,
         weights=args.weights, device=device, precision=args.precision, limit=args.limit, strict=args.strict, progress=not args.no_progress,
         keep_worst=keep, dump_worst=dump, workers=args.decode_workers, prefetch_depth=args.prefetch,
-        batch=args.batch_images, **options)
+        batch=args.batch_images, cast_weights=args.cast_weights, **options)
     if rank == 0:
         for w in warnings:
             print(f"textseg eval: warning: {w}", file=sys.stderr)

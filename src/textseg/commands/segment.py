@@ -106,7 +106,8 @@ def run(args) -> int:
 
         model = load_onnx(args.onnx, device=args.device, precision=args.precision)
     else:
-        model = load_model(args.model, args.weights, device=args.device, precision=args.precision)
+        model = load_model(args.model, args.weights, device=args.device, precision=args.precision,
+                           cast_weights=args.cast_weights)
     cfg = SegmentCfg(
         mode=args.mode,
         short_side=args.short_side or None,

@@ -66,7 +66,7 @@ def run(args) -> int:
         max_connections=args.max_connections,
     )
     app = create_app(model_name=args.model, weights=args.weights, settings=settings, templates=args.templates,
-                     precision=args.precision)
+                     precision=args.precision, cast_weights=args.cast_weights)
     print(f"textseg serving {app.state.service.model.name!r} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.Server(server_config(app, args.port)).run()
     return 0

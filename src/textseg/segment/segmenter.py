@@ -276,6 +276,9 @@ class Segmenter:
         self.text_cache = TextEmbeddingCache.for_model(model, self.cfg.cache_dir)
         wanted = self.cfg.precision if self.cfg.precision is not None else getattr(model, "inference_precision", None)
         self.precision = resolve_precision(wanted, self.device)  # fp32 / bf16 / fp16, resolved once
+        if getattr(model, "inference_cast", None) == "weights" and self.precision == "fp32":
+            raise TextsegError("the image tower's weights were cast to reduced precision (cast_weights); "
+                               "fp32 needs the model loaded without it")
         # an exported ONNX dense graph (textseg.export.load_onnx) replaces the PyTorch tower (fp32)
         self.runtime = None if self.pixel_mode else getattr(model, "dense_runtime", None)
         if self.runtime is not None:

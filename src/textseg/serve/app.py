@@ -538,18 +538,23 @@ def precision_info(model) -> dict:
 
 def create_app(model=None, *, model_name: str | None = None, weights: str | None = None,
                settings: ServeSettings | None = None, templates: str = "imagenet",
-               precision: str | None = None) -> FastAPI:
+               precision: str | None = None, cast_weights: bool = False) -> FastAPI:
     """The ASGI app. Pass a loaded ``model``, or ``model_name`` / ``weights`` to load one at start-up
     (nothing given: the offline default model). ``templates``: the prompt templates of every request
     (:func:`textseg.prompts.resolve_templates`; default the 80 OpenAI prompts). ``precision``: the
-    image tower's (:func:`apply_precision`; reported by ``/v1/models``)."""
+    image tower's (:func:`apply_precision`; reported by ``/v1/models``); ``cast_weights``: ``load_model``'s
+    (:func:`textseg.precision.cast_image_tower`)."""
     settings = settings or ServeSettings()
     if model is None:
         from textseg.weights.load import load_model
 
-        model = load_model(model_name, weights, precision=precision)
+        model = load_model(model_name, weights, precision=precision, cast_weights=cast_weights)
     elif precision is not None:
         apply_precision(model, precision)
+        if cast_weights:
+            from textseg.precision import cast_image_tower
+
+            cast_image_tower(model, model.inference_precision)
     service = SegmentService(model.eval(), settings, templates)
 
     app = FastAPI(title="textseg", version=__version__, docs_url=None, redoc_url=None,
