@@ -6,8 +6,8 @@ Measured in one run (never a timed test):
   normalise in the background workers, batched tower passes, logits, upsampling, argmax, confusion);
 - ``bare``: the image tower alone (``Segmenter._encode``, the same batches of ``cfg.batch_size``
   crops) on the very same already-decoded, resized and normalised tensors, prepared beforehand;
-- ``no pipeline``: ``evaluate`` with ``--decode-workers 0 --batch-images 1`` (everything in one
-  thread, one image at a time), the baseline.
+- the same eval with the prefetch only (``--batch-images 1``), the batching only
+  (``--decode-workers 0``) and neither (everything in one thread, one image at a time: the baseline).
 
 Efficiency = bare tower seconds / eval seconds (goal >= 90 %: the rest of eval hides behind the tower).
 
@@ -62,29 +62,31 @@ def main() -> None:
     seg.segment(ds[0]["image"], pred.labels)  # warm-up: text embeddings cached, kernels initialised
 
     prepared = [seg.prepare(ds[i]["image"]) for i in range(n)]  # the same tensors, decoded beforehand
-    t_eval = t_plain = t_bare = float("inf")
+    variants = {"pipeline": (args.workers, args.batch), "prefetch only": (args.workers, 1),
+                "batching only": (0, args.batch), "no pipeline": (0, 1)}
+    best = dict.fromkeys(["bare", *variants], float("inf"))
+    base = None
     for _ in range(args.repeats):  # interleaved, best of each: the shared machine's load drifts
         t0 = time.perf_counter()
         for k in range(0, n, args.batch):
             seg.encode_prepared(prepared[k : k + args.batch])
-        t_bare = min(t_bare, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        res = evaluate(ds, pred, limit=n, progress=False, workers=args.workers, prefetch_depth=args.prefetch,
-                       batch=args.batch)
-        t_eval = min(t_eval, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        base = evaluate(ds, pred, limit=n, progress=False, workers=0, batch=1)
-        t_plain = min(t_plain, time.perf_counter() - t0)
-        assert torch.equal(res.confusion.mat, base.confusion.mat), "the pipeline changed the confusion matrix"
+        best["bare"] = min(best["bare"], time.perf_counter() - t0)
+        for name, (workers, batch) in variants.items():
+            t0 = time.perf_counter()
+            res = evaluate(ds, pred, limit=n, progress=False, workers=workers, prefetch_depth=args.prefetch,
+                           batch=batch)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            base = base or res
+            assert torch.equal(res.confusion.mat, base.confusion.mat), "the pipeline changed the confusion matrix"
 
     print(f"COCO-MINI VOC-21, {n} images, offline model ({seg.precision}), {seg.cfg.short_side} short side; "
-          f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, workers {args.workers}, batch {args.batch}, best of {args.repeats}; load {os.getloadavg()}")
-    print(f"eval (pipeline):    {t_eval:7.2f} s  {n / t_eval:6.2f} img/s  mIoU {100 * res.metrics().miou:.2f}")
-    print(f"eval (no pipeline): {t_plain:7.2f} s  {n / t_plain:6.2f} img/s")
-    print(f"bare image tower:   {t_bare:7.2f} s  {n / t_bare:6.2f} img/s (same decoded tensors)")
-    print(f"pipeline efficiency (tower time / eval wall time): {100 * t_bare / t_eval:.1f} % "
-          f"(without the pipeline: {100 * t_bare / t_plain:.1f} %)")
-
+          f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, workers "
+          f"{args.workers}, batch {args.batch}, best of {args.repeats}; mIoU {100 * base.metrics().miou:.2f}")
+    print(f"  bare image tower        {best['bare']:7.2f} s  {n / best['bare']:6.2f} img/s (same decoded tensors)")
+    for name in variants:
+        t = best[name]
+        print(f"  eval, {name:17s} {t:7.2f} s  {n / t:6.2f} img/s  efficiency (tower / wall) {100 * best['bare'] / t:5.1f} %")
+    print(f"  load {os.getloadavg()}")
 
 if __name__ == "__main__":
     main()
