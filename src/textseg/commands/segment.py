@@ -10,6 +10,11 @@ mode). Labels follow the one label grammar (:mod:`textseg.text`): commas separat
 separates synonyms of one label. With ``--json`` one object per image per line goes to stdout:
 ``{"image", "labels", "fractions", "mask", "overlay", "seconds"}`` (``{"image", "error"}`` for an
 image that failed). A bad image is reported and the others are still processed (exit code 1).
+
+Images are decoded, resized and normalised by ``--decode-workers`` background threads at most
+``--prefetch`` ahead, ``--batch-images`` at a time go through the model (same-size crops share tower
+passes) and the files are written by a background thread, in input order (:mod:`textseg.pipeline`);
+a failed write stops the run with one error line (exit code 2).
 """
 
 from __future__ import annotations
