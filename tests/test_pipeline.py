@@ -236,6 +236,7 @@ def test_evaluate_same_numbers_with_and_without_the_pipeline(tmp_path):
     assert torch.equal(plain.confusion.mat, piped.confusion.mat)
     assert plain.images == piped.images == 6 and plain.errors == piped.errors
     assert [e["id"] for e in piped.errors] == ["im03"] and plain.worst == piped.worst
+    assert piped.config["pipeline"] == {"decode_workers": 2, "prefetch": 2, "batch_images": 3}  # in the report
 
 
 # ------------------------------------------------------------------------------------------------ batcher

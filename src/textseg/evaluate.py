@@ -452,6 +452,7 @@ def evaluate(
     config = dict(getattr(predictor, "config", {}) or {})
     config["world_size"] = world
     config["threads_per_process"] = torch.get_num_threads()
+    config["pipeline"] = {"decode_workers": workers, "prefetch": prefetch_depth, "batch_images": batch}
     return EvalResult(dataset, cm, done, errors, seconds, global_worst, config)
 
 
