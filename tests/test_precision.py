@@ -175,3 +175,41 @@ def test_cli_and_server_report_precision(tmp_path, capsys):
     with TestClient(create_app(tiny_clip(), precision="bf16"), base_url="http://127.0.0.1") as c:
         cur = c.get("/v1/models").json()["current"]
     assert cur["precision"] == "bf16" and cur["cpu_native_bf16"] == P.cpu_has_native_bf16()
+
+
+def test_cast_weights_converts_the_image_tower_once_and_keeps_text_fp32(tmp_path):
+    import copy
+
+    path = tmp_path / "tiny.safetensors"
+    save_model(tiny_clip(), path)
+    ref = load_model(weights=path)
+    model = load_model(weights=path, precision="bf16", cast_weights=True)
+    assert model.inference_cast == "weights" and P.describe(model)["cast"] == "weights"
+    assert {p.dtype for p in model.visual.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.text.parameters()} == {torch.float32} and model.logit_scale.dtype == torch.float32
+    torch.testing.assert_close(model.embed_texts(["cat", "dog"]), ref.embed_texts(["cat", "dog"]), rtol=0, atol=0)
+    img = (np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8)
+    seg = Segmenter(model, SegmentCfg(short_side=None, templates="none", threshold=None))
+    res = seg.segment(img, "cat, dog, grass")
+    assert seg.precision == "bf16" and res.logits_lowres.dtype == torch.float32
+    # the transcription: the fp32 tower's weights rounded to bf16 once, run under autocast, output to float32
+    want_model = copy.deepcopy(ref)
+    want_model.visual.to(torch.bfloat16)
+    x = seg._image_input
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = want_model.encode_dense(x.to(torch.bfloat16), mode="naclip").float()
+    assert torch.equal(seg._views[0].feats, want)
+    with torch.no_grad():
+        full = ref.encode_dense(x, mode="naclip")
+    assert F.cosine_similarity(want, full, dim=1).min() > 0.99
+    with pytest.raises(TextsegError, match="fp32 needs the model loaded without it"):
+        Segmenter(model, SegmentCfg(precision="fp32"))
+    assert load_model(weights=path, precision="fp32", cast_weights=True).visual.conv1.weight.dtype == torch.float32
+
+
+def test_cast_weights_runs_the_offline_model():
+    model = load_model(precision="bf16", cast_weights=True)
+    assert {p.dtype for p in model.image.parameters()} == {torch.bfloat16}
+    img = (np.random.default_rng(2).random((96, 128, 3)) * 255).astype(np.uint8)
+    res = Segmenter(model, SegmentCfg(short_side=96)).segment(img, "cat, dog, grass, sky")
+    assert res.precision == "bf16" and res.label_map.shape == (96, 128)

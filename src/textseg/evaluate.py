@@ -38,6 +38,7 @@ from textseg.data.base import SegDataset
 from textseg.distributed import get_rank, get_world_size, is_dist
 from textseg.errors import TextsegError
 from textseg.metrics import ConfusionMatrix, SegMetrics
+from textseg.pipeline import DEFAULT_DEPTH, DEFAULT_WORKERS, chunks, prefetch
 
 Predictor = Callable[[object], np.ndarray]
 
@@ -306,11 +307,22 @@ class SegmenterPredictor:
                            model, "default_background_threshold", None) if thr == "auto" else thr},
                        "protocol": asdict(self.protocol) if self.protocol else None, "warnings": self.warnings}
 
-    def __call__(self, sample: dict) -> np.ndarray:
-        res = self.segmenter.segment(sample["image"], self.labels)
+    def _label_map(self, res) -> np.ndarray:
         if len(res.labels) != self.num_classes:  # an appended background class: cannot be scored
             raise TextsegError("the segmenter added a background label the dataset does not have")
         return res.label_map
+
+    def __call__(self, sample: dict) -> np.ndarray:
+        return self._label_map(self.segmenter.segment(sample["image"], self.labels))
+
+    def prepare(self, sample: dict):
+        """The CPU half (decode, resize, normalise, crop; :meth:`Segmenter.prepare`), run by
+        :func:`evaluate`'s background workers."""
+        return self.segmenter.prepare(sample["image"])
+
+    def predict_batch(self, samples: list[dict], prepared: list) -> list[np.ndarray]:
+        """Label maps of several prepared images, their same-size crops batched through the tower."""
+        return [self._label_map(r) for r in self.segmenter.segment_batch(prepared, self.labels)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,12 +394,21 @@ def evaluate(
     progress: bool = True,
     keep_worst: int = 0,
     on_worst: Callable[[str, object, np.ndarray, np.ndarray], None] | None = None,
+    workers: int = DEFAULT_WORKERS,
+    prefetch_depth: int = DEFAULT_DEPTH,
+    batch: int = 4,
 ) -> EvalResult:
     """Run ``predictor`` over ``dataset`` (the first ``limit`` images) and accumulate one exact
     confusion matrix, sharded over ``torch.distributed`` ranks when initialised.
 
     ``keep_worst``: remember the K images with the lowest per-image mIoU; ``on_worst(id, image,
     pred, mask)`` is then called (on the rank that evaluated it) for each of the global worst K.
+
+    The pipeline (:mod:`textseg.pipeline`): samples are read -- and, for a predictor with a
+    ``prepare(sample)`` method (:class:`SegmenterPredictor`), decoded, resized and normalised -- by
+    ``workers`` background threads at most ``prefetch_depth`` images ahead (``workers=0``: in this
+    thread); a predictor with ``predict_batch(samples, prepared)`` gets ``batch`` images at a time
+    (same-size crops share tower passes). The numbers do not depend on these settings.
     """
     dist, rank, world = _dist()
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -403,35 +424,63 @@ def evaluate(
 
         bar = tqdm(total=len(indices), desc=f"eval {dataset.name}", unit="img", file=sys.stderr,
                    dynamic_ncols=True)
-    for i in indices:
-        sid = dataset.ids[i]
-        try:
-            sample = dataset[i]
-            pred = np.asarray(predictor(sample))
-            if pred.shape != sample["mask"].shape:
-                raise TextsegError(f"{sid}: prediction is {pred.shape}, mask is {sample['mask'].shape}")
-            counts = ConfusionMatrix.counts(torch.from_numpy(pred.astype(np.int64)),
-                                            torch.from_numpy(sample["mask"]), cm.num_classes, cm.ignore_index)
-        except TextsegError as e:
-            msg = str(e) if str(e).startswith(sid) else f"{sid}: {e}"
-            if strict:
-                raise TextsegError(f"{msg} (--strict: stopping)") from None
-            errors.append({"id": sid, "error": msg})
-        else:
-            cm.merge(counts)
-            done += 1
-            if keep_worst > 0:
-                score = image_miou(counts)
-                if not math.isnan(score):
-                    item = (-score, i, sid, (sample["image"], pred, sample["mask"]) if on_worst else None)
-                    if len(worst) < keep_worst:
-                        heapq.heappush(worst, item)
-                    elif item > worst[0]:
-                        heapq.heapreplace(worst, item)
-        if bar is not None:
-            bar.update(1)
-            miou = cm.compute().miou
-            bar.set_postfix(mIoU=f"{100 * miou:.2f}" if not math.isnan(miou) else "-", errors=len(errors))
+    prepare = getattr(predictor, "prepare", None)
+    batched = getattr(predictor, "predict_batch", None)
+
+    def load(i: int):  # background workers: read the sample, prepare the image for the model
+        sample = dataset[i]
+        return sample, (prepare(sample) if prepare is not None else None)
+
+    def predict(group: list) -> list:  # label maps (or the TextsegError) of a group of loaded samples
+        if batched is not None and len(group) > 1:
+            try:
+                return batched([s for s, _ in group], [p for _, p in group])
+            except TextsegError:
+                pass  # find the image at fault: one at a time
+        out = []
+        for sample, prep in group:
+            try:
+                out.append(batched([sample], [prep])[0] if batched is not None else predictor(sample))
+            except TextsegError as e:
+                out.append(e)
+        return out
+
+    for group in chunks(prefetch(indices, load, workers=workers, depth=prefetch_depth), batch):
+        loaded = [(i, v) for i, v, e in group if e is None]
+        preds = dict(zip((i for i, _ in loaded), predict([v for _, v in loaded])))
+        for i, value, error in group:
+            sid = dataset.ids[i]
+            try:
+                if error is not None:
+                    raise error
+                sample, pred = value[0], preds[i]
+                if isinstance(pred, TextsegError):
+                    raise pred
+                pred = np.asarray(pred)
+                if pred.shape != sample["mask"].shape:
+                    raise TextsegError(f"{sid}: prediction is {pred.shape}, mask is {sample['mask'].shape}")
+                counts = ConfusionMatrix.counts(torch.from_numpy(pred.astype(np.int64)),
+                                                torch.from_numpy(sample["mask"]), cm.num_classes, cm.ignore_index)
+            except TextsegError as e:
+                msg = str(e) if str(e).startswith(sid) else f"{sid}: {e}"
+                if strict:
+                    raise TextsegError(f"{msg} (--strict: stopping)") from None
+                errors.append({"id": sid, "error": msg})
+            else:
+                cm.merge(counts)
+                done += 1
+                if keep_worst > 0:
+                    score = image_miou(counts)
+                    if not math.isnan(score):
+                        item = (-score, i, sid, (sample["image"], pred, sample["mask"]) if on_worst else None)
+                        if len(worst) < keep_worst:
+                            heapq.heappush(worst, item)
+                        elif item > worst[0]:
+                            heapq.heapreplace(worst, item)
+            if bar is not None:
+                bar.update(1)
+                miou = cm.compute().miou
+                bar.set_postfix(mIoU=f"{100 * miou:.2f}" if not math.isnan(miou) else "-", errors=len(errors))
     if bar is not None:
         bar.close()
     local_worst = [(-s, sid) for s, _, sid, _ in worst]
@@ -461,6 +510,7 @@ def evaluate(
     config = dict(getattr(predictor, "config", {}) or {})
     config["world_size"] = world
     config["threads_per_process"] = torch.get_num_threads()
+    config["pipeline"] = {"decode_workers": workers, "prefetch": prefetch_depth, "batch_images": batch}
     return EvalResult(dataset, cm, done, errors, seconds, global_worst, config)
 
 
@@ -515,13 +565,16 @@ def run_benchmark(dataset: str, root: str | Path, *, split: str | None = None, m
                   classes: str | None = None, model: str | None = None, weights: str | None = None,
                   device: str | None = None, limit: int | None = None, strict: bool = False,
                   progress: bool = True, keep_worst: int = 5, dump_worst: str | Path | None = None,
-                  precision: str | None = None, **options) -> tuple[EvalResult, dict, list[str]]:
+                  precision: str | None = None, workers: int = DEFAULT_WORKERS, prefetch_depth: int = DEFAULT_DEPTH,
+                  batch: int = 4, cast_weights: bool = False, **options) -> tuple[EvalResult, dict, list[str]]:
     """``textseg eval`` as a function: read the benchmark, load the model (``model="oracle"``: the
     ground truth as prediction), run :func:`evaluate` (sharded when ``torch.distributed`` is
     initialised) -> ``(result, report, warnings)``. ``options`` go to :class:`SegmenterPredictor`
     (``protocol``, ``mode``, ``slide``, ``short_side``, ``threshold``, ``pamr``, ``templates``);
     ``dump_worst`` writes the ``keep_worst`` worst images there (:func:`save_worst`); ``precision``
-    goes to ``load_model`` (the image tower's, :mod:`textseg.precision`; reported in the config)."""
+    goes to ``load_model`` (the image tower's, :mod:`textseg.precision`; reported in the config);
+    ``workers`` / ``prefetch_depth`` / ``batch``: the pipeline of :func:`evaluate`; ``cast_weights``:
+    ``load_model``'s."""
     from textseg.data.benchmarks import build_dataset
 
     data = build_dataset(dataset, root, split=split, masks=masks, classes=classes)
@@ -536,14 +589,14 @@ def run_benchmark(dataset: str, root: str | Path, *, split: str | None = None, m
         from textseg.weights.load import load_model
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        net = load_model(model, weights, device=device, precision=precision)
+        net = load_model(model, weights, device=device, precision=precision, cast_weights=cast_weights)
         predictor = SegmenterPredictor(net, data, **options)
         predictor.config.update(model=getattr(net, "name", type(net).__name__), weights=weights, device=str(device),
-                                precision=predictor.segmenter.precision)
+                                precision=predictor.segmenter.precision, cast_weights=bool(cast_weights))
         warnings = list(predictor.warnings)
     on_worst = save_worst(dump_worst, data.class_names) if dump_worst is not None else None
     result = evaluate(data, predictor, limit=limit, strict=strict, progress=progress, keep_worst=keep_worst,
-                      on_worst=on_worst)
+                      on_worst=on_worst, workers=workers, prefetch_depth=prefetch_depth, batch=batch)
     report = result.report()
     report["config"].update(dataset=dataset, root=str(root), split=split, masks=masks, classes=classes, limit=limit)
     return result, report, warnings

@@ -10,6 +10,12 @@ float32 before anything is scored, so logits, softmax, thresholds and PAMR are a
 - CPU: bf16 when the processor has native bf16 instructions (the ``avx512_bf16`` or ``amx_bf16``
   flags of ``/proc/cpuinfo``); fp32 otherwise (bf16 emulated in fp32 is slower than fp32);
 - anything else (MPS, unknown): fp32.
+
+Weight casting (``load_model(..., cast_weights=True)``, ``--cast-weights``; off by default): with bf16 /
+fp16, :func:`cast_image_tower` converts the image tower's parameters and buffers to that dtype once, so
+``torch.autocast`` no longer re-casts ~86 M weights in every forward and the elementwise work between
+the matrix products (GELU, residual additions) runs in bf16 too. The text tower, the text projection and
+the scalars stay float32; the tower still runs under autocast, so a module of mixed dtypes works.
 """
 
 from __future__ import annotations
@@ -62,6 +68,28 @@ def resolve_precision(precision: str | None, device: str | torch.device = "cpu")
     return "fp32"
 
 
+# Child modules that form the image side of textseg's models (CLIP / GroupViT ``visual``, the offline
+# model's and LiT's ``image``, LSeg's ``image_encoder`` / ``decoder`` / ``head_block``).
+IMAGE_TOWERS = ("visual", "image", "image_encoder", "decoder", "head_block")
+
+
+def cast_image_tower(model, precision: str) -> list[str]:
+    """Convert the floating parameters and buffers of ``model``'s image-side children
+    (:data:`IMAGE_TOWERS`) to ``precision``'s dtype once (in place); returns the names cast. fp32: no-op.
+    Sets ``model.inference_cast = "weights"``; a model without such children is refused."""
+    if precision == "fp32":
+        return []
+    dtype = DTYPES[precision]
+    names = [n for n, _ in model.named_children() if n in IMAGE_TOWERS]
+    if not names:
+        raise TextsegError(f"model {getattr(model, 'name', type(model).__name__)!r} has no image tower to cast "
+                           f"(children named {', '.join(IMAGE_TOWERS)}); drop --cast-weights")
+    for n in names:
+        getattr(model, n).to(dtype)
+    model.inference_cast = "weights"
+    return names
+
+
 def autocast(precision: str, device: str | torch.device = "cpu"):
     """A context running the image tower at ``precision`` (a resolved one) on ``device``."""
     if precision == "fp32":
@@ -81,6 +109,8 @@ def to_float32(x):
 
 
 def describe(model) -> dict:
-    """What ``/v1/models`` reports: the model's resolved ``precision`` and whether this CPU has native bf16."""
+    """What ``/v1/models`` reports: the model's resolved ``precision``, ``cast`` (``"weights"`` when the
+    image tower's weights were converted once, else ``"autocast"``) and whether this CPU has native bf16."""
     return {"precision": getattr(model, "inference_precision", None) or "fp32",
+            "cast": getattr(model, "inference_cast", None) or "autocast",
             "cpu_native_bf16": cpu_has_native_bf16()}

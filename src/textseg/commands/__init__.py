@@ -116,6 +116,11 @@ def validate_options(args) -> None:
     area = get("min_area")
     if area is not None and not (math.isfinite(area) and 0 <= area < 1):
         raise TextsegError(f"--min-area is a fraction of the image in [0, 1), got {area}")
+    at_least("decode_workers", 0)
+    at_least("prefetch", 1)
+    at_least("batch_images", 1)
+    at_least("batch", 0)
+    at_least("batch_wait_ms", 0)
     for name in ("workers", "max_queue", "max_pixels", "max_labels", "max_prompts", "top_k", "batch_size", "limit"):
         at_least(name, 1)
     if get("threads") is not None and args.command != "cam":  # cam: 0 = torch's default
@@ -135,3 +140,20 @@ PRECISION_HELP = ("image-tower precision: auto (bf16 on CPUs with native bf16 / 
 def add_precision_argument(group) -> None:
     """``--precision`` (:func:`textseg.precision.resolve_precision`), the same on every command."""
     group.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
+    group.add_argument("--cast-weights", action="store_true",
+                       help="with bf16 / fp16: convert the image tower's weights once instead of casting them in "
+                       "every forward (autocast); faster on CPU")
+
+
+def add_pipeline_arguments(group) -> None:
+    """``--decode-workers`` / ``--prefetch`` / ``--batch-images`` (:mod:`textseg.pipeline`): segment and eval."""
+    from textseg.pipeline import DEFAULT_DEPTH, DEFAULT_WORKERS
+
+    group.add_argument("--decode-workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                       help="background threads decoding, resizing and normalising the next images while the "
+                       f"model runs (0 = none: all in the main thread; default {DEFAULT_WORKERS})")
+    group.add_argument("--prefetch", type=int, default=DEFAULT_DEPTH, metavar="N",
+                       help=f"images prepared ahead of the model at most (the memory bound; default {DEFAULT_DEPTH})")
+    group.add_argument("--batch-images", type=int, default=4, metavar="N",
+                       help="images handed to the model together: their same-size crops share image-tower "
+                       "passes (of SegmentCfg.batch_size = 4 crops); default 4")

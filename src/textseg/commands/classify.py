@@ -48,7 +48,8 @@ def run(args) -> int:
     from textseg.weights.load import load_model
     from textseg.zeroshot import classify_batches
 
-    model = load_model(name=args.model, weights=args.weights, device=args.device, precision=args.precision)
+    model = load_model(name=args.model, weights=args.weights, device=args.device, precision=args.precision,
+                       cast_weights=args.cast_weights)
     done = 0
     for probs in classify_batches(model, paths, classes, templates, args.batch_size, progress=True):
         for path, row in zip(paths[done:], probs.tolist()):

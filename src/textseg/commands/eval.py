@@ -14,7 +14,12 @@ from __future__ import annotations
 import json
 import sys
 
-from textseg.commands import add_precision_argument, add_templates_argument, threshold_type
+from textseg.commands import (
+    add_pipeline_arguments,
+    add_precision_argument,
+    add_templates_argument,
+    threshold_type,
+)
 from textseg.data import DATASETS
 
 # Past this fraction of failed images the run exits with code 1 (the mIoU would not be the benchmark's).
@@ -54,6 +59,7 @@ def add_parser(sub) -> None:
                    help="background threshold on the best class probability (number, auto, none)")
     m.add_argument("--pamr", action="store_true", default=None, help="refine logits with PAMR")
     add_templates_argument(m, None)  # None: the protocol's templates, else SegmentCfg's (imagenet)
+    add_pipeline_arguments(m)
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="write the JSON report here")
     o.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
@@ -94,7 +100,8 @@ def run(args) -> int:
     result, report, warnings = run_benchmark(
         args.dataset, args.root, split=args.split, masks=args.masks, classes=args.classes, model=args.model,
         weights=args.weights, device=device, precision=args.precision, limit=args.limit, strict=args.strict, progress=not args.no_progress,
-        keep_worst=keep, dump_worst=dump, **options)
+        keep_worst=keep, dump_worst=dump, workers=args.decode_workers, prefetch_depth=args.prefetch,
+        batch=args.batch_images, cast_weights=args.cast_weights, **options)
     if rank == 0:
         for w in warnings:
             print(f"textseg eval: warning: {w}", file=sys.stderr)

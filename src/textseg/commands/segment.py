@@ -10,6 +10,11 @@ mode). Labels follow the one label grammar (:mod:`textseg.text`): commas separat
 separates synonyms of one label. With ``--json`` one object per image per line goes to stdout:
 ``{"image", "labels", "fractions", "mask", "overlay", "seconds"}`` (``{"image", "error"}`` for an
 image that failed). A bad image is reported and the others are still processed (exit code 1).
+
+Images are decoded, resized and normalised by ``--decode-workers`` background threads at most
+``--prefetch`` ahead, ``--batch-images`` at a time go through the model (same-size crops share tower
+passes) and the files are written by a background thread, in input order (:mod:`textseg.pipeline`);
+a failed write stops the run with one error line (exit code 2).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from textseg.commands import (
     add_label_arguments,
+    add_pipeline_arguments,
     add_precision_argument,
     add_templates_argument,
     threshold_type,
@@ -57,6 +63,7 @@ def add_parser(sub) -> None:
     s.add_argument("--pamr", action="store_true", help="refine with PAMR (pixel-adaptive mask refinement)")
     s.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                    help=f"refuse images larger than this (default {DEFAULT_MAX_MEGAPIXELS:g} MP)")
+    add_pipeline_arguments(s)
     o = p.add_argument_group("output")
     o.add_argument("--out", default="out/segment", help="output folder (default out/segment)")
     o.add_argument("--json", action="store_true", help="print one JSON object per image per line")
@@ -93,6 +100,7 @@ def run(args) -> int:
         raise TextsegError("no images to segment")
 
     from textseg.io import load_image, save_image, write_text
+    from textseg.pipeline import BackgroundWriter, chunks, prefetch
     from textseg.segment import SegmentCfg, Segmenter
     from textseg.weights.load import load_model
 
@@ -103,7 +111,8 @@ def run(args) -> int:
 
         model = load_onnx(args.onnx, device=args.device, precision=args.precision)
     else:
-        model = load_model(args.model, args.weights, device=args.device, precision=args.precision)
+        model = load_model(args.model, args.weights, device=args.device, precision=args.precision,
+                           cast_weights=args.cast_weights)
     cfg = SegmentCfg(
         mode=args.mode,
         short_side=args.short_side or None,
@@ -126,27 +135,22 @@ def run(args) -> int:
         raise TextsegError(f"--out {out_dir}: cannot create the folder ({e.strerror or e})") from None
     used: set[str] = set()
     failed = 0
-    bar = tqdm(paths, unit="img", file=sys.stderr, disable=args.no_progress or len(paths) < 2)
-    for path in bar:
-        t0 = time.perf_counter()
-        try:
-            image = load_image(path, max_pixels=args.max_megapixels * 1e6)
-            res = seg.segment(image, classes)
-            stem = _out_stem(path, used)
-            t1 = time.perf_counter()
-            mask_path, ov_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
-            save_image(res.mask_image(), mask_path, optimize=False)
-            save_image(res.overlay(image, legend=not args.no_legend), ov_path)
-            res.timings["write"] = time.perf_counter() - t1
-        except TextsegError as e:
-            failed += 1
-            bar.write(f"textseg segment: error: {e}", file=sys.stderr)
-            if args.json:
-                print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
-            continue
+    bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=args.no_progress or len(paths) < 2)
+    model_name = getattr(model, "name", type(model).__name__)
+
+    def prepare(path: Path):  # background threads: decode, resize, normalise, crop
+        image = load_image(path, max_pixels=args.max_megapixels * 1e6)
+        return image, seg.prepare(image)
+
+    def write(path: Path, image, res, stem: str, t0: float) -> None:  # the writer thread
+        t1 = time.perf_counter()
+        mask_path, ov_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
+        save_image(res.mask_image(), mask_path, optimize=False)
+        save_image(res.overlay(image, legend=not args.no_legend), ov_path)
+        res.timings["write"] = time.perf_counter() - t1
         seconds = time.perf_counter() - t0
         files = {"image": str(path), "mask": str(mask_path), "overlay": str(ov_path), "seconds": round(seconds, 4)}
-        detail = dict(files, **res.to_record(), model=getattr(model, "name", type(model).__name__), mode=seg.mode)
+        detail = dict(files, **res.to_record(), model=model_name, mode=seg.mode)
         write_text(out_dir / f"{stem}.json", json.dumps(detail, indent=1, ensure_ascii=False) + "\n")
         if args.json:  # the short form: image, labels, fractions, files, seconds
             line = {k: detail[k] for k in ("image", "labels", "fractions", "mask", "overlay", "seconds")}
@@ -155,6 +159,37 @@ def run(args) -> int:
             top = sorted(((f, n) for n, f in res.fractions.items() if f > 0), reverse=True)[:6]
             shares = ", ".join(f"{n} {100 * f:.1f}%" for f, n in top)
             bar.write(f"{path}: {shares} -> {ov_path} ({seconds:.2f} s)")
+        bar.update(1)
+
+    def report(path: Path, e: TextsegError) -> None:  # in the writer thread too: stdout stays in order
+        bar.write(f"textseg segment: error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
+        bar.update(1)
+
+    stream = prefetch(paths, prepare, workers=args.decode_workers, depth=args.prefetch)
+    with BackgroundWriter(max_pending=max(1, args.prefetch), workers=0 if args.decode_workers == 0 else 1) as writer:
+        for group in chunks(stream, args.batch_images):
+            t0 = time.perf_counter()
+            ready = [(path, value) for path, value, error in group if error is None]
+            results: list = []
+            try:
+                results = seg.segment_batch([prep for _, (_, prep) in ready], classes)
+            except TextsegError:  # find the image at fault: one at a time
+                for _path, (_, prep) in ready:
+                    try:
+                        results.append(seg.segment_batch([prep], classes)[0])
+                    except TextsegError as e:
+                        results.append(e)
+            done = iter(results)
+            for path, value, error in group:  # outputs and errors in the order of the images
+                res = error if error is not None else next(done)
+                if isinstance(res, TextsegError):
+                    failed += 1
+                    writer.submit(report, path, res)
+                    continue
+                writer.submit(write, path, value[0], res, _out_stem(path, used), t0, what=f"the outputs of {path}")
+    bar.close()
     if failed:
         print(f"textseg segment: {failed} of {len(paths)} images failed", file=sys.stderr)
         return 1

@@ -18,6 +18,11 @@ def add_parser(sub) -> None:
                    help="most label texts per request, synonyms included (default 400)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request time limit in seconds")
     p.add_argument("--workers", type=int, default=1, help="threads running the model")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="batch the image-tower passes of up to N concurrent uploads into one forward "
+                   "(0 = off; default: 8 on CUDA, off on CPU)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, metavar="MS",
+                   help="the longest a batch waits for more requests after its first (default 10 ms)")
     p.add_argument("--max-queue", type=int, default=32, help="requests admitted at once; more get 503")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="another name the Host header may carry (repeatable; default: only the bound address)")
@@ -50,6 +55,8 @@ def run(args) -> int:
         max_prompts=args.max_prompts,
         timeout_s=args.timeout,
         workers=args.workers,
+        batch=args.batch,
+        batch_wait_s=args.batch_wait_ms / 1000.0,
         max_queue=args.max_queue,
         image_cache_bytes=int(args.image_cache_mb * 1024 * 1024),
         host=args.host,
@@ -59,7 +66,7 @@ def run(args) -> int:
         max_connections=args.max_connections,
     )
     app = create_app(model_name=args.model, weights=args.weights, settings=settings, templates=args.templates,
-                     precision=args.precision)
+                     precision=args.precision, cast_weights=args.cast_weights)
     print(f"textseg serving {app.state.service.model.name!r} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.Server(server_config(app, args.port)).run()
     return 0

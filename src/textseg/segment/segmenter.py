@@ -236,6 +236,20 @@ class SegmentResult:
 
 
 @dataclass
+class PreparedImage:
+    """An image decoded, resized, normalised and cropped for the tower (:meth:`Segmenter.prepare`).
+
+    views: per view (scale x flip) ``(crops K x 3 x h x w, boxes, canvas_hw, flipped)``.
+    """
+
+    size: tuple[int, int]
+    views: list[tuple[torch.Tensor, list, tuple[int, int], bool]]
+    image_small: torch.Tensor | None
+    image_input: torch.Tensor | None
+    seconds: float = 0.0
+
+
+@dataclass
 class _View:
     feats: torch.Tensor | dict | None  # K x D x h' x w' dense features of K crops (pixel modes: a dict of K-batches)
     boxes: list[tuple[int, int, int, int]]
@@ -289,6 +303,9 @@ class Segmenter:
         self.text_cache = TextEmbeddingCache.for_model(model, self.cfg.cache_dir)
         wanted = self.cfg.precision if self.cfg.precision is not None else getattr(model, "inference_precision", None)
         self.precision = resolve_precision(wanted, self.device)  # fp32 / bf16 / fp16, resolved once
+        if getattr(model, "inference_cast", None) == "weights" and self.precision == "fp32":
+            raise TextsegError("the image tower's weights were cast to reduced precision (cast_weights); "
+                               "fp32 needs the model loaded without it")
         # an exported ONNX dense graph (textseg.export.load_onnx) replaces the PyTorch tower (fp32)
         self.runtime = None if self.pixel_mode else getattr(model, "dense_runtime", None)
         if self.runtime is not None:
@@ -364,17 +381,18 @@ class Segmenter:
         return crop_boxes(size[0], size[1], crop, stride)
 
     @torch.no_grad()
-    def set_image(self, image) -> None:
-        """Compute and cache the dense features of ``image`` (path, bytes, PIL, numpy HxW[xC] uint8,
-        or a ``3 x H x W`` uint8 tensor)."""
+    def prepare(self, image) -> PreparedImage:
+        """Decode, resize, normalise and crop ``image`` (path, bytes, PIL, numpy HxW[xC] uint8, or a
+        ``3 x H x W`` uint8 tensor) for the image tower, without running it: the CPU half of
+        :meth:`set_image`, safe to call from background threads (:mod:`textseg.pipeline`)."""
         t0 = time.perf_counter()
         if isinstance(image, torch.Tensor):
             if image.dim() != 3 or image.shape[0] not in (1, 3) or image.dtype != torch.uint8:
                 raise TextsegError("tensor images must be 3 x H x W (or 1 x H x W) uint8")
             image = image.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
         img = load_image(image if not isinstance(image, Path) else str(image))
-        self.image_size = (img.height, img.width)
-        self._views = []
+        views: list[tuple[torch.Tensor, list, tuple[int, int], bool]] = []
+        small = first = None
         scales = tuple(self.cfg.scales) or (1.0,)
         for si, s in enumerate(scales):
             short = None if self.cfg.short_side is None else max(1, round(self.cfg.short_side * s))
@@ -385,19 +403,72 @@ class Segmenter:
             x = resize_to_tensor(img, size, pcfg.interpolation)  # 1 x 3 x H' x W' in [0, 1]
             if si == 0:
                 ps = max(1, self.cfg.pamr_stride)
-                self._image_small = F.interpolate(x, size=(max(1, size[0] // ps), max(1, size[1] // ps)), mode="area")
+                small = F.interpolate(x, size=(max(1, size[0] // ps), max(1, size[1] // ps)), mode="area")
             x = normalize(x, pcfg.mean, pcfg.std)
             if si == 0:
-                self._image_input = x
+                first = x
             boxes = self._crop_geometry(size)
             for flipped in (False, True) if self.cfg.flip else (False,):
                 xi = x.flip(-1) if flipped else x
                 crops = torch.cat([xi[:, :, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
-                if self.text_mode:  # encoded by _text_features once the labels are known
-                    self._views.append(_View(None, boxes, size, flipped, crops=crops))
-                else:
-                    self._views.append(_View(self._encode(crops), boxes, size, flipped))
-        self.timings = {"encode_image": time.perf_counter() - t0}
+                views.append((crops, boxes, size, flipped))
+        return PreparedImage((img.height, img.width), views, small, first, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def encode_prepared(self, items: Sequence[PreparedImage]) -> list[list[_View]]:
+        """Run the image tower over the crops of several prepared images at once: crops of the same
+        size (same-size images, or the crops of a sliding window) share forward passes of
+        ``cfg.batch_size`` crops; returns each image's views (its cached dense features)."""
+        if self.text_mode:  # encoded by _text_features once the labels are known
+            return [[_View(None, boxes, size, flipped, crops=crops) for crops, boxes, size, flipped in item.views]
+                    for item in items]
+        groups: dict[tuple, list[tuple[int, int]]] = {}
+        for i, item in enumerate(items):
+            for v, (crops, *_rest) in enumerate(item.views):
+                groups.setdefault(tuple(crops.shape[1:]), []).append((i, v))
+        feats: dict[tuple[int, int], torch.Tensor | dict] = {}
+        for members in groups.values():
+            sizes = [items[i].views[v][0].shape[0] for i, v in members]
+            out = self._encode(torch.cat([items[i].views[v][0] for i, v in members]))
+            parts = ({k: t.split(sizes) for k, t in out.items()} if isinstance(out, dict) else out.split(sizes))
+            for j, key in enumerate(members):
+                feats[key] = {k: p[j] for k, p in parts.items()} if isinstance(parts, dict) else parts[j]
+        return [[_View(feats[(i, v)], boxes, size, flipped) for v, (_, boxes, size, flipped) in enumerate(item.views)]
+                for i, item in enumerate(items)]
+
+    def set_encoded(self, item: PreparedImage, views: list[_View], seconds: float = 0.0) -> None:
+        """Cache ``views`` (``encode_prepared([item, ...])``'s entry for ``item``, e.g. computed by a
+        batched forward elsewhere) as the current image's features, like :meth:`set_image`."""
+        self._use(item, views, seconds)
+
+    def _use(self, item: PreparedImage, views: list[_View], seconds: float) -> None:
+        self.image_size = item.size
+        self._views = views
+        self._image_small, self._image_input = item.image_small, item.image_input
+        self.timings = {"encode_image": seconds}
+
+    @torch.no_grad()
+    def set_image(self, image) -> None:
+        """Compute and cache the dense features of ``image`` (path, bytes, PIL, numpy HxW[xC] uint8,
+        or a ``3 x H x W`` uint8 tensor, or a :class:`PreparedImage` from :meth:`prepare`)."""
+        t0 = time.perf_counter()
+        item = image if isinstance(image, PreparedImage) else self.prepare(image)
+        views = self.encode_prepared([item])[0]
+        self._use(item, views, time.perf_counter() - t0)
+
+    def segment_batch(self, images: Sequence, labels: Labels | None = None) -> list[SegmentResult]:
+        """:meth:`segment` of several images (or :class:`PreparedImage`\\ s) with one batched tower
+        pass over their same-size crops; the results equal one :meth:`segment` per image (the cached
+        features are the last image's). ``timings["encode_image"]`` is each image's share."""
+        t0 = time.perf_counter()
+        items = [im if isinstance(im, PreparedImage) else self.prepare(im) for im in images]
+        views = self.encode_prepared(items)
+        share = (time.perf_counter() - t0) / max(1, len(items))
+        out = []
+        for item, v in zip(items, views):
+            self._use(item, v, share)
+            out.append(self.predict(labels))
+        return out
 
     # ---------------------------------------------------------------- text side
     def _classes(self, labels: Labels | None) -> tuple[list[LabelClass], int | None, float | None]:

@@ -78,6 +78,10 @@ class ServeSettings:
     body_timeout_s: float = 60.0  # a request body must arrive within this of its head
     max_connections: int = 128  # open connections; more get 503 (server_config)
     keep_alive_s: int = 5  # idle keep-alive connections are closed after this
+    # concurrent uploads whose image-tower passes are batched into one forward (textseg.pipeline.Batcher);
+    # None = auto: 8 when the model is on CUDA, off (0) on CPU (one forward already uses every core)
+    batch: int | None = None
+    batch_wait_s: float = 0.01  # the bounded wait of a batch after its first request
 
 
 # Content-Security-Policy of every response: scripts and styles only from this server's files (no
@@ -147,8 +151,18 @@ class SegmentService:
         self.model = model
         self.settings = settings
         self.templates = resolve_templates(templates)  # segment and classify alike
-        self.base_cfg = SegmentCfg(templates=self.templates)
-        self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="textseg")
+        p = next(model.parameters(), None)
+        batch = settings.batch
+        if batch is None:
+            batch = 8 if p is not None and p.device.type == "cuda" else 0
+        self.batch = max(0, int(batch))
+        self.batcher = None
+        if self.batch > 1:  # the tower of concurrent uploads in one forward; their decoding in parallel
+            from textseg.pipeline import Batcher
+
+            self.batcher = Batcher(self._encode_batch, max_batch=self.batch, max_wait_s=settings.batch_wait_s)
+        self.base_cfg = SegmentCfg(templates=self.templates, batch_size=max(4, self.batch))
+        self.pool = ThreadPoolExecutor(max_workers=max(settings.workers, self.batch), thread_name_prefix="textseg")
         self._admitted = 0
         self._admit_lock = threading.Lock()
         self._job_seconds = 1.0  # running mean of one job's time, for Retry-After
@@ -216,6 +230,22 @@ class SegmentService:
             return {"images": len(self._images), "bytes": sum(v.nbytes for v in self._images.values())}
 
     # ------------------------------------------------------------------ work (runs in the pool)
+    def _encode_batch(self, mode, jobs: list) -> list:
+        """The batcher's call: ``jobs`` = ``(segmenter, prepared image)`` of one dense mode -> their views,
+        the same-size crops of all of them through the tower together (under the model lock)."""
+        with self.model_lock:
+            return jobs[0][0].encode_prepared([prep for _, prep in jobs])
+
+    def _set_image(self, seg, data: bytes) -> None:
+        if self.batcher is None:
+            with self.model_lock:
+                seg.set_image(data)
+            return
+        t0 = time.perf_counter()
+        prep = seg.prepare(data)  # decode / resize / normalise in this request's thread, in parallel
+        views = self.batcher.submit(seg.mode, (seg, prep))
+        seg.set_encoded(prep, views, time.perf_counter() - t0)
+
     def segment(self, img: _Image | None, image_id: str, labels, mode, threshold, want_mask: bool,
                 want_overlay: bool) -> dict:
         """Segment a new upload ``img``, or (``img`` None) the cached image ``image_id`` (:class:`_Gone`
@@ -232,8 +262,7 @@ class SegmentService:
             cached = seg is not None
             if seg is None:
                 seg = Segmenter(self.model, replace(self.base_cfg, mode=mode))
-                with self.model_lock:
-                    seg.set_image(img.data)
+                self._set_image(seg, img.data)
                 img.segmenters[mode] = seg
             seg.cfg = replace(seg.cfg, threshold=self.base_cfg.threshold if threshold is None else threshold)
             with self.model_lock:
@@ -509,18 +538,23 @@ def precision_info(model) -> dict:
 
 def create_app(model=None, *, model_name: str | None = None, weights: str | None = None,
                settings: ServeSettings | None = None, templates: str = "imagenet",
-               precision: str | None = None) -> FastAPI:
+               precision: str | None = None, cast_weights: bool = False) -> FastAPI:
     """The ASGI app. Pass a loaded ``model``, or ``model_name`` / ``weights`` to load one at start-up
     (nothing given: the offline default model). ``templates``: the prompt templates of every request
     (:func:`textseg.prompts.resolve_templates`; default the 80 OpenAI prompts). ``precision``: the
-    image tower's (:func:`apply_precision`; reported by ``/v1/models``)."""
+    image tower's (:func:`apply_precision`; reported by ``/v1/models``); ``cast_weights``: ``load_model``'s
+    (:func:`textseg.precision.cast_image_tower`)."""
     settings = settings or ServeSettings()
     if model is None:
         from textseg.weights.load import load_model
 
-        model = load_model(model_name, weights, precision=precision)
+        model = load_model(model_name, weights, precision=precision, cast_weights=cast_weights)
     elif precision is not None:
         apply_precision(model, precision)
+        if cast_weights:
+            from textseg.precision import cast_image_tower
+
+            cast_image_tower(model, model.inference_precision)
     service = SegmentService(model.eval(), settings, templates)
 
     app = FastAPI(title="textseg", version=__version__, docs_url=None, redoc_url=None,
@@ -561,7 +595,8 @@ def create_app(model=None, *, model_name: str | None = None, weights: str | None
         m = service.model
         return {
             "current": {"name": m.name, "modes": list(getattr(m, "dense_modes", ())),
-                        "embed_dim": getattr(m, "embed_dim", None), **precision_info(m)},
+                        "embed_dim": getattr(m, "embed_dim", None), **precision_info(m),
+                        "batch": service.batch, "batch_wait_s": settings.batch_wait_s if service.batch > 1 else None},
             "available": available_names(),
         }
 

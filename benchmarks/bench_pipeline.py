@@ -1,0 +1,92 @@
+"""Issue 17: pipeline efficiency of ``textseg eval`` on COCO-MINI (VOC-21 masks) with the offline model.
+
+Measured in one run (never a timed test):
+
+- ``eval``: :func:`textseg.evaluate.evaluate` wall time (reading JPEGs and masks, decode / resize /
+  normalise in the background workers, batched tower passes, logits, upsampling, argmax, confusion);
+- ``bare``: the image tower alone (``Segmenter._encode``, the same batches of ``cfg.batch_size``
+  crops) on the very same already-decoded, resized and normalised tensors, prepared beforehand;
+- the same eval with the prefetch only (``--batch-images 1``), the batching only
+  (``--decode-workers 0``) and neither (everything in one thread, one image at a time: the baseline).
+
+Efficiency = bare tower seconds / eval seconds (goal >= 90 %: the rest of eval hides behind the tower).
+
+``OMP_WAIT_POLICY`` is set to ``PASSIVE`` unless already set: on the shared, oversubscribed 2-core
+machine libgomp's active spinning made torch's 2-thread main-thread kernels 5-8x slower than the same
+kernels with passive waiting (or with a second Python thread alive, which makes libgomp throttle its
+spinning), which would flatter the pipeline; with passive waiting every variant runs at the same speed.
+
+    PYTHONPATH=src python benchmarks/bench_pipeline.py [--limit 40] [--workers 1] [--batch 4] [--precision fp32] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp (see the docstring)
+
+import torch  # noqa: E402
+
+from textseg.data.folder import FolderDataset  # noqa: E402
+from textseg.evaluate import SegmenterPredictor, evaluate  # noqa: E402
+from textseg.weights.load import load_model  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mini"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default=os.environ.get("TEXTSEG_COCO_MINI", str(DATA)))
+    ap.add_argument("--limit", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--prefetch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    root = Path(args.root)
+    if not (root / "images").is_dir():
+        sys.exit(f"COCO-MINI not found at {root} (pass --root)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = FolderDataset(root, masks="masks_voc21", classes=str(root / "classes_voc21.txt"))
+    model = load_model(None, None, precision=args.precision)
+    pred = SegmenterPredictor(model, ds)
+    seg = pred.segmenter
+    n = min(args.limit, len(ds))
+    seg.segment(ds[0]["image"], pred.labels)  # warm-up: text embeddings cached, kernels initialised
+
+    prepared = [seg.prepare(ds[i]["image"]) for i in range(n)]  # the same tensors, decoded beforehand
+    variants = {"pipeline": (args.workers, args.batch), "prefetch only": (args.workers, 1),
+                "batching only": (0, args.batch), "no pipeline": (0, 1)}
+    best = dict.fromkeys(["bare", *variants], float("inf"))
+    base = None
+    for _ in range(args.repeats):  # interleaved, best of each: the shared machine's load drifts
+        t0 = time.perf_counter()
+        for k in range(0, n, args.batch):
+            seg.encode_prepared(prepared[k : k + args.batch])
+        best["bare"] = min(best["bare"], time.perf_counter() - t0)
+        for name, (workers, batch) in variants.items():
+            t0 = time.perf_counter()
+            res = evaluate(ds, pred, limit=n, progress=False, workers=workers, prefetch_depth=args.prefetch,
+                           batch=batch)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            base = base or res
+            assert torch.equal(res.confusion.mat, base.confusion.mat), "the pipeline changed the confusion matrix"
+
+    print(f"COCO-MINI VOC-21, {n} images, offline model ({seg.precision}), {seg.cfg.short_side} short side; "
+          f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, workers "
+          f"{args.workers}, batch {args.batch}, best of {args.repeats}; mIoU {100 * base.metrics().miou:.2f}")
+    print(f"  bare image tower        {best['bare']:7.2f} s  {n / best['bare']:6.2f} img/s (same decoded tensors)")
+    for name in variants:
+        t = best[name]
+        print(f"  eval, {name:17s} {t:7.2f} s  {n / t:6.2f} img/s  efficiency (tower / wall) {100 * best['bare'] / t:5.1f} %")
+    print(f"  load {os.getloadavg()}")
+
+if __name__ == "__main__":
+    main()
