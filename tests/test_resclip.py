@@ -291,3 +291,18 @@ def test_sfr_prior_equals_the_official(shape):
         loose = _attention_sfr(cat, shape, delete_same_entity=False)[0, 1:, 1:]
         assert (loose - ref).abs().max() > 1e-3
         torch.testing.assert_close(sfr_attention(cat, ResCLIPCfg(delete_same_entity=False)), loose, atol=1e-6, rtol=0)
+
+
+def test_segment_batch_with_a_text_mode_equals_one_image_at_a_time(vits):
+    """The batched pipeline (Segmenter.segment_batch / encode_prepared) defers a text mode's crops until
+    the labels are known, so each image gets the features its own labels condition."""
+    model = vits[8]
+    rng = np.random.default_rng(1)
+    imgs = [(rng.random((48, 64, 3)) * 255).astype(np.uint8) for _ in range(2)]
+    cfg = SegmentCfg(mode="resclip", short_side=None, templates=("a photo of a {}.",), threshold=None,
+                     mode_options={"temp_thd": 0.1})
+    batched = Segmenter(model, cfg).segment_batch(imgs, "cat, dog, grass")
+    for img, got in zip(imgs, batched):
+        one = Segmenter(model, cfg).segment(img, "cat, dog, grass")
+        torch.testing.assert_close(got.logits, one.logits, atol=1e-5, rtol=1e-5)
+        assert (got.label_map == one.label_map).all()
