@@ -12,7 +12,7 @@ random map, a per-image shuffle, one group). Also the ceiling and the random-ini
 all-background baselines. Writes ``<out>/summary.json``::
 
     python benchmarks/groupvit_emergence.py --seeds 0 1 2 --out runs/emergence
-    python benchmarks/groupvit_emergence.py --seeds 0 --questions --out runs/emergence_q   # (a)-(d)
+    python benchmarks/groupvit_emergence.py --seeds 0 1 2 --questions --question-seeds 0 --jobs 3 --out DIR
 
 ``--questions`` adds the paper's open questions on seed(s) given: (a) mean vs sum pooling of the
 assigned tokens, (b) a background threshold calibrated on validation scenes vs the fixed 0.9 / 0.95,
@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel processes (one per core)")
     ap.add_argument("--tracks", nargs="+", default=["faithful", "variant"], choices=("faithful", "variant"))
     ap.add_argument("--questions", action="store_true", help="also measure the open questions (a)-(d)")
+    ap.add_argument("--question-seeds", type=int, nargs="+", default=None,
+                    help="seeds of the question runs (a), (c), (d) (default: --seeds)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -137,7 +139,8 @@ def main() -> None:
     shared["out"] = str(out)
     jobs = [(main_job, t, s, shared) for t in args.tracks for s in args.seeds]
     if args.questions:
-        jobs += [(question_job, q, s, shared) for s in args.seeds for q in ("a_sum_pool", "d_hard_gumbel", "c")]
+        jobs += [(question_job, q, s, shared) for s in (args.question_seeds or args.seeds)
+                 for q in ("a_sum_pool", "d_hard_gumbel", "c")]
     results = run_all(jobs, args.jobs)
     for track in args.tracks:
         rows = [r for (fn, t, _, _), r in zip(jobs, results) if fn is main_job and t == track]
