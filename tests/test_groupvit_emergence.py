@@ -124,7 +124,7 @@ def test_ceiling_baselines_and_the_evaluation_on_hand_made_groups(monkeypatch):
     onehot = F.one_hot(torch.from_numpy(scenes.masks).long(), len(scenes.classes)).permute(0, 3, 1, 2).float()
     state = {"maps": F.avg_pool2d(onehot, 8), "start": 0}
 
-    def fake(pixels):  # group c = class c's cells, embedded as class c's text
+    def fake(pixels, **_):  # group c = class c's cells, embedded as class c's text
         b, s = pixels.shape[0], state["start"]
         maps = state["maps"][s:s + b]
         state["start"] = (s + b) % len(scenes.masks)
