@@ -103,9 +103,12 @@ class GroupViTVisionCfg:
     # assign_eps)) or "sum" (the paper's text). eval_hard_assignment: the assignment used outside
     # training (None: as hard_assignment; True with hard_assignment=False: soft in training, argmax
     # one-hot at inference).
+    # gumbel_noise: Gumbel(0, 1) noise on the assignment logits of a hard training assignment
+    # (official: True; False: a deterministic straight-through argmax, the inference's assignment).
     content_only: bool = False
     assign_pool: str = "mean"
     eval_hard_assignment: bool | None = None
+    gumbel_noise: bool = True
     # Stochastic depth of the transformer layers (training only): layer j of all sum(depths) drops its
     # residual branches with probability drop_path_rate * j / (sum(depths) - 1) (NVlabs: linspace over
     # the blocks; 0.1 in gcc_yfcc_30e). 0 = off; an identity at eval either way.
@@ -221,14 +224,14 @@ class AssignAttention(nn.Module):
     attention: the softmax runs over the *query* (group) axis, with Gumbel noise and a hard one-hot."""
 
     def __init__(self, dim: int, eps: float, tau: float, hard: bool, eval_hard: bool | None = None,
-                 pool: str = "mean"):
+                 pool: str = "mean", noise: bool = True):
         super().__init__()
         self.scale = dim ** -0.5
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
         self.eps, self.tau, self.hard = eps, tau, hard
         self.eval_hard = hard if eval_hard is None else eval_hard
-        self.pool = pool
+        self.pool, self.noise = pool, noise
 
     def forward(self, groups: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = (self.q_proj(groups) @ self.k_proj(segments).transpose(1, 2)) * self.scale  # B x G x S
@@ -236,7 +239,7 @@ class AssignAttention(nn.Module):
         if self.training and not hard:  # soft training: softmax at temperature tau (annealed by the recipe)
             assign = (raw / self.tau).softmax(dim=1)
         else:
-            assign = gumbel_assign(raw, dim=1, tau=self.tau, hard=hard, gumbel=hard and self.training)
+            assign = gumbel_assign(raw, dim=1, tau=self.tau, hard=hard, gumbel=hard and self.training and self.noise)
         soft = raw.softmax(dim=1)
         if self.pool == "mean":
             assign = assign / (assign.sum(dim=-1, keepdim=True) + self.eps)
@@ -259,7 +262,7 @@ class GroupingBlock(nn.Module):
         self.norm_x = nn.LayerNorm(dim, eps=eps)
         self.pre_assign_attn = CrossAttnBlock(dim, heads, cfg.mlp_ratio, eps)
         self.assign = AssignAttention(dim, cfg.assign_eps, cfg.gumbel_tau, cfg.hard_assignment,
-                                      cfg.eval_hard_assignment, cfg.assign_pool)
+                                      cfg.eval_hard_assignment, cfg.assign_pool, cfg.gumbel_noise)
         self.content_only = cfg.content_only
         self.norm_new_x = nn.LayerNorm(dim, eps=eps)
         self.mlp_channels = Mlp(dim, channels_hidden)
@@ -411,6 +414,9 @@ class GroupViT(DualEncoder):
     dense_modes = ("official", "groups", "soft")
     pixel_modes = ("official",)
     official_top_k = 5  # NVlabs keeps the min(5, N) classes the whole image scores highest
+    # The grouping stage whose groups the official inference labels (-1: the last, official; an
+    # earlier one, e.g. gcc_yfcc's 64 first-stage groups, for images with more than 8 classes).
+    official_stage = -1
     # Background when the best label's score is below min(this, the best group probability), NVlabs'
     # rule. The paper uses 0.9 (VOC) and 0.5 (Context); NVlabs' released configs 0.95 (VOC, COCO) and
     # 0.35 (Context): BACKGROUND_THRESHOLDS.
@@ -529,17 +535,32 @@ class GroupViT(DualEncoder):
     # ---- the official inference (NVlabs segmentation/evaluation/group_vit_seg.py) -------------
 
     @torch.no_grad()
-    def official_features(self, pixels: torch.Tensor) -> dict:
+    def official_features(self, pixels: torch.Tensor, stage: int | None = None) -> dict:
         """The text-independent part of NVlabs' ``GroupViTSegInference.encode_decode`` for ``B``
         images (or crops) of size ``H x W``: ``group_index`` ``B x H x W`` (each pixel's final group:
         the argmax of the product of the soft assignments after bilinear upsampling to the input size,
         ``get_attn_maps(rescale=True)``), ``group_embeds`` ``B x G x D`` and ``image_embed`` ``B x D``
         (L2-normalised projected groups and projected mean of the groups: ``image_feat``,
-        ``image_x``)."""
-        out = self.forward_intermediates(pixels)
-        maps = F.interpolate(out["group_maps"][-1], size=tuple(pixels.shape[-2:]), mode="bilinear",
+        ``image_x``).
+
+        ``stage`` (default :attr:`official_stage`, -1 = the last grouping stage: official) picks the
+        grouping stage whose groups label the pixels. textseg's option for scenes with more classes
+        than final groups (the paper's open question): an earlier stage's groups (gcc_yfcc: 64 in
+        stage 0), each embedded as the final groups are (the tower's final LayerNorm, then the image
+        projector) and read through the product of the assignments up to that stage; the image
+        embedding (the top-k mask) stays the final one."""
+        stage = self.official_stage if stage is None else stage
+        phys = [i for i, s in enumerate(self.visual.stages) if s.grouping is not None]
+        if not -len(phys) <= stage < len(phys):
+            raise TextsegError(f"GroupViT has {len(phys)} grouping stage(s): stage must be in "
+                               f"{-len(phys)}..{len(phys) - 1}, not {stage}")
+        stage %= len(phys)
+        last = stage == len(phys) - 1
+        out = self.forward_intermediates(pixels, indices=[] if last else [phys[stage]], norm=True)
+        embeds = out["group_embeds"] if last else self.image_proj(out.intermediates[0])
+        maps = F.interpolate(out["group_maps"][stage], size=tuple(pixels.shape[-2:]), mode="bilinear",
                              align_corners=False)
-        return {"group_index": maps.argmax(1), "group_embeds": F.normalize(out["group_embeds"], dim=-1),
+        return {"group_index": maps.argmax(1), "group_embeds": F.normalize(embeds, dim=-1),
                 "image_embed": F.normalize(out["image_embed"], dim=-1)}
 
     @torch.no_grad()
@@ -582,14 +603,16 @@ class GroupViT(DualEncoder):
 
     @torch.no_grad()
     def segment_official(self, pixels: torch.Tensor, text: torch.Tensor, size: tuple[int, int] | None = None,
-                         top_k: int | None = None, background_threshold: float | None = None) -> torch.Tensor:
+                         top_k: int | None = None, background_threshold: float | None = None,
+                         stage: int | None = None) -> torch.Tensor:
         """NVlabs' ``encode_decode`` + mmseg's whole-image inference for ``B`` images: per-pixel
         scores ``B x N x H x W`` (:meth:`official_scores`), or ``B x (1 + N) x H x W`` with channel 0 =
         background (1 where :meth:`official_background`, else 0; NVlabs' ``with_bg`` layout) when
         ``background_threshold`` is given. ``size``: the scores are bilinearly resized to it after
         being computed at the input size (mmseg ``whole_inference(rescale=True)``); the label of a
-        pixel is the argmax (the softmax mmseg applies first does not change it)."""
-        scores, probs = self.official_scores(self.official_features(pixels), text, top_k)
+        pixel is the argmax (the softmax mmseg applies first does not change it). ``stage``: the
+        grouping stage (:meth:`official_features`)."""
+        scores, probs = self.official_scores(self.official_features(pixels, stage), text, top_k)
         if background_threshold is not None:
             bg = self.official_background(scores, probs, background_threshold).to(scores.dtype)
             scores = torch.cat([bg[:, None], scores], dim=1)

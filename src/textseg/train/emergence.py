@@ -100,18 +100,18 @@ def score_masks(pred: torch.Tensor, scenes: Scenes) -> dict:
 
 
 @torch.no_grad()
-def zero_shot_scores(model: GroupViT, scenes: Scenes, batch_size: int = 100) -> torch.Tensor:
-    """``N x C x H x W`` official per-pixel scores (:meth:`GroupViT.segment_official`) for the labels
-    ``scenes.classes`` (background noun first), every label kept."""
+def zero_shot_scores(model: GroupViT, scenes: Scenes, batch_size: int = 100, stage: int = -1) -> torch.Tensor:
+    """``N x C x H x W`` official per-pixel scores (:meth:`GroupViT.segment_official`, the groups of
+    grouping stage ``stage``) for the labels ``scenes.classes`` (background noun first), every label kept."""
     model.eval()
     text = model.embed_texts(list(scenes.classes), PROMPT)
-    return torch.cat([model.segment_official(px, text, top_k=len(scenes.classes)) for _, px in
+    return torch.cat([model.segment_official(px, text, top_k=len(scenes.classes), stage=stage) for _, px in
                       _batches(scenes, model, batch_size)])
 
 
-def zero_shot(model: GroupViT, scenes: Scenes, batch_size: int = 100) -> dict:
+def zero_shot(model: GroupViT, scenes: Scenes, batch_size: int = 100, stage: int = -1) -> dict:
     """Zero-shot segmentation (argmax of :func:`zero_shot_scores`) -> :func:`score_masks`."""
-    return score_masks(zero_shot_scores(model, scenes, batch_size).argmax(1), scenes)
+    return score_masks(zero_shot_scores(model, scenes, batch_size, stage).argmax(1), scenes)
 
 
 def threshold_background(scores: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -182,6 +182,7 @@ class GroupViTModelCfg:
     multi_label_pool: str | None = None  # "image" (faithful) / "max_group" (pure): the noun loss's pooling
     assign_pool: str = "mean"  # "mean" (official, eps 1) or "sum" of the assigned segments
     gumbel_tau: float = 1.0
+    gumbel_noise: bool = True  # Gumbel noise on a hard training assignment (False: plain straight-through argmax)
     text_width: int = 256
     text_heads: int = 4
     text_layers: int = 12
@@ -210,7 +211,8 @@ class GroupViTModelCfg:
             image_size=self.image_size, patch_size=self.patch_size, width=self.width, heads=self.heads,
             depths=tuple(self.depths), num_group_tokens=tuple(self.num_group_tokens),
             num_output_groups=tuple(self.num_output_groups), drop_path_rate=self.drop_path_rate,
-            assign_pool=self.assign_pool, gumbel_tau=self.gumbel_tau, **vis)
+            assign_pool=self.assign_pool, gumbel_tau=self.gumbel_tau,
+            gumbel_noise=self.gumbel_noise, **vis)
         text = TextConfig(context_length=self.context_length, width=self.text_width, heads=self.text_heads,
                           layers=self.text_layers)
         return GroupViT(GroupViTCfg(vision=vision, text=text, embed_dim=self.embed_dim,
