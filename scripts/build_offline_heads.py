@@ -16,7 +16,15 @@ towers (EfficientNet-Lite0 features at stride 32, MiniLM word embeddings):
   scored, not only the vocabulary);
 * **weak supervision** (CAM-style multiple-instance learning): an image's logit for a noun is the
   log-sum-exp pool of its location logits (``--lse-r``), trained with binary cross-entropy against
-  the caption targets. Only the head trains; the towers' features are computed once.
+  the caption targets. Only the head trains; the towers' features are computed once. Stuff words
+  (:data:`STUFF`: sky, road, grass ...) that photos show far more often than captions name them count
+  an unnamed image as a weak negative only (``--unnamed-weight``);
+* **per-word trust** (where the head beats the bridge): the images are split into ``--trust-folds``
+  folds; a head trained on the others ranks each fold's images, the bridge ranks them too, and a
+  word's trust is ``clamp(0.5 + (AP_head - AP_bridge) / (2 margin), 0, 1)`` (image-level average
+  precision against the caption nouns; shipped as ``vocab_trust``). At run time a label's head gate is
+  multiplied by the trust of its nearest vocabulary word, so "dog" (which the bridge knows from 118
+  ImageNet breeds) stays with the bridge and "person" goes to the head.
 
 Data (research use; never shipped, only the learned head is): ``flickr8k-1k`` (1,000 photos,
 5,000 captions) and COCO-MINI's ``train2017`` half (80 photos, 400 captions). COCO-MINI's val2017
@@ -43,7 +51,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from textseg.models.offline import ASSETS, HEADS, DenseHead  # noqa: E402
+from textseg.models.offline import ASSETS, HEADS, DenseHead, OfflineCfg  # noqa: E402
 
 DATA = Path(os.environ.get("TEXTSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 NOUN_TAGS = ("NN", "NNS")
@@ -57,9 +65,14 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "road": ("street", "pavement"),
     "grass": ("lawn", "field", "yard", "meadow"),
     "water": ("lake", "river", "ocean", "pool", "sea", "wave", "waves"),
-    "building": ("house", "store", "shop"),
+    "building": ("house", "store", "shop", "city", "town", "skyscraper", "church", "tower"),
+    "sky": ("cloud", "sunset", "sunrise"),
     "tree": ("trees", "forest", "woods"),
 }
+# Stuff that photos show far more often than captions name it: an image whose captions do not name it
+# is weak evidence of its absence (its negative term counts ``--unnamed-weight``), not a negative.
+STUFF = ("sky", "grass", "road", "water", "building", "tree", "wall", "ground", "floor", "sidewalk", "street",
+         "field", "snow", "sand", "dirt", "mountain", "hill", "cloud", "fence", "pavement")
 IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "people", "feet": "foot",
              "teeth": "tooth", "mice": "mouse", "geese": "goose", "dice": "dice", "grass": "grass",
              "glasses": "glasses", "pants": "pants", "shorts": "shorts", "jeans": "jeans", "sunglasses": "sunglasses",
@@ -172,7 +185,8 @@ def image_features(pairs, short_side: int, batch: int = 8) -> list[torch.Tensor]
 
 
 def train_head(feats: list[torch.Tensor], words: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
-               lse_r: float, batch: int, seed: int) -> tuple[DenseHead, list[float]]:
+               lse_r: float, batch: int, seed: int, stuff: torch.Tensor | None = None, unnamed_weight: float = 1.0,
+               log: bool = True) -> tuple[DenseHead, list[float]]:
     torch.manual_seed(seed)
     head = DenseHead()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
@@ -201,15 +215,75 @@ def train_head(feats: list[torch.Tensor], words: torch.Tensor, y: torch.Tensor, 
             z = head.location_logits(head.image(x), t)  # B x V x h x w
             z = z.flatten(2)
             pooled = (torch.logsumexp(lse_r * z, dim=-1) - torch.log(torch.tensor(float(z.shape[-1])))) / lse_r
-            loss = F.binary_cross_entropy_with_logits(pooled, y[ids])
+            weight = None
+            if stuff is not None and unnamed_weight != 1.0:  # unnamed stuff: weak negatives
+                weight = torch.where(stuff[None] & (y[ids] == 0), unnamed_weight, 1.0)
+            loss = F.binary_cross_entropy_with_logits(pooled, y[ids], weight=weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             tot += loss.item() * len(ids)
         losses.append(round(tot / n, 5))
-        print(f"epoch {len(losses)}/{epochs}: loss {losses[-1]}", flush=True)
+        if log:
+            print(f"epoch {len(losses)}/{epochs}: loss {losses[-1]}", flush=True)
     return head.eval(), losses
+
+
+def average_precision(score: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``N x V`` scores, ``N x V`` 0/1 targets -> ``V`` average precisions (NaN: a column without a
+    positive or without a negative)."""
+    order = score.argsort(dim=0, descending=True)
+    t = target.gather(0, order).float()
+    hits = t.cumsum(0)
+    prec = hits / torch.arange(1, t.shape[0] + 1, dtype=torch.float32)[:, None]
+    pos = t.sum(0)
+    ap = (prec * t).sum(0) / pos.clamp_min(1)
+    return torch.where((pos > 0) & (pos < t.shape[0]), ap, torch.full_like(ap, float("nan")))
+
+
+@torch.no_grad()
+def image_scores_head(head: DenseHead, feats: list[torch.Tensor], words: torch.Tensor, lse_r: float) -> torch.Tensor:
+    """``N x V`` image-level head logits (the training's log-sum-exp pooling)."""
+    t = head.text(words)
+    out = []
+    for f in feats:
+        z = head.location_logits(head.image(f[None].float()), t).flatten(2)[0]
+        out.append((torch.logsumexp(lse_r * z, dim=-1) - torch.log(torch.tensor(float(z.shape[-1])))) / lse_r)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def image_scores_bridge(feats: list[torch.Tensor], words: torch.Tensor) -> torch.Tensor:
+    """``N x V`` image-level scores of the bridge-only offline model: each word's best location score."""
+    from textseg.models.offline import OfflineModel
+
+    m = OfflineModel(OfflineCfg(heads=False))
+    rows = m.bridge(words)
+    return torch.stack([m.scores(m.dense_from_features(f[None].float()), rows)[0].flatten(1).amax(1) for f in feats])
+
+
+def vocab_trust(feats, words, y, folds: int, margin: float, train_kw: dict) -> tuple[torch.Tensor, dict]:
+    """Per vocabulary word, how far to trust the head over the bridge, from held-out captions: the
+    head is trained on all folds but one and ranks the held-out images (image-level AP against the
+    caption nouns); the bridge ranks the same images. ``trust = clamp(0.5 + (AP_head - AP_bridge) /
+    (2 margin), 0, 1)`` (1 where there is no evidence). No mask is used."""
+    n = len(feats)
+    oof = torch.zeros(n, words.shape[0])
+    for k in range(folds):
+        held = [i for i in range(n) if i % folds == k]
+        train = [i for i in range(n) if i % folds != k]
+        head, _ = train_head([feats[i] for i in train], words, y[train], **train_kw, log=False)
+        print(f"trust fold {k + 1}/{folds} trained", flush=True)
+        oof[held] = image_scores_head(head, [feats[i] for i in held], words, train_kw["lse_r"])
+    bridge = image_scores_bridge(feats, words)
+    target = (y > 0).float()
+    ap_h, ap_b = average_precision(oof, target), average_precision(bridge, target)
+    trust = (0.5 + (ap_h - ap_b) / (2 * margin)).clamp(0, 1)
+    trust = torch.where(trust.isnan(), torch.ones_like(trust), trust)
+    stats = {"ap_head_heldout": [round(v, 3) for v in ap_h.nan_to_num(-1).tolist()],
+             "ap_bridge": [round(v, 3) for v in ap_b.nan_to_num(-1).tolist()]}
+    return trust, stats
 
 
 def sha256(path: Path) -> str:
@@ -225,11 +299,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-images", type=int, default=5)
     p.add_argument("--max-vocab", type=int, default=400)
     p.add_argument("--short-side", type=int, default=320)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lse-r", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unnamed-weight", type=float, default=0.2,
+                   help="weight of the negative term of a STUFF word that an image's captions do not name")
+    p.add_argument("--trust-folds", type=int, default=2, help="held-out folds for the per-word trust (0: all 1)")
+    p.add_argument("--trust-epochs", type=int, default=4, help="epochs of each fold's head (0: --epochs)")
+    p.add_argument("--trust-margin", type=float, default=0.1, help="AP difference that moves trust from 0.5 to 1")
     p.add_argument("--feature-cache", type=Path, default=None, help="keep the tower features here (re-runs)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
@@ -252,14 +331,24 @@ def main(argv: list[str] | None = None) -> dict:
         if cache:
             torch.save(feats, cache)
     t2 = time.time()
-    head, losses = train_head(feats, words, y, a.epochs, a.lr, a.lse_r, a.batch, a.seed)
+    stuff = torch.tensor([w in STUFF for w in vocab])
+    train_kw = {"epochs": a.epochs, "lr": a.lr, "lse_r": a.lse_r, "batch": a.batch, "seed": a.seed,
+                "stuff": stuff, "unnamed_weight": a.unnamed_weight}
+    head, losses = train_head(feats, words, y, **train_kw)
     t3 = time.time()
+    if a.trust_folds > 1:
+        fold_kw = {**train_kw, "epochs": a.trust_epochs or a.epochs}
+        trust, trust_stats = vocab_trust(feats, words, y, a.trust_folds, a.trust_margin, fold_kw)
+    else:
+        trust, trust_stats = torch.ones(len(vocab)), {}
+    t4 = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
     st = a.out / f"{HEADS}.safetensors"
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     tensors["vocab_embeddings"] = words.half().contiguous()
+    tensors["vocab_trust"] = trust.float().contiguous()
     save_file(tensors, str(st))
     n_flickr = sum(1 for pth, _ in pairs if a.flickr in pth.parents) if a.flickr else 0
     card = {
@@ -268,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", "scripts/build_offline_heads.py", *(argv if argv is not None else sys.argv[1:])]),
         "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": {"tagging": round(t1 - t0, 1), "features": round(t2 - t1, 1), "training": round(t3 - t2, 1),
+                    "trust (held-out folds)": round(t4 - t3, 1),
                     "features_from_cache": cached},
         "data": {
             "images": len(pairs), "captions": sum(len(c) for _, c in pairs),
@@ -284,9 +374,13 @@ def main(argv: list[str] | None = None) -> dict:
             "groups": {k: list(v) for k, v in GROUPS.items()},
             "features": f"EfficientNet-Lite0 (packaged, frozen) stride-32 map, short side {a.short_side}, "
                         "centre crop 1.3:1; feature-map horizontal flip as augmentation",
-            "loss": f"BCE on log-sum-exp pooled location logits (r={a.lse_r})",
+            "loss": f"BCE on log-sum-exp pooled location logits (r={a.lse_r}); unnamed stuff words "
+                    f"({', '.join(STUFF)}) count as negatives with weight {a.unnamed_weight}",
             "optimiser": f"AdamW lr {a.lr} one-cycle, wd 1e-4, {a.epochs} epochs, batch {a.batch}, seed {a.seed}",
             "min_images": min_images, "max_vocab": a.max_vocab,
+            "trust": f"per word: clamp(0.5 + (AP_head - AP_bridge) / (2 x {a.trust_margin}), 0, 1), image-level "
+                     f"AP against the caption nouns of held-out images ({a.trust_folds} folds, each head trained "
+                     f"{a.trust_epochs or a.epochs} epochs on the other folds); 1 where there is no evidence",
         },
         "inputs_sha256": {"flickr8k-1k/captions.jsonl": sha256(a.flickr / "captions.jsonl") if a.flickr else "",
                           "coco-mini/captions.jsonl": sha256(a.coco / "captions.jsonl") if a.coco else ""},
@@ -294,6 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sizes": {"parameters": sum(v.numel() for k, v in head.state_dict().items()),
                   "vocabulary": len(vocab), "bytes": st.stat().st_size},
         "vocabulary": vocab,
+        "vocab_trust": [round(v, 3) for v in trust.tolist()],
+        **trust_stats,
         "sha256": sha256(st),
     }
     (a.out / f"{HEADS}.json").write_text(json.dumps(card, indent=1) + "\n")

