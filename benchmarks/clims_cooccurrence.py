@@ -1,11 +1,12 @@
 """CLIMS vs the CAM baseline where co-occurrence must hurt the baseline: boats on water, trains on rails...
 
 Everything is textseg's own: the scenes (:mod:`textseg.data.cooccurrence`), the evaluator (a small
-CLIP trained with the ``textseg train clip`` recipe on the scenes' captions, which name objects and
-backgrounds separately), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
+CLIP trained with the ``textseg train clip`` recipe on captions of its own scenes, which name objects and
+backgrounds separately: ``--clip-scenes`` of them, objects on their own background ``--clip-p-pair`` of the
+time and ``--clip-p-blank`` blank "ground" scenes, so that a masked-out image does not look like an object), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
 (``textseg train cam``'s recipe, tiny backbone). Per seed: a baseline CAM trains ``--base-steps``;
 from it, with the same schedule and budget (``--steps`` more), train the baseline further (``cam``),
-CLIMS (``clims``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
+CLIMS (``clims``, the official loss alone, at ``--clims-lr``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
 0; ``cbs_wrong_words``: every class's CBS words are another class's background). Each is scored on
 held-out scenes: CAM mIoU at the best background threshold of the sweep, and the co-occurring
 background false-activation rate at that threshold (:func:`~textseg.data.cooccurrence.evaluate_scene_cams`).
