@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textseg.data.cooccurrence import BACKGROUNDS, CLASSES, PAIRS, make_scenes, write_scene_folder
+from textseg.data.cooccurrence import BACKGROUNDS, CLASSES, GROUND, PAIRS, make_scenes, write_scene_folder
 from textseg.models.base import DualEncoder, PreprocessCfg
 
 
@@ -32,6 +32,9 @@ def test_scenes_pair_objects_with_their_background_and_name_both(tmp_path):
     root = write_scene_folder(scenes[:4], tmp_path / "s")
     assert len(json.loads((root / "labels.json").read_text())) == 4
     assert (root / "background_wrong.txt").read_text().splitlines()[0] == "boat: rails"
+    blank = [s for s in make_scenes(60, 64, seed=0, p_blank=0.3) if s.captions[1] == GROUND]
+    assert 8 < len(blank) < 30  # the evaluator corpus's blank "ground" scenes: nothing in them
+    assert all(not s.labels and not s.mask.any() and not s.context.any() for s in blank)
 
 
 # ----------------------------------------------------------------- a short CLIMS run on the scenes
