@@ -1,11 +1,12 @@
 """CLIMS vs the CAM baseline where co-occurrence must hurt the baseline: boats on water, trains on rails...
 
 Everything is textseg's own: the scenes (:mod:`textseg.data.cooccurrence`), the evaluator (a small
-CLIP trained with the ``textseg train clip`` recipe on the scenes' captions, which name objects and
-backgrounds separately), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
+CLIP trained with the ``textseg train clip`` recipe on captions of its own scenes, which name objects and
+backgrounds separately: ``--clip-scenes`` of them, objects on their own background ``--clip-p-pair`` of the
+time and ``--clip-p-blank`` blank "ground" scenes, so that a masked-out image does not look like an object), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
 (``textseg train cam``'s recipe, tiny backbone). Per seed: a baseline CAM trains ``--base-steps``;
 from it, with the same schedule and budget (``--steps`` more), train the baseline further (``cam``),
-CLIMS (``clims``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
+CLIMS (``clims``, the official loss alone, at ``--clims-lr``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
 0; ``cbs_wrong_words``: every class's CBS words are another class's background). Each is scored on
 held-out scenes: CAM mIoU at the best background threshold of the sweep, and the co-occurring
 background false-activation rate at that threshold (:func:`~textseg.data.cooccurrence.evaluate_scene_cams`).
@@ -51,15 +52,19 @@ def run(args) -> dict:
     out = Path(args.out)
     t0 = time.time()
     train, val = out / "data" / "train", out / "data" / "val"
+    corpus = out / "data" / "evaluator_corpus"
     if not (val / "labels.json").is_file():
         write_scene_folder(make_scenes(args.train, args.size, seed=1000), train)
         write_scene_folder(make_scenes(args.val, args.size, seed=2000), val)
+    if not (corpus / "labels.json").is_file():  # the evaluator's own captioned scenes (see --clip-scenes)
+        write_scene_folder(make_scenes(args.clip_scenes, args.size, seed=3000, p_pair=args.clip_p_pair,
+                                       p_blank=args.clip_p_blank), corpus)
     torch.set_num_threads(args.threads)
     ev_path = out / "evaluator" / "model.safetensors"
     ev_file = out / "evaluator" / "result.json"
     if not ev_file.is_file():
         res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE, f"train.steps={args.clip_steps}",
-                                                              f"data.train={train}", f"data.val={val}",
+                                                              f"data.train={corpus}", f"data.val={val}",
                                                               f"train.out_dir={ev_path.parent}"]))
         ev_file.write_text(json.dumps({k: v for k, v in res.items() if isinstance(v, (int, float, str))}))
     res = json.loads(ev_file.read_text())
@@ -76,9 +81,9 @@ def run(args) -> dict:
         if not (base / "model.safetensors").is_file():
             train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads)))
         init = f"init={base / 'model.safetensors'}"
-        variants = {"cam": ["mode=baseline"], "clims": ["mode=clims", *clims_base]}
+        variants = {"cam": ["mode=baseline"], "clims": ["mode=clims", *clims_base, f"train.lr={args.clims_lr}"]}
         for name, extra in ABLATIONS.items():
-            variants[name] = ["mode=clims", *clims_base, *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
+            variants[name] = ["mode=clims", *clims_base, f"train.lr={args.clims_lr}", *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
         for name, extra in variants.items():
             rd = sd / name
             score_file = rd / "score.json"
@@ -121,7 +126,12 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=400, help="training scenes")
     ap.add_argument("--val", type=int, default=120, help="held-out scenes")
     ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--clip-steps", type=int, default=150)
+    ap.add_argument("--clip-steps", type=int, default=250)
+    ap.add_argument("--clip-scenes", type=int, default=600, help="the evaluator's captioned scenes")
+    ap.add_argument("--clip-p-pair", type=float, default=0.5,
+                    help="how often an object sits on its own background in the evaluator's scenes")
+    ap.add_argument("--clip-p-blank", type=float, default=0.1, help="share of blank 'ground' scenes there")
+    ap.add_argument("--clims-lr", type=float, default=0.005, help="train.lr of the CLIMS runs (cam: 0.05)")
     ap.add_argument("--base-steps", type=int, default=150, help="baseline CAM steps every run starts from")
     ap.add_argument("--steps", type=int, default=100, help="steps of each compared run (cam, clims, ablations)")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)

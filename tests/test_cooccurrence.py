@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from textseg.data.cooccurrence import BACKGROUNDS, CLASSES, PAIRS, make_scenes, write_scene_folder
+from textseg.data.cooccurrence import BACKGROUNDS, CLASSES, GROUND, PAIRS, make_scenes, write_scene_folder
+from textseg.models.base import DualEncoder, PreprocessCfg
 
 
 def test_scenes_pair_objects_with_their_background_and_name_both(tmp_path):
@@ -28,3 +32,72 @@ def test_scenes_pair_objects_with_their_background_and_name_both(tmp_path):
     root = write_scene_folder(scenes[:4], tmp_path / "s")
     assert len(json.loads((root / "labels.json").read_text())) == 4
     assert (root / "background_wrong.txt").read_text().splitlines()[0] == "boat: rails"
+    blank = [s for s in make_scenes(60, 64, seed=0, p_blank=0.3) if s.captions[1] == GROUND]
+    assert 8 < len(blank) < 30  # the evaluator corpus's blank "ground" scenes: nothing in them
+    assert all(not s.labels and not s.mask.any() and not s.context.any() for s in blank)
+
+
+# ----------------------------------------------------------------- a short CLIMS run on the scenes
+class SceneColourEvaluator(DualEncoder):
+    """A hand-written image-text model that knows the words of boat/train scenes by colour: the image
+    embedding is the mean over pixels (in [0, 1]) of a red-hull, yellow-body, blue-water and
+    brown-ballast indicator plus a constant; each word is one axis. It is differentiable in the pixels,
+    as CLIMS needs, and tells an object from its co-occurring background."""
+
+    name = "scene-colour"
+    preprocess_cfg = PreprocessCfg(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    AXES = {"boat": 0, "train": 1, "water": 2, "rails": 3}
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # embed_texts' device lookup
+
+    def encode_image(self, pixels, normalize=False):
+        r, g, b = pixels.unbind(1)
+        feats = [F.relu(r - g - 0.4), F.relu(torch.minimum(r, g) - b - 0.4), F.relu(b - r - 0.3),
+                 10 * F.relu(r - b - 0.1) * F.relu(0.6 - r)]
+        e = torch.stack([f.mean(dim=(1, 2)) for f in feats], dim=1)
+        return torch.cat([e, torch.full_like(e[:, :1], 0.02)], dim=1)
+
+    def embed_texts(self, texts, templates=("{}",)):
+        out = torch.zeros(len(texts), 5)
+        for i, t in enumerate(texts):
+            out[i, self.AXES.get(t.removeprefix("a photo of ").rstrip("."), 4)] = 1.0
+        return out
+
+
+def test_short_clims_run_lowers_cooccurring_background_activation(tmp_path, monkeypatch):
+    """Boats on water, trains on rails (85 % of the time): the plain CAM fires on the water and rails;
+    CLIMS (official loss weights, from the same baseline, same steps) with an evaluator that knows
+    the words must cut that false activation. Measured: 10.8 % -> 0.3 % here (49 % -> 4.4 % with 64
+    scenes and 80 + 30 steps); asserted: a cut of at least 30 %, the issue's goal."""
+    import textseg.train.cam as cam_recipe
+    from textseg.data.cooccurrence import evaluate_scene_cams
+    from textseg.train.cam import CAMTrainCfg, train_cam
+    from textseg.train.config import load_config
+    from textseg.wsss.pseudo_labels import load_cam_model
+
+    def scenes(n, seed):
+        keep = [s for s in make_scenes(4 * n, size=48, seed=seed) if set(s.labels) <= {"boat", "train"}]
+        return keep[:n]
+
+    train = write_scene_folder(scenes(48, 0), tmp_path / "train")
+    val = write_scene_folder(scenes(16, 1), tmp_path / "val")
+    monkeypatch.setattr(cam_recipe, "load_evaluator", lambda name, weights="": SceneColourEvaluator())
+    common = ["train.progress=false", "train.tensorboard=false", "train.device=cpu", "train.resume=none",
+              "train.eval_every=0", f"data.root={train}", "backbone=tiny", "pretrained=false", "freeze_bn=false",
+              "data.crop_size=48", "train.batch_size=16", "threads=2"]
+
+    def run(name, steps, lr, *extra):
+        out = tmp_path / name
+        train_cam(load_config(CAMTrainCfg, None, [*common, f"train.out_dir={out}", f"train.steps={steps}",
+                                                  f"train.lr={lr}", *extra]))
+        return evaluate_scene_cams(load_cam_model(out / "model.safetensors"), val, scales=(1.0,))
+
+    run("base", 50, 0.05, "train.seed=0")
+    init = f"init={tmp_path / 'base' / 'model.safetensors'}"
+    cam = run("cam", 20, 0.05, init, "train.seed=1")
+    clims = run("clims", 20, 0.005, init, "train.seed=1", "mode=clims", "clims.input_norm=evaluator",
+                f"clims.background={train / 'background.txt'}", "clims.cbs_threshold=0.26")
+    assert cam["bg_false_activation"] > 5
+    assert clims["bg_false_activation"] < 0.7 * cam["bg_false_activation"]

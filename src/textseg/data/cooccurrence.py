@@ -40,6 +40,7 @@ PAIRS = {"boat": "water", "train": "rails", "plane": "sky", "cow": "grass"}
 OBJECTS = tuple(PAIRS)
 BACKGROUNDS = tuple(PAIRS.values())
 CLASSES = ("background", *OBJECTS)
+GROUND = "ground"  # the neutral ground's word (captions of blank scenes, see make_scene's p_blank)
 NEUTRAL = (122, 118, 110)  # near the ImageNet mean colour: a masked-out pixel looks like the ground
 
 
@@ -119,9 +120,16 @@ def _object(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray,
 
 
 def make_scene(rng: np.random.Generator, size: int = 96, p_pair: float = 0.85, p_empty: float = 0.08,
-               p_two: float = 0.25, p_extra: float = 0.1) -> Scene:
-    """One random scene (see the module docstring)."""
+               p_two: float = 0.25, p_extra: float = 0.1, p_blank: float = 0.0) -> Scene:
+    """One random scene (see the module docstring). ``p_blank``: probability of a scene holding only
+    the neutral ground, captioned :data:`GROUND` (the evaluator corpus: a masked-out image looks like
+    it, so the evaluator learns that an empty mask shows no object)."""
     h = w = size
+    if p_blank > 0 and rng.random() < p_blank:
+        img = np.array(NEUTRAL, np.float32) + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+        zeros = np.zeros((h, w), np.uint8)
+        return Scene(np.clip(img, 0, 255).astype(np.uint8), zeros, zeros.copy(), [],
+                     [f"a photo of {GROUND}.", GROUND])
     n_obj = 0 if rng.random() < p_empty else (2 if rng.random() < p_two else 1)
     objs = list(rng.choice(len(OBJECTS), size=n_obj, replace=False)) if n_obj else []
     bgs: list[int] = []  # indices into BACKGROUNDS
