@@ -213,12 +213,14 @@ class DualEncoder(nn.Module):
         """``N x L`` tokens -> ``N x D`` text embeddings."""
         raise NotImplementedError
 
-    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None, text: DenseText | None = None
-                     ) -> torch.Tensor:
+    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None, text: DenseText | None = None,
+                     options: dict | None = None) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x D x h x w`` dense features in the text embedding space.
 
         ``text``: the labels, read only by the modes in ``text_modes`` (required there); the other
-        modes ignore it. Models without text modes may keep the two-argument signature."""
+        modes ignore it. ``options``: a label-free mode's settings (``SegmentCfg.mode_options``; CLIP's
+        ``pearl``), unknown keys an error; passed by the Segmenter only when non-empty. Models without
+        text modes or mode settings may keep the two-argument signature."""
         raise NotImplementedError
 
     @property

@@ -491,8 +491,10 @@ class CLIP(DualEncoder):
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None, text=None) -> torch.Tensor:
+    def encode_dense(self, pixels: torch.Tensor, mode: str | None = None, text=None,
+                     options: dict | None = None) -> torch.Tensor:
         """``B x 3 x H x W`` -> ``B x embed_dim x h x w`` (h = H // dense_stride) by the dense method
         ``mode`` of :mod:`textseg.models.clip_dense` (MaskCLIP, SCLIP, ...); ``text``
-        (:class:`~textseg.models.base.DenseText`): the labels, for the modes in ``text_modes`` (ResCLIP)."""
-        return clip_dense_features(self, pixels, mode, text)
+        (:class:`~textseg.models.base.DenseText`): the labels, for the modes in ``text_modes`` (ResCLIP);
+        ``options``: a label-free mode's settings (``pearl``: ``{"alpha_kk": 0.3}``, :class:`PEARLCfg`)."""
+        return clip_dense_features(self, pixels, mode, text, options)

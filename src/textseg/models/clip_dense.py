@@ -185,10 +185,11 @@ def neighbourhood_bias(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, num_p
     return bias
 
 
-def last_block(block, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> torch.Tensor:
+def last_block(block, x: torch.Tensor, mode: str, grid: tuple[int, int], cfg=None) -> torch.Tensor:
     """Apply the last transformer ``block`` to ``x`` (``B x T x C``, class token first) as ``mode`` does.
 
-    ``block`` has ``ln_1``, ``attn`` (with ``qkv`` / ``project`` / ``scale``), ``ln_2``, ``mlp``."""
+    ``block`` has ``ln_1``, ``attn`` (with ``qkv`` / ``project`` / ``scale``), ``ln_2``, ``mlp``. ``cfg``: the
+    mode's settings (``pearl``: a :class:`PEARLCfg`, default ``PEARL``; :func:`mode_cfg`)."""
     if mode == "plain":
         return block(x)
     attn = block.attn
@@ -206,7 +207,7 @@ def last_block(block, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> torc
         bias = neighbourhood_bias(grid, NACLIP_SIGMA, x.shape[1] - grid[0] * grid[1], x.device, q.dtype)
         return attn.project(F.scaled_dot_product_attention(k, k, v, attn_mask=bias))
     if mode == "pearl":
-        return attn.project(pearl_attention(q, k, v, PEARL).to(v.dtype))
+        return attn.project(pearl_attention(q, k, v, cfg or PEARL).to(v.dtype))
     raise TextsegError(f"unknown CLIP dense mode {mode!r}; choose one of: {', '.join(CLIP_DENSE_MODES)}")
 
 
@@ -226,6 +227,33 @@ class PEARLCfg:
 
 
 PEARL = PEARLCfg()
+
+
+def cfg_from_options(cls, mode: str, options: dict | None):
+    """A frozen settings dataclass ``cls`` of dense ``mode`` from a protocol's / ``SegmentCfg``'s
+    ``mode_options`` (names as the fields, the rest at their defaults; lists become tuples); an unknown
+    key is a :class:`TextsegError` naming the known ones."""
+    options = dict(options or {})
+    known = set(cls.__dataclass_fields__)
+    bad = sorted(set(options) - known)
+    if bad:
+        raise TextsegError(f"unknown {mode} option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
+# label-free modes that take settings (``encode_dense(pixels, mode, options=...)``; SegmentCfg.mode_options)
+MODE_CFGS: dict[str, type] = {"pearl": PEARLCfg}
+
+
+def mode_cfg(mode: str, options: dict | None):
+    """The settings of label-free dense ``mode`` from ``options`` (None when the mode takes none); options
+    for a mode without settings, or an unknown key, are a :class:`TextsegError`."""
+    if mode in MODE_CFGS:
+        return cfg_from_options(MODE_CFGS[mode], mode, options)
+    if options:
+        raise TextsegError(f"dense mode {mode!r} takes no options (got {', '.join(sorted(options))}); modes with "
+                           f"options: {', '.join(sorted(MODE_CFGS) + list(CLIP_TEXT_MODES))}")
+    return None
 
 
 def polar_rotation(m: torch.Tensor, iters: int = 5, eps: float = 1e-6) -> torch.Tensor:
@@ -392,12 +420,7 @@ class ResCLIPCfg:
     @classmethod
     def from_options(cls, options: dict | None) -> ResCLIPCfg:
         """A config from a protocol's ``mode_options`` (names as the fields; lists become tuples)."""
-        options = dict(options or {})
-        known = {f for f in cls.__dataclass_fields__}
-        bad = sorted(set(options) - known)
-        if bad:
-            raise TextsegError(f"unknown resclip option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+        return cfg_from_options(cls, "resclip", options)
 
 
 RESCLIP = ResCLIPCfg()
@@ -539,11 +562,14 @@ def clip_supported_modes(model) -> tuple[str, ...]:
     return tuple(modes)
 
 
-def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None, text=None) -> torch.Tensor:
+def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None, text=None,
+                        options: dict | None = None) -> torch.Tensor:
     """``B x 3 x H x W`` normalised pixels -> ``B x embed_dim x h x w`` dense features of a CLIP
     ``model`` (ViT: ``h = H // patch_size``; ResNet: ``H // 32``) by ``mode`` (default: the model's
     first, :func:`clip_supported_modes`). ``text`` (a :class:`~textseg.models.base.DenseText`) is
-    required by the modes of ``CLIP_TEXT_MODES`` and ignored by the others."""
+    required by the modes of ``CLIP_TEXT_MODES`` and ignored by the others (a text mode reads its
+    settings from ``text.options``). ``options``: a label-free mode's settings (``MODE_CFGS``: ``pearl``'s
+    :class:`PEARLCfg` fields, e.g. ``{"alpha_kk": 0.3}``); unknown keys are an error."""
     mode = mode or clip_supported_modes(model)[0]
     if mode not in CLIP_DENSE_MODES:
         raise TextsegError(f"unknown CLIP dense mode {mode!r}; choose one of: {', '.join(CLIP_DENSE_MODES)}")
@@ -554,8 +580,10 @@ def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None, te
                                f"encode_dense(pixels, mode={mode!r}, text=DenseText(embeddings, logit_scale))")
         if not hasattr(visual, "blocks"):
             raise TextsegError(f"dense mode {mode!r} needs a CLIP ViT (attention maps); this CLIP is a ResNet")
-        feats, grid = resclip_features(visual, pixels, text, ResCLIPCfg.from_options(text.options))
+        opts = {**(text.options or {}), **(options or {})}
+        feats, grid = resclip_features(visual, pixels, text, ResCLIPCfg.from_options(opts))
         return feats.transpose(1, 2).reshape(feats.shape[0], -1, grid[0], grid[1])
+    cfg = mode_cfg(mode, options)
     if not hasattr(visual, "blocks"):  # ModifiedResNet
         x = visual.forward_intermediates(pixels, indices=[]).final  # the map the attention pool reads
         pool = visual.attnpool
@@ -572,6 +600,6 @@ def clip_dense_features(model, pixels: torch.Tensor, mode: str | None = None, te
         x, grid = out.intermediates[-1], out.grid
     else:
         x, grid = visual.embed(pixels, pos_interp)
-    x = last_block(visual.blocks[-1], x, mode, grid)
+    x = last_block(visual.blocks[-1], x, mode, grid, cfg)
     feats = visual.head(x[:, x.shape[1] - grid[0] * grid[1] :])  # patch tokens: ln_post, proj
     return feats.transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])

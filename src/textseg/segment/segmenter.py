@@ -49,6 +49,7 @@ label is not scored as text (NVlabs' ``with_bg``) unless ``background_words`` ar
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -133,9 +134,11 @@ class SegmentCfg:
         ``load_model(precision=...)``), else fp32. The dense features are cast back to float32, so
         logits, softmax, thresholds and PAMR are float32 at every precision.
     cache_dir: directory for the on-disk text-embedding cache (None = memory only).
-    mode_options: settings of a text-conditioned dense mode (a model's ``text_modes``, e.g. ResCLIP's
-        ``temp_thd``; a protocol's ``mode_options``), passed as ``DenseText.options``. Such a mode's
-        features depend on the labels: ``set_image`` keeps the crops and ``predict`` encodes them with
+    mode_options: settings of the dense mode (a protocol's ``mode_options``; unknown keys are an error).
+        A label-free mode's (CLIP ``pearl``: ``{"alpha_kk": 0.3}``) go to ``encode_dense(..., options=)``;
+        they are fixed per Segmenter, so its features stay cached per image. A text-conditioned
+        mode's (a model's ``text_modes``, e.g. ResCLIP's ``temp_thd``) are passed as
+        ``DenseText.options``. Such a mode's features depend on the labels: ``set_image`` keeps the crops and ``predict`` encodes them with
         the prompt embeddings (``P x D``, one per class synonym, the order scored) and the logit scale
         ``model.logit_scale_value / temperature``, again whenever the prompts change.
     """
@@ -308,6 +311,11 @@ class Segmenter:
                                "fp32 needs the model loaded without it")
         # an exported ONNX dense graph (textseg.export.load_onnx) replaces the PyTorch tower (fp32)
         self.runtime = None if self.pixel_mode else getattr(model, "dense_runtime", None)
+        if self.cfg.mode_options and not self.text_mode and (
+                self.pixel_mode or self.runtime is not None
+                or "options" not in inspect.signature(model.encode_dense).parameters):
+            raise TextsegError(f"mode_options {sorted(self.cfg.mode_options)} need a dense mode that takes settings "
+                               f"(CLIP pearl, resclip); {self.mode!r} of this model does not")
         if self.runtime is not None:
             if self.runtime.mode != self.mode:
                 raise TextsegError(f"the ONNX graph was exported for dense mode {self.runtime.mode!r}, not "
@@ -356,6 +364,9 @@ class Segmenter:
                     feats.append(to_float32(self.model.official_features(x)))
                 elif text is not None:
                     feats.append(to_float32(self.model.encode_dense(x, mode=self.mode, text=text)))
+                elif self.cfg.mode_options:  # a label-free mode's settings (fixed per Segmenter: cacheable)
+                    feats.append(to_float32(self.model.encode_dense(x, mode=self.mode,
+                                                                    options=dict(self.cfg.mode_options))))
                 else:
                     feats.append(to_float32(self.model.encode_dense(x, mode=self.mode)))
         if self.pixel_mode:
