@@ -149,8 +149,9 @@ def _official_block(x, sd, p, heads, eps):  # openai/CLIP ResidualAttentionBlock
     return x + _mlp(_ln(x, sd, f"{p}.ln_2", eps), sd, p)
 
 
-def official_dense(model: CLIP, pixels: torch.Tensor, mode: str) -> torch.Tensor:
-    """Dense patch features (B x D x h x w) of the official repository of ``mode``."""
+def official_dense(model: CLIP, pixels: torch.Tensor, mode: str, alpha_kk: float = 0.08) -> torch.Tensor:
+    """Dense patch features (B x D x h x w) of the official repository of ``mode`` (``alpha_kk``: PEARL's
+    k-k weight, its configs' ``alpha_kk``)."""
     if mode == "sc-clip":
         return official_scclip(model, pixels)
     sd = _visual_sd(model)
@@ -184,7 +185,7 @@ def official_dense(model: CLIP, pixels: torch.Tensor, mode: str) -> torch.Tensor
         attn = torch.bmm(k, k.transpose(1, 2)) * scale + _naclip_addition((w // ps, h // ps), 5.0)[None]
         x = _merge(torch.bmm(F.softmax(attn, -1), v), sd, p, length, bsz, dim)
     elif mode == "pearl":  # PEARL arch 'reduced', attn 'pearl': x = custom_attn(...) only
-        x = _merge(_pa_attn(q, k, v), sd, p, length, bsz, dim)
+        x = _merge(_pa_attn(q, k, v, alpha_kk=alpha_kk), sd, p, length, bsz, dim)
     else:
         raise AssertionError(mode)
     x = x.permute(1, 0, 2)

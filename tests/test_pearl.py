@@ -177,3 +177,39 @@ def test_segmenter_tlp_is_pearls_predict(grid):
         Segmenter(model, SegmentCfg(**base, propagation="tlp", pamr=True))
     with pytest.raises(TextsegError, match="propagation must be"):
         Segmenter(model, SegmentCfg(**base, propagation="crf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# alpha_kk through SegmentCfg.mode_options (configs/cfg_ade20k.py, cfg_city_scapes.py: alpha_kk=0.3)
+# ----------------------------------------------------------------------------------------------
+def test_segmenter_mode_options_reach_pearl(deep_vits):
+    import numpy as np
+
+    from textseg.errors import TextsegError
+    from textseg.segment import SegmentCfg, Segmenter
+
+    model = deep_vits[8]
+    img = (np.random.default_rng(3).random((48, 64, 3)) * 255).astype(np.uint8)
+    base = dict(mode="pearl", short_side=None, templates=("a photo of a {}.",), threshold=None)
+    seg = Segmenter(model, SegmentCfg(**base, mode_options={"alpha_kk": 0.3}))
+    seg.set_image(img)
+    pixels = seg._image_input
+    with torch.no_grad():
+        ref = official_dense(model, pixels, "pearl", alpha_kk=0.3)
+        default = official_dense(model, pixels, "pearl")
+    feats = seg._views[0].feats
+    torch.testing.assert_close(_unit(feats), _unit(ref), atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats, ref, atol=1e-4, rtol=1e-4)
+    assert (_unit(ref) - _unit(default)).abs().max() > 1e-2  # 0.3 is not the default 0.08
+    plain = Segmenter(model, SegmentCfg(**base))
+    plain.set_image(img)
+    torch.testing.assert_close(plain._views[0].feats, default, atol=1e-4, rtol=1e-4)
+    # label-free: the features are cached per image, the labels do not re-encode them
+    seg.predict("cat, dog")
+    assert seg._views[0].feats is feats
+    with pytest.raises(TextsegError, match="unknown pearl option.*alpha_k\\b"):
+        Segmenter(model, SegmentCfg(**base, mode_options={"alpha_k": 0.3})).set_image(img)
+    with pytest.raises(TextsegError, match="'naclip' takes no options"):
+        Segmenter(model, SegmentCfg(**base | {"mode": "naclip"}, mode_options={"alpha_kk": 0.3})).set_image(img)
+    with pytest.raises(TextsegError, match="unknown pearl option"):
+        model.encode_dense(pixels, mode="pearl", options={"beta": 1.0})

@@ -105,6 +105,7 @@ PEARL = {  # PGSmall/PEARL configs/cfg_<name>.py; assets/results.png (PEARL, wit
     "ade": (336, 224, 112, 0.0, 40, None, 0, None, 19.4),  # alpha_kk .3
     "cityscapes": (560, 224, 112, 0.0, 40, None, 0, None, 37.6),  # alpha_kk .3, grid 224
 }
+PEARL_OPTIONS = {"ade": {"alpha_kk": 0.3}, "cityscapes": {"alpha_kk": 0.3}}  # the configs' alpha_kk
 PEARL_GRID = {"cityscapes": 224}  # TLP grid (PEARL default 80; use_prop "on" everywhere)
 REPOS = {"sclip": SCLIP, "naclip": NACLIP, "clearclip": CLEARCLIP, "sc-clip": SCCLIP, "resclip": RESCLIP,
          "pearl": PEARL}
@@ -127,6 +128,8 @@ def test_presets_equal_the_repository_configs():
                 thd_t, rcs, sfr = RESCLIP_OPTIONS[bench]
                 assert p.mode_options == {"temp_thd": thd_t, "rcs_weights": rcs, "sfr_weights": sfr,
                                           "delete_same_entity": True}, bench
+            elif method == "pearl":  # configs/cfg_ade20k.py, cfg_city_scapes.py: alpha_kk=0.3; else 0.08
+                assert p.mode_options == PEARL_OPTIONS.get(bench, {}), bench
             else:
                 assert p.mode_options == {}, (method, bench)
             if method == "pearl":

@@ -57,7 +57,7 @@ class Protocol:
     softmax; it becomes ``SegmentCfg.temperature = model.logit_scale_value / logit_scale``.
     ``threshold`` is their ``prob_thd`` (max class probability below it -> background).
     ``mode_options``: the dense mode's own per-benchmark settings (ResCLIP's ``temp_thd`` and
-    RCS / SFR weights), passed to ``SegmentCfg.mode_options``. ``propagation`` / ``tlp_grid``: a logit
+    RCS / SFR weights; PEARL's ``alpha_kk``), passed to ``SegmentCfg.mode_options``. ``propagation`` / ``tlp_grid``: a logit
     refinement (PEARL's ``"tlp"``, ``SegmentCfg.propagation``). ``area_threshold``: SCLIP's ``area_thd`` (``SegmentCfg.area_threshold``). ``pamr``: PAMR with ``pamr_iterations`` steps at ``pamr_dilations`` at the original
     image size. ``reference`` is the mIoU (percent) the reference code reports with OpenAI CLIP
     ViT-B/16 and ``source`` where that number is published (None: not published by the repository).
@@ -79,7 +79,7 @@ class Protocol:
     reference: float | None = None
     source: str = ""
     note: str = ""
-    mode_options: dict = field(default_factory=dict)  # a text mode's settings (SegmentCfg.mode_options)
+    mode_options: dict = field(default_factory=dict)  # the dense mode's settings (SegmentCfg.mode_options)
     propagation: str | None = None  # a logit refinement (SegmentCfg.propagation: "tlp", PEARL's)
     tlp_grid: int = 80
 
@@ -110,16 +110,16 @@ def _res(benchmark: str, short: int, thd: float, rcs: tuple, sfr: tuple, crop: i
 
 _PEARL = ("github.com/PGSmall/PEARL assets/results.png (PEARL, CLIP ViT-B/16, with its Laplacian propagation) "
           "and configs/cfg_*.py")
-_PEARL_ALPHA = ("the config sets alpha_kk=0.3; textseg's pearl mode uses the default 0.08 (the per-benchmark "
-                "weight is not wired into label-free modes), so this preset is not the published setting")
 
 
 def _pearl(benchmark: str, short: int, crop: int = 224, threshold=None, grid: int = 80, reference=None,
-           note: str = "") -> Protocol:
+           alpha_kk: float | None = None) -> Protocol:
     """A PEARL preset: ``PEARL`` (pearl_ovss.py) defaults (arch ``reduced``, attention ``pearl``, slide
-    224/112, logit scale 40, TLP on with grid 80) and the config's prob_thd / slide_crop / grid."""
+    224/112, logit scale 40, TLP on with grid 80, alpha_kk 0.08) and the config's prob_thd / slide_crop /
+    grid / alpha_kk (``mode_options``, :class:`~textseg.models.clip_dense.PEARLCfg`)."""
     return Protocol("pearl", benchmark, short, crop=crop, threshold=threshold, propagation="tlp", tlp_grid=grid,
-                    reference=reference, source=_PEARL, note=note)
+                    reference=reference, source=_PEARL,
+                    mode_options={} if alpha_kk is None else {"alpha_kk": alpha_kk})
 
 
 # Benchmark keys follow textseg's dataset names (coco-stuff = COCO-Stuff164k).
@@ -188,8 +188,8 @@ PROTOCOLS: dict[str, dict[str, Protocol]] = {
         "voc20": _pearl("voc20", 336, crop=0, reference=86.9),
         "context59": _pearl("context59", 336, reference=38.6),
         "coco-stuff": _pearl("coco-stuff", 336, reference=26.3),
-        "cityscapes": _pearl("cityscapes", 560, grid=224, reference=37.6, note=_PEARL_ALPHA),
-        "ade": _pearl("ade", 336, reference=19.4, note=_PEARL_ALPHA),
+        "cityscapes": _pearl("cityscapes", 560, grid=224, reference=37.6, alpha_kk=0.3),
+        "ade": _pearl("ade", 336, reference=19.4, alpha_kk=0.3),
     },
     # ClearCLIP (ECCV 2024, arXiv 2407.12442; clearclip_segmentor.py defaults): slide 448/224, short side
     # 448, logit scale 50, 80 ImageNet templates, no PAMR; Cityscapes slides 224/224.
