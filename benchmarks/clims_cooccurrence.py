@@ -11,7 +11,12 @@ CLIMS (``clims``, the official loss alone, at ``--clims-lr``) and the ablations 
 held-out scenes: CAM mIoU at the best background threshold of the sweep, and the co-occurring
 background false-activation rate at that threshold (:func:`~textseg.data.cooccurrence.evaluate_scene_cams`).
 
-    python benchmarks/clims_cooccurrence.py --seeds 0 1 2 --out runs/clims_cooc   # -> summary.json
+    python benchmarks/clims_cooccurrence.py --seeds 0 1 2 --out runs/clims_cooc   # -> summary.json, figure.png
+    python benchmarks/clims_cooccurrence.py --figure-from runs/clims_cooc --figure docs/clims_cooccurrence.png
+
+The figure (:func:`write_figure`): held-out scenes whose object sits on its own background, image |
+ground truth | CAM baseline and CLIMS masks (each run's CAMs at its own best threshold) of the first seed
+and of the seed where CLIMS scores lowest.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from textseg.data.cooccurrence import evaluate_scene_cams, make_scenes, write_scene_folder
+from textseg.data.cooccurrence import (
+    BACKGROUNDS,
+    CLASSES,
+    PAIRS,
+    evaluate_scene_cams,
+    make_scenes,
+    scene_figure,
+    write_scene_folder,
+)
 from textseg.train.cam import CAMTrainCfg, load_evaluator, train_cam
 from textseg.train.clip import ClipRecipeConfig, train_clip
 from textseg.train.config import load_config
@@ -109,20 +122,64 @@ def run(args) -> dict:
 
     summary = {"seeds": list(args.seeds), "cam": block(runs["cam"]), "clims": block(runs["clims"]),
                "ablations": {n: block(runs[n]) for n in ABLATIONS}, "evaluator": evaluator,
-               "config": {k: v for k, v in vars(args).items() if k != "out"}}
+               "config": {k: v for k, v in vars(args).items() if k not in ("out", "figure_from", "figure")}}
     c, b = summary["clims"], summary["cam"]
     summary["clims_minus_cam_miou"] = round(c["miou_mean"] - b["miou_mean"], 3)
     summary["bg_false_activation_cut_pct"] = round(100 * (1 - c["bg_false_activation_mean"]
                                                          / max(b["bg_false_activation_mean"], 1e-9)), 2)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_figure(out, out / "figure.png")
     return summary
+
+
+def write_figure(run_dir: str | Path, path: str | Path, per_class: int = 1,
+                 scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)) -> Path:
+    """Render :func:`~textseg.data.cooccurrence.scene_figure` from a finished run folder: the first held-out
+    scene(s) of each class whose own background is in the image; columns ground truth, then ``cam`` and
+    ``clims`` of the first seed and of the seed with the lowest CLIMS mIoU, each thresholded at its
+    ``score.json`` best threshold (label-keyed multi-scale + flip CAMs, as the scoring)."""
+    from PIL import Image
+
+    from textseg.io import load_image
+    from textseg.wsss.cam_maps import cam_to_mask, image_tensor, multiscale_cam
+
+    run_dir = Path(run_dir)
+    val = run_dir / "data" / "val"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    seeds, clims_miou = summary["seeds"], summary["clims"]["miou_per_seed"]
+    shown = [seeds[0]] + ([min(seeds[1:], key=lambda s: clims_miou[seeds.index(s)])] if len(seeds) > 1 else [])
+    labels = json.loads((val / "labels.json").read_text())
+    keys = []
+    for cls in PAIRS:
+        bg = BACKGROUNDS.index(PAIRS[cls]) + 1
+        found = [k for k in sorted(labels) if cls in labels[k]
+                 and (np.asarray(Image.open(val / "context" / f"{k}.png")) == bg).any()]
+        keys += [k for k in found[:per_class] if k not in keys]
+    images = [np.asarray(load_image(val / "images" / f"{k}.png")) for k in keys]
+    columns = {"ground truth": [np.asarray(Image.open(val / "masks" / f"{k}.png")) for k in keys]}
+    for seed in shown:
+        for name, title in (("cam", "CAM"), ("clims", "CLIMS")):
+            rd = run_dir / f"seed{seed}" / name
+            model = load_cam_model(rd / "model.safetensors").eval()
+            thr = json.loads((rd / "score.json").read_text())["best_threshold"]
+            ids = np.asarray([CLASSES.index(c) for c in model.class_names])
+            index = {c: i for i, c in enumerate(model.class_names)}
+            masks = []
+            for k, im in zip(keys, images):
+                ks, maps = multiscale_cam(model, image_tensor(Image.fromarray(im)),
+                                          [index[c] for c in labels[k] if c in index], scales)
+                masks.append(cam_to_mask(ks, maps, thr, ids).numpy())
+            columns[f"{title} seed {seed} (t={thr:.2f})"] = masks
+    return scene_figure(path, images, columns)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="run folder (required unless --figure-from)")
+    ap.add_argument("--figure-from", metavar="RUN_DIR", help="only render the figure of this finished run")
+    ap.add_argument("--figure", metavar="PNG", help="where --figure-from writes it (default RUN_DIR/figure.png)")
     ap.add_argument("--train", type=int, default=400, help="training scenes")
     ap.add_argument("--val", type=int, default=120, help="held-out scenes")
     ap.add_argument("--size", type=int, default=96)
@@ -136,7 +193,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="steps of each compared run (cam, clims, ablations)")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)
     ap.add_argument("--threads", type=int, default=2)
-    s = run(ap.parse_args())
+    args = ap.parse_args()
+    if args.figure_from:
+        print(write_figure(args.figure_from, args.figure or Path(args.figure_from) / "figure.png"))
+        return
+    if not args.out:
+        ap.error("--out is required (or --figure-from RUN_DIR)")
+    s = run(args)
     keys = ("clims_minus_cam_miou", "bg_false_activation_cut_pct", "seconds")
     print(json.dumps({k: s[k] for k in keys} | {"cam": s["cam"]["miou_mean"], "clims": s["clims"]["miou_mean"]}))
 

@@ -101,3 +101,36 @@ def test_short_clims_run_lowers_cooccurring_background_activation(tmp_path, monk
                 f"clims.background={train / 'background.txt'}", "clims.cbs_threshold=0.26")
     assert cam["bg_false_activation"] > 5
     assert clims["bg_false_activation"] < 0.7 * cam["bg_false_activation"]
+
+
+def test_scene_figure_grid_size_cells_and_atomic_write(tmp_path):
+    import pytest
+    from PIL import Image
+
+    from textseg.data.cooccurrence import scene_figure
+    from textseg.errors import TextsegError
+
+    h, w, scale, gap = 6, 8, 3, 4
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(2)]
+    gt = [np.zeros((h, w), np.uint8), np.full((h, w), 2, np.uint8)]
+    path = tmp_path / "fig" / "f.png"
+    out = scene_figure(path, images, {"ground truth": gt, "cam": gt}, scale=scale, gap=gap)
+    assert out == path and sorted(p.name for p in path.parent.iterdir()) == ["f.png"]  # no temp file left
+    fig = np.asarray(Image.open(path).convert("RGB"))
+    assert fig.shape[1] == 3 * (w * scale + gap) + gap and fig.shape[0] > 2 * h * scale
+    # The image column is the image upscaled by nearest neighbour; find its top-left cell by content.
+    cell = np.repeat(np.repeat(images[0], scale, 0), scale, 1)
+    ys = [y for y in range(fig.shape[0] - h * scale) if (fig[y, gap] == cell[0, 0]).all()
+          and (fig[y : y + h * scale, gap : gap + w * scale] == cell).all()]
+    assert len(ys) == 1
+    y0 = ys[0]
+    # Background (0) is untinted: the ground-truth cell of scene 0 is the image itself (bar no borders).
+    x1 = gap + (w * scale + gap)
+    assert (fig[y0 : y0 + h * scale, x1 : x1 + w * scale] == cell).all()
+    y1 = y0 + h * scale + gap  # scene 1 is all class 2: its ground-truth cell is tinted, unlike its image cell
+    assert (fig[y1 : y1 + h * scale, gap : gap + w * scale] == np.repeat(np.repeat(images[1], scale, 0), scale, 1)).all()
+    assert (fig[y1 : y1 + h * scale, x1 : x1 + w * scale] != fig[y1 : y1 + h * scale, gap : gap + w * scale]).any()
+    with pytest.raises(TextsegError):
+        scene_figure(tmp_path / "bad.png", images, {"gt": gt[:1]})
+    assert not (tmp_path / "bad.png").exists()

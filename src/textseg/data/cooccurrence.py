@@ -257,3 +257,53 @@ def evaluate_scene_cams(model, root: str | Path, thresholds: Sequence[float] = t
     fa = float((pix > best_t).float().mean()) * 100 if pix.numel() else float("nan")
     return {"miou": round(best.miou * 100, 3), "best_threshold": best_t, "bg_false_activation": round(fa, 3),
             "sweep": [{"threshold": t, "miou": round(m.miou * 100, 3)} for t, m in results]}
+
+
+def scene_figure(path: str | Path, images: Sequence[np.ndarray], columns: dict[str, Sequence[np.ndarray]],
+                 classes: Sequence[str] = CLASSES, scale: int = 2, gap: int = 4, alpha: float = 0.6) -> Path:
+    """A PNG grid (PIL only, written atomically): one row per scene, the image first, then one column per
+    ``columns`` entry (title -> one ``H x W`` class-id map per scene, e.g. the ground truth or a thresholded
+    CAM) tinted on the image in ``classes``' colours (:func:`textseg.viz.overlay`, background untinted),
+    column titles on top and a colour legend of ``classes[1:]`` below. Each cell is ``scale`` times the
+    image (nearest); the width is ``(1 + len(columns)) * (W * scale + gap) + gap``."""
+    from PIL import Image, ImageDraw
+
+    from textseg.io import save_image
+    from textseg.viz import _font, overlay, palette
+
+    if not len(images) or scale < 1:
+        raise TextsegError("scene_figure: needs at least one image and scale >= 1")
+    h, w = np.asarray(images[0]).shape[:2]
+    for title, maps in columns.items():
+        if len(maps) != len(images) or any(np.asarray(m).shape != (h, w) for m in maps):
+            raise TextsegError(f"scene_figure: column {title!r} needs {len(images)} maps of {h}x{w}")
+    if any(np.asarray(im).shape[:2] != (h, w) for im in images):
+        raise TextsegError(f"scene_figure: every image must be {h}x{w}")
+    cw, ch = w * scale, h * scale
+    titles = ["image", *columns]
+    font = _font(12)
+    header, legend = 20, 22
+    width = len(titles) * (cw + gap) + gap
+    height = header + len(images) * (ch + gap) + legend
+    fig = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(fig)
+    for c, t in enumerate(titles):
+        x = gap + c * (cw + gap)
+        tw = draw.textlength(t, font=font)
+        draw.text((x + max(0, (cw - tw) / 2), 4), t, fill=(0, 0, 0), font=font)
+    for r, im in enumerate(images):
+        base = Image.fromarray(np.asarray(im, dtype=np.uint8)).convert("RGB")
+        cells = [base] + [overlay(base, np.asarray(m[r]), list(classes), alpha=alpha, legend=False)
+                          for m in columns.values()]
+        y = header + r * (ch + gap)
+        for c, cell in enumerate(cells):
+            fig.paste(cell.resize((cw, ch), Image.NEAREST), (gap + c * (cw + gap), y))
+    pal = palette(list(classes))
+    x, y = gap, height - legend + 5
+    for i, name in enumerate(classes):
+        if name.lower() == "background":
+            continue
+        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(v) for v in pal[i]), outline=(0, 0, 0))
+        draw.text((x + 16, y - 1), name, fill=(0, 0, 0), font=font)
+        x += 16 + int(draw.textlength(name, font=font)) + 14
+    return save_image(fig, path, optimize=True)
