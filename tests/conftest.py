@@ -34,3 +34,11 @@ def camvid() -> Path:
 @pytest.fixture(scope="session")
 def flickr8k() -> Path:
     return _data_dir("flickr8k-1k")
+
+
+@pytest.fixture(scope="module")
+def deep_vits():
+    """12-block tiny CLIP ViTs at patches 8 and 14 (SC-CLIP's / ResCLIP's / PEARL's block indices need 12)."""
+    from test_dense_clip import tiny_vit
+
+    return {8: tiny_vit(layers=12, patch=8, image_size=48), 14: tiny_vit(layers=12, patch=14, image_size=84)}

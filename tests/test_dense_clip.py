@@ -350,11 +350,6 @@ def test_modes_differ_and_default_is_the_best_supported():
 # ----------------------------------------------------------------------------------------------
 # SC-CLIP on a 12-layer tiny CLIP (its block indices 3, 8, 10 need 12 blocks)
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def deep_vits():
-    return {8: tiny_vit(layers=12, patch=8, image_size=48), 14: tiny_vit(layers=12, patch=14, image_size=84)}
-
-
 def _unit(x):
     return F.normalize(x, dim=1)
 

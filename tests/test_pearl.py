@@ -15,16 +15,7 @@ from textseg.models.clip_dense import PEARLCfg, pearl_attention
 from textseg.segment.tlp import laplacian_propagation
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_dense_clip import _pa_attn, official_dense, tiny_vit  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def deep_vits():
-    return {8: tiny_vit(layers=12, patch=8, image_size=48), 14: tiny_vit(layers=12, patch=14, image_size=84)}
-
-
-def _unit(x):
-    return F.normalize(x, dim=1)
+from test_dense_clip import _pa_attn, _unit, official_dense  # noqa: E402
 
 
 @pytest.mark.parametrize("patch", [8, 14])

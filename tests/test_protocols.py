@@ -263,16 +263,35 @@ def deep_clip_weights(tmp_path_factory):
     return path
 
 
-def test_cli_sc_clip_protocol_with_a_clip_checkpoint(tmp_path, capsys, deep_clip_weights):
+def _cli_eval_protocol(tmp_path, capsys, weights, protocol: str):
+    """`textseg eval --protocol PROTOCOL` on a 2-image folder set; returns (report, segment cfg, protocol)."""
     root = make_folder(tmp_path / "set", n=2)
     out = tmp_path / "r.json"
-    code = cli(["eval", "--dataset", "folder", "--root", str(root), "--weights", str(deep_clip_weights),
-                "--protocol", "sc-clip:voc", "--short-side", "64", "--templates", "none", "--no-progress",
+    code = cli(["eval", "--dataset", "folder", "--root", str(root), "--weights", str(weights),
+                "--protocol", protocol, "--short-side", "64", "--templates", "none", "--no-progress",
                 "--out", str(out)])
     assert code == 0
     assert "warning" not in capsys.readouterr().err
     rep = json.loads(out.read_text())
-    seg, proto = rep["config"]["segment"], rep["config"]["protocol"]
+    return rep, rep["config"]["segment"], rep["config"]["protocol"]
+
+
+def _cli_segment_mode(tmp_path, capsys, weights, mode: str, out):
+    """`textseg segment --mode MODE` on a random 70 x 50 image; asserts the mask size and the record's mode."""
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(img)
+    code = cli(["segment", str(img), "--labels", "cat, dog; puppy, grass", "--weights", str(weights),
+                "--mode", mode, "--short-side", "64", "--templates", "none", "--out", str(out), "--json"])
+    assert code == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(rec["mask"]).size == (70, 50)
+    assert json.loads((out / "x.json").read_text())["mode"] == mode
+
+
+def test_cli_sc_clip_protocol_with_a_clip_checkpoint(tmp_path, capsys, deep_clip_weights):
+    rep, seg, proto = _cli_eval_protocol(tmp_path, capsys, deep_clip_weights, "sc-clip:voc")
     assert rep["images"] == 2 and 0 <= rep["miou"] <= 100
     assert seg["mode"] == "sc-clip" and seg["slide"] == [224, 112] and seg["pamr"] is False
     assert seg["threshold"] is None and seg["area_threshold"] == 0.1  # the folder set has no background class
@@ -281,47 +300,19 @@ def test_cli_sc_clip_protocol_with_a_clip_checkpoint(tmp_path, capsys, deep_clip
 
 
 def test_cli_segment_sc_clip(tmp_path, capsys, deep_clip_weights):
-    from PIL import Image
-
-    img = tmp_path / "x.png"
-    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(img)
-    out = tmp_path / "out"
-    code = cli(["segment", str(img), "--labels", "cat, dog; puppy, grass", "--weights", str(deep_clip_weights),
-                "--mode", "sc-clip", "--short-side", "64", "--templates", "none", "--out", str(out), "--json"])
-    assert code == 0
-    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert Image.open(rec["mask"]).size == (70, 50)
-    assert json.loads((out / "x.json").read_text())["mode"] == "sc-clip"
+    _cli_segment_mode(tmp_path, capsys, deep_clip_weights, "sc-clip", tmp_path / "out")
 
 
 def test_cli_resclip_protocol_and_segment(tmp_path, capsys, deep_clip_weights):
     """`textseg eval --protocol resclip:voc` (its per-benchmark options reach the segmenter) and
     `textseg segment --mode resclip` run end to end on a 12-block tiny checkpoint."""
-    from PIL import Image
-
-    root = make_folder(tmp_path / "set", n=2)
-    out = tmp_path / "r.json"
-    code = cli(["eval", "--dataset", "folder", "--root", str(root), "--weights", str(deep_clip_weights),
-                "--protocol", "resclip:voc", "--short-side", "64", "--templates", "none", "--no-progress",
-                "--out", str(out)])
-    assert code == 0
-    assert "warning" not in capsys.readouterr().err
-    rep = json.loads(out.read_text())
-    seg, proto = rep["config"]["segment"], rep["config"]["protocol"]
+    rep, seg, proto = _cli_eval_protocol(tmp_path, capsys, deep_clip_weights, "resclip:voc")
     assert rep["images"] == 2 and 0 <= rep["miou"] <= 100 and not rep["errors"]
     assert seg["mode"] == "resclip" and seg["slide"] is None and seg["pamr"] is False
     assert seg["mode_options"]["temp_thd"] == 0.5 and list(seg["mode_options"]["sfr_weights"]) == [2.2, 0.7]
     assert seg["temperature"] == pytest.approx((1 / 0.07) / 40, rel=1e-4)
     assert proto["method"] == "resclip" and proto["reference"] == 61.1
-    img = tmp_path / "x.png"
-    Image.fromarray((np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)).save(img)
-    code = cli(["segment", str(img), "--labels", "cat, dog; puppy, grass", "--weights", str(deep_clip_weights),
-                "--mode", "resclip", "--short-side", "64", "--templates", "none", "--out", str(tmp_path / "o"),
-                "--json"])
-    assert code == 0
-    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert Image.open(rec["mask"]).size == (70, 50)
-    assert json.loads((tmp_path / "o" / "x.json").read_text())["mode"] == "resclip"
+    _cli_segment_mode(tmp_path, capsys, deep_clip_weights, "resclip", tmp_path / "o")
 
 
 def sclip_postprocess(logits: torch.Tensor, prob_thd: float, area_thd: float) -> torch.Tensor:

@@ -21,7 +21,17 @@ from textseg.models.base import DenseText
 from textseg.segment import SegmentCfg, Segmenter
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_dense_clip import _ln, _merge, _mlp, _naclip_addition, _official_embed, _qkv, _visual_sd, tiny_vit  # noqa: E402
+from test_dense_clip import (  # noqa: E402
+    _ln,
+    _merge,
+    _mlp,
+    _naclip_addition,
+    _official_embed,
+    _qkv,
+    _unit,
+    _visual_sd,
+    tiny_vit,
+)
 from test_protocols import naclip_pamr  # noqa: E402
 
 
@@ -114,17 +124,8 @@ def official_resclip(model, pixels, query, logit_scale=40.0, temp_thd=0.25, rcs_
     return feats[:, 1:].transpose(1, 2).reshape(1, -1, *n_patches)
 
 
-@pytest.fixture(scope="module")
-def vits():
-    return {8: tiny_vit(layers=12, patch=8, image_size=48), 14: tiny_vit(layers=12, patch=14, image_size=84)}
-
-
 def _query(n=5, seed=11):
     return F.normalize(torch.randn(n, 24, generator=torch.Generator().manual_seed(seed)), dim=-1)
-
-
-def _unit(x):
-    return F.normalize(x, dim=1)
 
 
 def _pixels(b, h, w, seed):
@@ -138,8 +139,8 @@ def _pixels(b, h, w, seed):
 
 @pytest.mark.parametrize("patch", [8, 14])
 @pytest.mark.parametrize("cells", [(6, 6), (7, 7)])  # the checkpoint's grid; another (resized positions)
-def test_resclip_matches_the_official_code(vits, patch, cells):
-    model = vits[patch]
+def test_resclip_matches_the_official_code(deep_vits, patch, cells):
+    model = deep_vits[patch]
     pixels = _pixels(1, cells[0] * patch, cells[1] * patch, seed=patch + cells[0])
     query = _query()
     text = DenseText(query, 40.0, {"temp_thd": 0.25})
@@ -154,10 +155,10 @@ def test_resclip_matches_the_official_code(vits, patch, cells):
         assert (_unit(no_sfr) - _unit(ref)).abs().max() > 1e-3
 
 
-def test_resclip_options_and_per_benchmark_settings(vits):
+def test_resclip_options_and_per_benchmark_settings(deep_vits):
     """The protocol's options reach the forward: VOC-21's weights / temp_thd give the official result
     with those settings, which differs from the defaults'."""
-    model = vits[8]
+    model = deep_vits[8]
     pixels = _pixels(1, 48, 48, seed=3)
     query = _query(4, seed=5)
     voc = {"temp_thd": 0.5, "rcs_weights": [2.0, 0.3], "sfr_weights": [2.2, 0.7]}
@@ -177,10 +178,10 @@ def test_resclip_options_and_per_benchmark_settings(vits):
         model.encode_dense(pixels, mode="resclip")
 
 
-def test_resclip_non_square_and_batch(vits):
+def test_resclip_non_square_and_batch(deep_vits):
     """A batch of 2 equals image-by-image runs (each image refined by its own segmentation); a
     non-square grid runs and matches the official maths (its row-major patch indices are right there)."""
-    model = vits[8]
+    model = deep_vits[8]
     pixels = _pixels(2, 48, 80, seed=9)  # 6 x 10 grid
     query = _query()
     text = DenseText(query, 40.0)
@@ -203,10 +204,10 @@ def test_resclip_needs_ten_blocks_and_a_vit():
     assert deep.text_modes == ("resclip",)
 
 
-def test_segmenter_passes_the_labels_to_resclip(vits):
+def test_segmenter_passes_the_labels_to_resclip(deep_vits):
     """The Segmenter encodes a text mode's crops once the labels are known (the official query_features:
     one embedding per prompt, in order; logit scale = model scale / temperature), and again for other labels."""
-    model = vits[8]
+    model = deep_vits[8]
     img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
     tpl = ("a photo of a {}.",)
     seg = Segmenter(model, SegmentCfg(mode="resclip", short_side=None, templates=tpl, threshold=None,
@@ -247,12 +248,12 @@ def _official_slide(model, x, q, crop, stride, scale, temp_thd, out_hw):
     return F.interpolate(preds / count, size=out_hw, mode="bilinear")
 
 
-def test_resclip_slide_inference_is_the_official(vits):
+def test_resclip_slide_inference_is_the_official(deep_vits):
     """resclip_segmentor.py forward_slide / postprocess_result (SCLIP's) on crops with a remainder; with
     synonyms the first pass scores every prompt (``query_idx`` maps them to classes afterwards)."""
     from test_slide_official import CLASSES, image, postprocess, query_features, segmenter
 
-    model = vits[8]
+    model = deep_vits[8]
     img = image(48, 70, seed=3)  # two 48-pixel crops, the second aligned to the border (x1 = 22)
     crop, stride, scale = 48, 24, 40.0
     seg = segmenter(model, scale, mode="resclip", short_side=None, slide=(crop, stride),
@@ -293,10 +294,10 @@ def test_sfr_prior_equals_the_official(shape):
         torch.testing.assert_close(sfr_attention(cat, ResCLIPCfg(delete_same_entity=False)), loose, atol=1e-6, rtol=0)
 
 
-def test_segment_batch_with_a_text_mode_equals_one_image_at_a_time(vits):
+def test_segment_batch_with_a_text_mode_equals_one_image_at_a_time(deep_vits):
     """The batched pipeline (Segmenter.segment_batch / encode_prepared) defers a text mode's crops until
     the labels are known, so each image gets the features its own labels condition."""
-    model = vits[8]
+    model = deep_vits[8]
     rng = np.random.default_rng(1)
     imgs = [(rng.random((48, 64, 3)) * 255).astype(np.uint8) for _ in range(2)]
     cfg = SegmentCfg(mode="resclip", short_side=None, templates=("a photo of a {}.",), threshold=None,
