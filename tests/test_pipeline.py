@@ -20,7 +20,7 @@ from textseg.data.folder import FolderDataset
 from textseg.errors import TextsegError
 from textseg.evaluate import SegmenterPredictor, evaluate
 from textseg.models.clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-from textseg.pipeline import BackgroundWriter, Batcher, chunks, prefetch
+from textseg.pipeline import BackgroundWriter, Batcher, batch_or_each, chunks, prefetch
 from textseg.segment import SegmentCfg, Segmenter
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -315,3 +315,22 @@ def test_server_batches_concurrent_uploads_with_results_equal_to_unbatched():
     for k in range(len(uploads)):
         a, b = plain[k], batched[k]
         assert a["labels"] == b["labels"] and a["fractions"] == b["fractions"] and a["mask_png"] == b["mask_png"]
+
+
+def test_batch_or_each_finds_the_item_at_fault():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if "bad" in items:
+            raise TextsegError("bad item")
+        return [s.upper() for s in items]
+
+    assert batch_or_each(fn, ["a", "b"]) == ["A", "B"] and calls == [["a", "b"]]
+    calls.clear()
+    out = batch_or_each(fn, ["a", "bad", "c"])
+    assert out[0] == "A" and isinstance(out[1], TextsegError) and str(out[1]) == "bad item" and out[2] == "C"
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+    calls.clear()
+    assert isinstance(batch_or_each(fn, ["bad"])[0], TextsegError) and calls == [["bad"]]  # one item: one call
+    assert batch_or_each(fn, []) == []

@@ -38,7 +38,7 @@ from textseg.data.base import SegDataset
 from textseg.distributed import get_rank, get_world_size, is_dist
 from textseg.errors import TextsegError
 from textseg.metrics import ConfusionMatrix, SegMetrics
-from textseg.pipeline import DEFAULT_DEPTH, DEFAULT_WORKERS, chunks, prefetch
+from textseg.pipeline import DEFAULT_DEPTH, DEFAULT_WORKERS, batch_or_each, chunks, prefetch
 
 Predictor = Callable[[object], np.ndarray]
 
@@ -432,15 +432,12 @@ def evaluate(
         return sample, (prepare(sample) if prepare is not None else None)
 
     def predict(group: list) -> list:  # label maps (or the TextsegError) of a group of loaded samples
-        if batched is not None and len(group) > 1:
-            try:
-                return batched([s for s, _ in group], [p for _, p in group])
-            except TextsegError:
-                pass  # find the image at fault: one at a time
+        if batched is not None:
+            return batch_or_each(lambda g: batched([s for s, _ in g], [p for _, p in g]), group)
         out = []
-        for sample, prep in group:
+        for sample, _ in group:
             try:
-                out.append(batched([sample], [prep])[0] if batched is not None else predictor(sample))
+                out.append(predictor(sample))
             except TextsegError as e:
                 out.append(e)
         return out

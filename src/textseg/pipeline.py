@@ -15,6 +15,7 @@ One home for the overlap of CPU work with the model, used by ``textseg segment``
   ``workers=0`` runs ``prepare`` in the caller's thread (the same results, no overlap). A
   :class:`~textseg.errors.TextsegError` of one item is returned with it (the run goes on); any
   other exception is a bug and propagates.
+- :func:`batch_or_each`: a batched call, or on its failure each item alone (its result or its error).
 - :func:`chunks`: consecutive items in groups of at most ``n`` (the images one batched forward of
   :meth:`textseg.segment.Segmenter.segment_batch` takes: same-size crops share a forward pass).
 - :class:`Batcher`: concurrent callers' items gathered (at most ``max_batch``, waiting at most
@@ -87,6 +88,24 @@ def prefetch(items: Iterable, prepare: Callable, workers: int = DEFAULT_WORKERS,
         for _, fut in pending:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batch_or_each(fn: Callable[[list], list], items: list) -> list:
+    """``fn(items)`` (one result per item); when that batched call raises a :class:`TextsegError`,
+    ``fn([item])`` for each item alone, to find the one at fault: each entry is then its result or its
+    ``TextsegError``. A single item is run once."""
+    if len(items) > 1:
+        try:
+            return list(fn(items))
+        except TextsegError:
+            pass  # find the item at fault: one at a time
+    out: list = []
+    for item in items:
+        try:
+            out.append(fn([item])[0])
+        except TextsegError as e:
+            out.append(e)
+    return out
 
 
 def chunks(items: Iterable, n: int) -> Iterator[list]:

@@ -100,7 +100,7 @@ def run(args) -> int:
         raise TextsegError("no images to segment")
 
     from textseg.io import load_image, save_image, write_text
-    from textseg.pipeline import BackgroundWriter, chunks, prefetch
+    from textseg.pipeline import BackgroundWriter, batch_or_each, chunks, prefetch
     from textseg.segment import SegmentCfg, Segmenter
     from textseg.weights.load import load_model
 
@@ -171,17 +171,8 @@ def run(args) -> int:
     with BackgroundWriter(max_pending=max(1, args.prefetch), workers=0 if args.decode_workers == 0 else 1) as writer:
         for group in chunks(stream, args.batch_images):
             t0 = time.perf_counter()
-            ready = [(path, value) for path, value, error in group if error is None]
-            results: list = []
-            try:
-                results = seg.segment_batch([prep for _, (_, prep) in ready], classes)
-            except TextsegError:  # find the image at fault: one at a time
-                for _path, (_, prep) in ready:
-                    try:
-                        results.append(seg.segment_batch([prep], classes)[0])
-                    except TextsegError as e:
-                        results.append(e)
-            done = iter(results)
+            ready = [value[1] for _, value, error in group if error is None]  # (image, prepared)
+            done = iter(batch_or_each(lambda preps: seg.segment_batch(preps, classes), ready))
             for path, value, error in group:  # outputs and errors in the order of the images
                 res = error if error is not None else next(done)
                 if isinstance(res, TextsegError):
