@@ -3,7 +3,8 @@
 1. CLIP ViT-B/16 (random weights) at 448 x 600 through the Segmenter (naclip, whole image): fp32 vs bf16
    under ``torch.autocast`` vs bf16 with the image tower's weights cast once (``cast_weights``) vs ONNX
    Runtime fp32; and transformers' ``CLIPVisionModel`` (the same architecture, random weights,
-   ``interpolate_pos_encoding``) at fp32 and bf16 autocast. Variants run interleaved, best of
+   ``interpolate_pos_encoding``) and transformers' CLIPSeg (as benchmarks/bench_segment.py builds it:
+   the published rd64-refined shape, 352 px, one pass per prompt) at fp32 and bf16 autocast. Variants run interleaved, best of
    ``--repeats``; label-map agreement with fp32 (random weights: a stress test of the argmax).
 2. ``--coco DIR`` (COCO-MINI): the offline model over its images with the VOC-21 masks, fp32 vs bf16
    (autocast and cast weights): pixel agreement of the label maps with fp32 and the mIoU delta.
@@ -85,6 +86,14 @@ def vit_b16(repeats: int) -> None:
 
             fns["transformers CLIP tower fp32"] = lambda: hf_run("fp32")
             fns["transformers CLIP tower bf16"] = lambda: hf_run("bf16")
+            from bench_segment import clipseg_runner
+            from PIL import Image
+
+            pil = Image.fromarray(img)
+            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.preprocess_cfg.mean, model.preprocess_cfg.std))
+            n = len(LABELS.split(","))
+            fns["transformers CLIPSeg fp32"] = clipseg_runner(pil, mean, std, img.shape[:2], n, "fp32")
+            fns["transformers CLIPSeg bf16"] = clipseg_runner(pil, mean, std, img.shape[:2], n, "bf16")
         except Exception as e:  # noqa: BLE001
             print(f"transformers: skipped ({type(e).__name__}: {e})")
         times = best_of(fns, repeats)
@@ -96,6 +105,9 @@ def vit_b16(repeats: int) -> None:
         print(f"  {k:30s} {t:6.3f} s  {base / t:5.2f}x vs Segmenter fp32{agree}")
     if "transformers CLIP tower bf16" in times:
         print(f"  transformers' own bf16 speed-up: {times['transformers CLIP tower fp32'] / times['transformers CLIP tower bf16']:.2f}x")
+    if "transformers CLIPSeg bf16" in times:
+        print(f"  transformers CLIPSeg's own bf16 speed-up: {times['transformers CLIPSeg fp32'] / times['transformers CLIPSeg bf16']:.2f}x; "
+              f"textseg bf16 (cast weights) vs CLIPSeg bf16: {times['transformers CLIPSeg bf16'] / times['bf16 cast weights']:.2f}x faster")
     if "onnxruntime fp32" in times:
         print(f"  ONNX Runtime vs eager fp32: {base / times['onnxruntime fp32']:.2f}x")
     print(f"  load {os.getloadavg()}")

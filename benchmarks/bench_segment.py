@@ -42,6 +42,34 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def clipseg_runner(image, mean: torch.Tensor, std: torch.Tensor, out_hw: tuple[int, int], n_prompts: int = len(VOC),
+                   precision: str = "fp32"):
+    """transformers' CLIPSeg configured as the published CIDAS/clipseg-rd64-refined (ViT-B/16 backbone,
+    reduce_dim 64, complex transposed-convolution decoder, 352 px input; random init here), segmenting
+    ``image`` into ``n_prompts`` prompts its standard way (the image batched once per prompt, prompt
+    embeddings precomputed), upsampled to ``out_hw`` and argmaxed; ``precision`` bf16: under
+    ``torch.autocast`` (also used by benchmarks/bench_precision.py)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    torch.manual_seed(0)
+    cfg = CLIPSegConfig(vision_config={"patch_size": 16}, use_complex_transposed_convolution=True)
+    clipseg = CLIPSegForImageSegmentation(cfg).eval()
+    ids = torch.randint(1, 49000, (n_prompts, 8))
+    with torch.no_grad():
+        cond = clipseg.get_conditional_embeddings(batch_size=n_prompts, input_ids=ids)
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+            x = F.interpolate(x, size=(352, 352), mode="bilinear", align_corners=False)
+            x = ((x - mean) / std).expand(n_prompts, -1, -1, -1)
+            logits = clipseg(pixel_values=x, conditional_embeddings=cond).logits.float()  # N x 352 x 352
+            up = F.interpolate(logits[None], size=out_hw, mode="bilinear", align_corners=False)[0]
+            return up.argmax(0)
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -84,27 +112,7 @@ def main() -> None:
         runners[f"textseg segment ({mode}, 21 cached labels)"] = dense(seg)
 
     if not args.no_clipseg:
-        from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
-
-        # the published CLIPSeg (CIDAS/clipseg-rd64-refined): ViT-B/16 backbone, reduce_dim 64, complex
-        # transposed-convolution decoder, 352 px input; random init here
-        cfg = CLIPSegConfig(vision_config={"patch_size": 16}, use_complex_transposed_convolution=True)
-        clipseg = CLIPSegForImageSegmentation(cfg).eval()
-
-        ids = torch.randint(1, 49000, (len(VOC), 8))
-        with torch.no_grad():
-            cond = clipseg.get_conditional_embeddings(batch_size=len(VOC), input_ids=ids)
-
-        def clipseg_run():
-            with torch.no_grad():
-                x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
-                x = F.interpolate(x, size=(352, 352), mode="bilinear", align_corners=False)
-                x = ((x - mean) / std).expand(len(VOC), -1, -1, -1)
-                logits = clipseg(pixel_values=x, conditional_embeddings=cond).logits  # 21 x 352 x 352
-                up = F.interpolate(logits[None], size=(448, 600), mode="bilinear", align_corners=False)[0]
-                up.argmax(0)
-
-        runners["transformers CLIPSeg (352 px, 21 prompts)"] = clipseg_run
+        runners["transformers CLIPSeg (352 px, 21 prompts)"] = clipseg_runner(image, mean, std, (448, 600))
 
     for fn in runners.values():  # warm-up
         fn()

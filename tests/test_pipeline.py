@@ -239,6 +239,42 @@ def test_evaluate_same_numbers_with_and_without_the_pipeline(tmp_path):
     assert piped.config["pipeline"] == {"decode_workers": 2, "prefetch": 2, "batch_images": 3}  # in the report
 
 
+class _SplitPredictor:
+    """A predictor whose tower (``encode_batch``) and scoring (``finish``) record their threads; the
+    "tower" is the image itself, the label map its mask (one image's finish fails)."""
+
+    def __init__(self):
+        self.tower_threads, self.finish_threads, self.order = set(), set(), []
+
+    def encode_batch(self, prepared):
+        self.tower_threads.add(threading.current_thread().name)
+        return [p for p in prepared]
+
+    def finish(self, sample, prepared, encoded):
+        self.finish_threads.add(threading.current_thread().name)
+        self.order.append(sample["id"])
+        if sample["id"] == "im02":
+            raise TextsegError("no labels scored")
+        return sample["mask"].copy()
+
+    def prepare(self, sample):
+        return sample["id"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_evaluate_scores_in_a_finisher_thread_behind_the_tower(tmp_path, workers):
+    ds = FolderDataset(make_folder(tmp_path / "set", n=6))
+    pred = _SplitPredictor()
+    res = evaluate(ds, pred, progress=False, workers=workers, batch=2)
+    assert res.images == 5 and [e["id"] for e in res.errors] == ["im02"] and "no labels scored" in res.errors[0]["error"]
+    assert res.metrics().miou == 1.0 and pred.order == [f"im{i:02d}" for i in range(6)]  # in order
+    if workers:  # the tower in this thread, the scoring in one other thread
+        assert pred.tower_threads == {threading.current_thread().name} and len(pred.finish_threads) == 1
+        assert pred.finish_threads != pred.tower_threads
+    else:
+        assert pred.tower_threads == pred.finish_threads == {threading.current_thread().name}
+
+
 # ------------------------------------------------------------------------------------------------ batcher
 def test_batcher_gathers_concurrent_calls_and_isolates_a_bad_item():
     calls = []

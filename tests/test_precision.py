@@ -209,7 +209,39 @@ def test_cast_weights_converts_the_image_tower_once_and_keeps_text_fp32(tmp_path
 
 def test_cast_weights_runs_the_offline_model():
     model = load_model(precision="bf16", cast_weights=True)
-    assert {p.dtype for p in model.image.parameters()} == {torch.bfloat16}
+    kept = [model.image.stem, model.image.blocks[0], model.image.classifier]  # float32 at every precision
+    assert {p.dtype for m in kept for p in m.parameters()} == {torch.float32}
+    rest = [p for m in [*model.image.blocks[1:], model.image.head] for p in m.parameters()]
+    assert {p.dtype for p in rest} == {torch.bfloat16}
     img = (np.random.default_rng(2).random((96, 128, 3)) * 255).astype(np.uint8)
     res = Segmenter(model, SegmentCfg(short_side=96)).segment(img, "cat, dog, grass, sky")
     assert res.precision == "bf16" and res.label_map.shape == (96, 128)
+
+
+def test_offline_stem_and_first_block_stay_float32_under_bf16():
+    """The Lite tower's first layers run in float32 under autocast (their rounding is inherited by every
+    later layer): their outputs equal fp32's exactly, later blocks run in bf16; the classifier's logits are
+    float32 too (its 1000-way softmax decides the label map)."""
+    from textseg.models.efficientnet import efficientnet_lite
+
+    net = efficientnet_lite("lite0").fuse()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = net.blocks[0](net.stem(x))
+        assert net.stage_ends[0] == 0  # stage 0 is block 0 alone
+        net.set_float32_prefix(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first, second = net.forward_intermediates(x, indices=[0, 1], intermediates_only=True).intermediates
+            assert net.forward_features(x).dtype == torch.bfloat16
+        assert first.dtype == torch.float32 and torch.equal(first, ref)
+        assert second.dtype == torch.bfloat16
+        net.set_float32_prefix(-1)  # off: everything under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert net.forward_intermediates(x, indices=[0], intermediates_only=True).intermediates[0].dtype == torch.bfloat16
+    model = load_model(precision="bf16")
+    feats = torch.randn(1, 1280, 3, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model._classify(feats)
+    fc = model.image.classifier
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, F.conv2d(feats, fc.weight[:, :, None, None], fc.bias), atol=1e-5)

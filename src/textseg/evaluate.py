@@ -320,6 +320,18 @@ class SegmenterPredictor:
         :func:`evaluate`'s background workers."""
         return self.segmenter.prepare(sample["image"])
 
+    def encode_batch(self, prepared: list) -> list:
+        """The image tower over several prepared images (same-size crops batched): each image's
+        cached features (:meth:`Segmenter.encode_prepared`); :func:`evaluate` runs it in its own
+        thread and :meth:`finish` in the finisher thread, one group behind."""
+        return self.segmenter.encode_prepared(prepared)
+
+    def finish(self, sample: dict, prepared, views) -> np.ndarray:
+        """The label map of one image from its :meth:`encode_batch` features (logits, upsampling,
+        argmax): the same map as ``self(sample)``."""
+        self.segmenter.set_encoded(prepared, views)
+        return self._label_map(self.segmenter.predict(self.labels))
+
     def predict_batch(self, samples: list[dict], prepared: list) -> list[np.ndarray]:
         """Label maps of several prepared images, their same-size crops batched through the tower."""
         return [self._label_map(r) for r in self.segmenter.segment_batch(prepared, self.labels)]
@@ -426,33 +438,38 @@ def evaluate(
                    dynamic_ncols=True)
     prepare = getattr(predictor, "prepare", None)
     batched = getattr(predictor, "predict_batch", None)
+    encode, finish = getattr(predictor, "encode_batch", None), getattr(predictor, "finish", None)
+    split = encode is not None and finish is not None
 
     def load(i: int):  # background workers: read the sample, prepare the image for the model
         sample = dataset[i]
         return sample, (prepare(sample) if prepare is not None else None)
 
-    def predict(group: list) -> list:  # label maps (or the TextsegError) of a group of loaded samples
-        if batched is not None:
-            return batch_or_each(lambda g: batched([s for s, _ in g], [p for _, p in g]), group)
-        out = []
-        for sample, _ in group:
-            try:
-                out.append(predictor(sample))
-            except TextsegError as e:
-                out.append(e)
-        return out
-
-    for group in chunks(prefetch(indices, load, workers=workers, depth=prefetch_depth), batch):
+    def tower(group: list) -> tuple[list, dict]:  # this thread: a group's batched forward
         loaded = [(i, v) for i, v, e in group if e is None]
-        preds = dict(zip((i for i, _ in loaded), predict([v for _, v in loaded])))
+        if split:  # the image tower only; the rest runs in the finisher thread
+            out = batch_or_each(lambda g: encode([p for _, p in g]), [v for _, v in loaded])
+        elif batched is not None:
+            out = batch_or_each(lambda g: batched([s for s, _ in g], [p for _, p in g]), [v for _, v in loaded])
+        else:  # a plain callable predictor: all of it in the finisher thread
+            out = [None] * len(loaded)
+        return group, dict(zip((i for i, _ in loaded), out))
+
+    def score(item: tuple[list, dict]) -> list:  # the finisher: logits, upsampling, argmax, counts
+        group, encoded = item
+        scored = []
         for i, value, error in group:
             sid = dataset.ids[i]
             try:
                 if error is not None:
                     raise error
-                sample, pred = value[0], preds[i]
+                sample, pred = value[0], encoded[i]
                 if isinstance(pred, TextsegError):
                     raise pred
+                if split:
+                    pred = finish(sample, value[1], pred)
+                elif batched is None:
+                    pred = predictor(sample)
                 pred = np.asarray(pred)
                 if pred.shape != sample["mask"].shape:
                     raise TextsegError(f"{sid}: prediction is {pred.shape}, mask is {sample['mask'].shape}")
@@ -460,6 +477,18 @@ def evaluate(
                                                 torch.from_numpy(sample["mask"]), cm.num_classes, cm.ignore_index)
             except TextsegError as e:
                 msg = str(e) if str(e).startswith(sid) else f"{sid}: {e}"
+                scored.append((i, sid, None, None, None, msg))
+            else:
+                scored.append((i, sid, sample, pred, counts, None))
+        return scored
+
+    # Three overlapping stages: read + prepare (``workers`` threads, ``prefetch_depth`` images ahead),
+    # the tower (this thread) and the finisher (one thread, one group behind the tower; ``workers=0``:
+    # all in this thread).
+    groups = (tower(g) for g in chunks(prefetch(indices, load, workers=workers, depth=prefetch_depth), batch))
+    for _, scored, _ in prefetch(groups, score, workers=min(1, workers), depth=2):
+        for i, sid, sample, pred, counts, msg in scored:
+            if msg is not None:
                 if strict:
                     raise TextsegError(f"{msg} (--strict: stopping)") from None
                 errors.append({"id": sid, "error": msg})
@@ -467,9 +496,9 @@ def evaluate(
                 cm.merge(counts)
                 done += 1
                 if keep_worst > 0:
-                    score = image_miou(counts)
-                    if not math.isnan(score):
-                        item = (-score, i, sid, (sample["image"], pred, sample["mask"]) if on_worst else None)
+                    score_i = image_miou(counts)
+                    if not math.isnan(score_i):
+                        item = (-score_i, i, sid, (sample["image"], pred, sample["mask"]) if on_worst else None)
                         if len(worst) < keep_worst:
                             heapq.heappush(worst, item)
                         elif item > worst[0]:

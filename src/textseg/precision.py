@@ -16,6 +16,9 @@ fp16, :func:`cast_image_tower` converts the image tower's parameters and buffers
 ``torch.autocast`` no longer re-casts ~86 M weights in every forward and the elementwise work between
 the matrix products (GELU, residual additions) runs in bf16 too. The text tower, the text projection and
 the scalars stay float32; the tower still runs under autocast, so a module of mixed dtypes works.
+Modules marked ``keep_float32`` stay float32 (the offline model's stem, first block and ImageNet
+classifier; the classifier and its dense head compute in float32 at every precision, inside
+:func:`float32_region`).
 """
 
 from __future__ import annotations
@@ -85,7 +88,10 @@ def cast_image_tower(model, precision: str) -> list[str]:
         raise TextsegError(f"model {getattr(model, 'name', type(model).__name__)!r} has no image tower to cast "
                            f"(children named {', '.join(IMAGE_TOWERS)}); drop --cast-weights")
     for n in names:
-        getattr(model, n).to(dtype)
+        tower = getattr(model, n).to(dtype)
+        for m in tower.modules():  # layers a model keeps in float32 at every precision
+            if getattr(m, "keep_float32", False):
+                m.float()
     model.inference_cast = "weights"
     return names
 
@@ -95,6 +101,12 @@ def autocast(precision: str, device: str | torch.device = "cpu"):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+
+
+def float32_region(device: str | torch.device = "cpu"):
+    """A context in which autocast is off: what runs inside it (a model's scoring layers) is float32 even
+    when called from inside :func:`autocast` (the inputs must be float32 already)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def to_float32(x):
