@@ -211,6 +211,9 @@ def test_cast_weights_runs_the_offline_model():
     model = load_model(precision="bf16", cast_weights=True)
     kept = [model.image.stem, model.image.blocks[0], model.image.classifier]  # float32 at every precision
     assert {p.dtype for m in kept for p in m.parameters()} == {torch.float32}
+    fp32 = load_model(precision="fp32")  # never rounded through bf16 on the way
+    assert all(torch.equal(a, b) for a, b in zip(model.image.stem.parameters(), fp32.image.stem.parameters()))
+    assert torch.equal(model.image.classifier.weight, fp32.image.classifier.weight)
     rest = [p for m in [*model.image.blocks[1:], model.image.head] for p in m.parameters()]
     assert {p.dtype for p in rest} == {torch.bfloat16}
     img = (np.random.default_rng(2).random((96, 128, 3)) * 255).astype(np.uint8)

@@ -88,12 +88,24 @@ def cast_image_tower(model, precision: str) -> list[str]:
         raise TextsegError(f"model {getattr(model, 'name', type(model).__name__)!r} has no image tower to cast "
                            f"(children named {', '.join(IMAGE_TOWERS)}); drop --cast-weights")
     for n in names:
-        tower = getattr(model, n).to(dtype)
-        for m in tower.modules():  # layers a model keeps in float32 at every precision
-            if getattr(m, "keep_float32", False):
-                m.float()
+        _cast_except_kept(getattr(model, n), dtype)
     model.inference_cast = "weights"
     return names
+
+
+def _cast_except_kept(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)``, except the submodules marked ``keep_float32`` (never rounded: casting them
+    to bf16 and back would lose the precision they are kept for)."""
+    if getattr(module, "keep_float32", False):
+        return
+    if not any(getattr(m, "keep_float32", False) for m in module.modules()):
+        module.to(dtype)
+        return
+    for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
+    for child in module.children():
+        _cast_except_kept(child, dtype)
 
 
 def autocast(precision: str, device: str | torch.device = "cpu"):
