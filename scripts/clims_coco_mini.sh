@@ -19,7 +19,9 @@
 #   model.safetensors, an eval_*.json) are reused, so the second evaluator shares the baseline.
 #
 # Usage: bash scripts/clims_coco_mini.sh [OUT]
-#   (env: EVALUATOR STEPS_A STEPS_B EVAL_SIZE SCALES LONG ABLATE LIT_STEPS FLICKR PYTHON THREADS)
+#   (env: EVALUATOR STEPS_A STEPS_B EVAL_SIZE SCALES LONG ABLATE LIT_STEPS FLICKR PYTHON THREADS SEED)
+# SEED (default 0): the seed of the runs after baseA (crops, batch order); SEED > 0 names them *_sSEED,
+#   all from the same baseA, so a second seed measures the spread of base vs clims.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${DATA:-../shared/data/coco-mini}
@@ -39,6 +41,8 @@ case "$EVALUATOR" in
        EV=(--set clims.evaluator_weights="$W"); PROBE_EV=(--weights "$W") ;;
   *) echo "EVALUATOR must be offline or lit, got $EVALUATOR" >&2; exit 2 ;;
 esac
+SEED=${SEED:-0}
+S=""; [ "$SEED" = 0 ] || S="_s$SEED"
 done_run() { [ -f "$OUT/$1/model.safetensors" ]; }
 COMMON=(--set data.root="$D" --set data.classes="$D/classes_voc21.txt" --set backbone=efficientnet_lite0
         --set train.batch_size=8 --set data.crop_size=320 --set threads="$T" --set train.progress=false
@@ -56,21 +60,21 @@ if [ "$EVALUATOR" = lit ] && ! [ -f "$W" ]; then
       --set train.out_dir="$LIT/run" --set train.progress=false --set train.device=cpu --set train.threads="$T"
 fi
 done_run baseA || $PY train cam "${COMMON[@]}" --set train.steps="$STEPS_A" --set train.lr=0.01 --set train.out_dir="$OUT/baseA"
-done_run base || $PY train cam "${COMMON[@]}" --set train.steps="$STEPS_B" --set train.lr=0.003 \
-    --set init="$OUT/baseA/model.safetensors" --set train.out_dir="$OUT/base"
+done_run "base$S" || $PY train cam "${COMMON[@]}" --set train.steps="$STEPS_B" --set train.lr=0.003 \
+    --set init="$OUT/baseA/model.safetensors" --set train.seed="$SEED" --set train.out_dir="$OUT/base$S"
 # --set wins over the preset wherever it is; epochs=0 keeps the step budget equal to the baseline's
-done_run "clims$SUF" || $PY train cam "${COMMON[@]}" --preset voc --set mode=clims --set epochs=0 \
-    --set train.steps="$STEPS_B" --set train.lr=0.003 --set init="$OUT/baseA/model.safetensors" \
-    --set clims.eval_size="$EVAL_SIZE" "${EV[@]}" --set train.out_dir="$OUT/clims$SUF"
-RUNS=(base "clims$SUF")
+done_run "clims$SUF$S" || $PY train cam "${COMMON[@]}" --preset voc --set mode=clims --set epochs=0 \
+    --set train.steps="$STEPS_B" --set train.lr=0.003 --set init="$OUT/baseA/model.safetensors" --set train.seed="$SEED" \
+    --set clims.eval_size="$EVAL_SIZE" "${EV[@]}" --set train.out_dir="$OUT/clims$SUF$S"
+RUNS=("base$S" "clims$SUF$S")
 if [ "${ABLATE:-0}" = 1 ]; then
   for spec in "no_btm 10 0 1 0.2" "no_cbs 10 24 0 0.2" "no_reg 10 24 1 0" "otm_only 10 0 0 0" "no_otm 0 24 1 0.2"; do
     set -- $spec
-    done_run "clims${SUF}_$1" || $PY train cam "${COMMON[@]}" --preset voc --set mode=clims --set epochs=0 \
+    done_run "clims${SUF}_$1$S" || $PY train cam "${COMMON[@]}" --preset voc --set mode=clims --set epochs=0 \
         --set train.steps="$STEPS_B" --set train.lr=0.003 --set init="$OUT/baseA/model.safetensors" \
         --set clims.alpha="$2" --set clims.beta="$3" --set clims.gamma="$4" --set clims.delta="$5" \
-        --set clims.eval_size="$EVAL_SIZE" "${EV[@]}" --set train.out_dir="$OUT/clims${SUF}_$1"
-    RUNS+=("clims${SUF}_$1")
+        --set clims.eval_size="$EVAL_SIZE" "${EV[@]}" --set train.seed="$SEED" --set train.out_dir="$OUT/clims${SUF}_$1$S"
+    RUNS+=("clims${SUF}_$1$S")
   done
 fi
 MAKE=()
