@@ -147,8 +147,8 @@ class CAMDataCfg:
 
 @dataclass
 class CLIMSCfg:
-    evaluator: str = "offline"  # any model textseg loads (name) ...
-    evaluator_weights: str = ""  # ... or weights file / folder
+    evaluator: str = ""  # any model textseg loads (name); "" = offline, or the model of evaluator_weights
+    evaluator_weights: str = ""  # ... or weights file / folder (a CLIP's, a LiT's model.safetensors ...)
     background: str = "voc"  # voc | coco | FILE
     alpha: float = 10.0
     beta: float = 24.0
@@ -256,7 +256,9 @@ def total_steps(cfg: CAMTrainCfg, n_images: int, world_size: int = 1) -> int:
 
 
 def load_evaluator(name: str, weights: str = "") -> DualEncoder:
-    """Any model textseg loads (``load_model``), frozen."""
+    """Any model textseg loads (``load_model``), frozen: ``name`` alone, ``weights`` (any checkpoint:
+    CLIP, LiT from ``textseg train clip``, ...; with a ``name`` too it must be of that model), or
+    neither: the offline model."""
     from textseg.weights.load import load_model
 
     model = load_model(name=name or None, weights=weights or None)
