@@ -224,10 +224,11 @@ def main() -> None:
     overrides = json.loads(args.bridge)
     overrides = overrides if isinstance(overrides, list) else [overrides]
     results = []
+    base = model.cfg  # every setting of the sweep starts from the model's own (overrides do not accumulate)
     for ov, temp in itertools.product(overrides, [float(t) for t in args.temps.split(",")]):
         from dataclasses import replace
 
-        model.cfg = replace(model.cfg, image_temperature=temp, **ov)
+        model.cfg = replace(base, image_temperature=temp, **ov)
         m = evaluate(model, cache, labels, temp, model.cfg.score_power, args.eval_scale, args.oracle,
                      heads).compute()
         results.append((m.miou, ov, temp))

@@ -80,7 +80,8 @@ def test_default_is_v2_and_bridge_only_keeps_its_name():
 
 
 def test_scores_by_hand(model):
-    """score = max(bridge mass / max(1, sum w) ** 0.5, head_weight * gate * sigmoid(e^s cos + b));
+    """score = max(bridge mass / max(1, sum w) ** 0.5, head_weight * gate * sigmoid(e^s cos + b) * (1 - 0.5 *
+    the largest (1 - gate) x raw bridge mass of another label));
     background = 0.4 * (1 - max(claimed ImageNet mass, best head probability)) + 0.05."""
     labels = ["cat", "person", "quantum chromodynamics", "background"]
     x = _pixels(Image.open(example_path("chelsea")), 224)
@@ -108,6 +109,10 @@ def test_scores_by_hand(model):
         gate = gate * file["vocab_trust"][nearest]  # the nearest caption word's held-out trust
         gate[3] = 0  # "background" is never a head label
         head = torch.sigmoid(hd.logit_scale.exp() * (t @ f) + hd.bias) * gate[:, None] * model.cfg.head_weight
+        raw = (torch.einsum("chw,nc->nhw", probs, w.clamp(0, 1)).clamp(0, 1) * (1 - gate)[:, None, None]).flatten(1)
+        for i in range(3):  # the other non-background labels' bridge-kept mass damps label i's head
+            others = [j for j in range(3) if j != i]
+            head[i] = head[i] * (1 - 0.5 * raw[others].max(0).values).clamp_min(0)
         want = torch.maximum(bridge.flatten(1), head)
         claim = torch.maximum((w[:3].max(0).values.clamp(0, 1) @ probs.flatten(1)), head[:3].max(0).values)
         want[3] = 0.4 * (1 - claim).clamp_min(0) + 0.05

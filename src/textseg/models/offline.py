@@ -22,7 +22,9 @@ gate * sigmoid(head logit))``. The gate is a ramp of the label's best similarity
 vocabulary times that nearest word's **trust**: ``clamp(0.5 + (AP_head - AP_bridge) / 0.2, 0, 1)``,
 image-level average precisions of the head (trained on the other folds) and of the bridge on held-out
 captioned images, so the head speaks for "person" or "road" and the bridge keeps "dog" and "cat"
-(``head_trust=False``: the gate without it). ``offline-bridge`` is the v1 model, the bridge alone.
+(``head_trust=False``: the gate without it). Where the bridge is sure of a label that it keeps (its
+gate is low: "dog"), the other labels' heads are damped there (``head_exclusion``; 0: off, as
+before). ``offline-bridge`` is the v1 model, the bridge alone.
 
 This is an offline fallback that works with no download, far below a real CLIP: it only knows what
 ImageNet's 1000 classes can express (no stuff classes such as sky or road, people only through their
@@ -89,6 +91,9 @@ class OfflineCfg:
     head_gate_low: float = 0.4  # a label's best similarity to the head's caption vocabulary at or below
     head_gate_high: float = 0.6  # ... this: head off / at or above this: head fully on
     head_trust: bool = True  # the gate also takes the nearest caption word's trust (head vs bridge, held out)
+    # a label's head is damped by (1 - this x the largest raw bridge mass of another label left to the
+    # bridge, weighted 1 - its gate): the head never overrules the bridge where the bridge is sure (0: off)
+    head_exclusion: float = 0.5
     # scores -> logits
     score_power: float = 1.0  # logits = power * log(score + eps)
     eps: float = 1e-4
@@ -376,6 +381,8 @@ class OfflineModel(DualEncoder):
             h = self.head.location_logits(head_img.to(head_txt.dtype), head_txt)
             h = (h + self.cfg.head_shift).sigmoid().to(s.dtype)
             h = h * (self.cfg.head_weight * gate.to(s.dtype)).view(shape)
+            if self.cfg.head_exclusion and (~is_bg).sum() > 1:
+                h = h * (1 - self.cfg.head_exclusion * self._other_bridge_claim(probs, w, gate, is_bg)).clamp_min(0)
             s = torch.maximum(s, h)
             head_claim = h[:, ~is_bg].amax(dim=1) if (~is_bg).any() else None
         if is_bg.any():
@@ -387,6 +394,19 @@ class OfflineModel(DualEncoder):
             rest = self.cfg.background_scale * rest.clamp_min(0) + self.cfg.background_floor
             s[:, is_bg] = rest.unsqueeze(1).to(s.dtype)
         return s
+
+    def _other_bridge_claim(self, probs: torch.Tensor, w: torch.Tensor, gate: torch.Tensor,
+                            is_bg: torch.Tensor) -> torch.Tensor:
+        """``B x N [x h x w]``: per label, the largest raw bridge mass (in [0, 1]) of any *other* non-background
+        label, weighted by how much that label is left to the bridge (``1 - gate``): where the bridge is sure
+        of a label it keeps (a dog), the other labels' heads (person) are damped."""
+        raw = torch.einsum("bc...,nc->bn...", probs, w.clamp(0, 1)).clamp(0, 1)
+        shape = (1, -1, *([1] * (raw.dim() - 2)))
+        raw = raw * ((1 - gate.to(raw.dtype)) * (~is_bg).to(raw.dtype)).view(shape)
+        top2 = raw.topk(2, dim=1)
+        first, second = top2.values[:, :1], top2.values[:, 1:2]
+        is_first = torch.arange(raw.shape[1], device=raw.device).view(shape) == top2.indices[:, :1]
+        return torch.where(is_first, second, first)
 
     def dense_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``B x 1000 x h x w`` probabilities, ``N x 1001`` bridge rows -> ``B x N x h x w`` logits
