@@ -3,7 +3,9 @@
 Everything is textseg's own: the scenes (:mod:`textseg.data.cooccurrence`), the evaluator (a small
 CLIP trained with the ``textseg train clip`` recipe on captions of its own scenes, which name objects and
 backgrounds separately: ``--clip-scenes`` of them, objects on their own background ``--clip-p-pair`` of the
-time and ``--clip-p-blank`` blank "ground" scenes, so that a masked-out image does not look like an object), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
+time and ``--clip-p-blank`` blank "ground" scenes, so that a masked-out image does not look like an object;
+``--clip-p-empty`` background-only scenes; ``--clip-part-captions objects`` also captions a boat on water
+"a photo of boat.", which gives the evaluator CLIP's co-occurrence bias), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
 (``textseg train cam``'s recipe, tiny backbone). Per seed: a baseline CAM trains ``--base-steps``;
 from it, with the same schedule and budget (``--steps`` more), train the baseline further (``cam``),
 CLIMS (``clims``, the official loss alone, at ``--clims-lr``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
@@ -71,7 +73,8 @@ def run(args) -> dict:
         write_scene_folder(make_scenes(args.val, args.size, seed=2000), val)
     if not (corpus / "labels.json").is_file():  # the evaluator's own captioned scenes (see --clip-scenes)
         write_scene_folder(make_scenes(args.clip_scenes, args.size, seed=3000, p_pair=args.clip_p_pair,
-                                       p_blank=args.clip_p_blank), corpus)
+                                       p_blank=args.clip_p_blank, p_empty=args.clip_p_empty,
+                                       part_captions=args.clip_part_captions), corpus)
     torch.set_num_threads(args.threads)
     ev_path = out / "evaluator" / "model.safetensors"
     ev_file = out / "evaluator" / "result.json"
@@ -188,7 +191,11 @@ def main() -> None:
     ap.add_argument("--clip-p-pair", type=float, default=0.5,
                     help="how often an object sits on its own background in the evaluator's scenes")
     ap.add_argument("--clip-p-blank", type=float, default=0.1, help="share of blank 'ground' scenes there")
-    ap.add_argument("--clims-lr", type=float, default=0.005, help="train.lr of the CLIMS runs (cam: 0.05)")
+    ap.add_argument("--clip-p-empty", type=float, default=0.08,
+                    help="share of background-only scenes there (no object: 'a photo of water.')")
+    ap.add_argument("--clip-part-captions", choices=("", "objects", "all"), default="",
+                    help="also caption the evaluator's scenes one object (or any named thing: all) at a time")
+    ap.add_argument("--clims-lr", type=float, default=0.001, help="train.lr of the CLIMS runs (cam: 0.05)")
     ap.add_argument("--base-steps", type=int, default=150, help="baseline CAM steps every run starts from")
     ap.add_argument("--steps", type=int, default=100, help="steps of each compared run (cam, clims, ablations)")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)

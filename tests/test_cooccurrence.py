@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from textseg.data.cooccurrence import BACKGROUNDS, CLASSES, GROUND, PAIRS, make_scenes, write_scene_folder
+from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder, PreprocessCfg
 
 
@@ -35,6 +37,18 @@ def test_scenes_pair_objects_with_their_background_and_name_both(tmp_path):
     blank = [s for s in make_scenes(60, 64, seed=0, p_blank=0.3) if s.captions[1] == GROUND]
     assert 8 < len(blank) < 30  # the evaluator corpus's blank "ground" scenes: nothing in them
     assert all(not s.labels and not s.mask.any() and not s.context.any() for s in blank)
+    # part captions (the benchmark's evaluator corpus): one "a photo of OBJECT." per object of a scene
+    # that holds more than the object; "all" also names each background alone
+    for mode in ("objects", "all"):
+        parts = make_scenes(40, 64, seed=0, part_captions=mode)
+        for sc, plain in zip(parts, make_scenes(40, 64, seed=0)):
+            assert sc.captions[:2] == plain.captions  # the same scenes, the same full captions
+            named = sc.captions[1].split(", ")
+            want = (named if mode == "all" else sc.labels) if len(named) > 1 else []
+            assert sorted(sc.captions[2:]) == sorted(f"a photo of {w}." for w in want)
+        assert any(len(sc.captions) > 2 for sc in parts)
+    with pytest.raises(TextsegError, match="part_captions"):
+        make_scenes(2, 64, part_captions="some")
 
 
 # ----------------------------------------------------------------- a short CLIMS run on the scenes
@@ -104,7 +118,6 @@ def test_short_clims_run_lowers_cooccurring_background_activation(tmp_path, monk
 
 
 def test_scene_figure_grid_size_cells_and_atomic_write(tmp_path):
-    import pytest
     from PIL import Image
 
     from textseg.data.cooccurrence import scene_figure

@@ -120,10 +120,15 @@ def _object(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray,
 
 
 def make_scene(rng: np.random.Generator, size: int = 96, p_pair: float = 0.85, p_empty: float = 0.08,
-               p_two: float = 0.25, p_extra: float = 0.1, p_blank: float = 0.0) -> Scene:
+               p_two: float = 0.25, p_extra: float = 0.1, p_blank: float = 0.0, part_captions: str = "") -> Scene:
     """One random scene (see the module docstring). ``p_blank``: probability of a scene holding only
     the neutral ground, captioned :data:`GROUND` (the evaluator corpus: a masked-out image looks like
-    it, so the evaluator learns that an empty mask shows no object)."""
+    it, so the evaluator learns that an empty mask shows no object). ``part_captions``: ``"objects"``
+    adds one caption per object (``"a photo of boat."`` for a boat on water), ``"all"`` one per object
+    and background, as web captions often name one thing of a scene: then a class prompt matches
+    every scene that holds the class, not only the scenes where it stands alone."""
+    if part_captions not in ("", "objects", "all"):
+        raise TextsegError(f"part_captions must be '', 'objects' or 'all', got {part_captions!r}")
     h = w = size
     if p_blank > 0 and rng.random() < p_blank:
         img = np.array(NEUTRAL, np.float32) + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
@@ -183,6 +188,8 @@ def make_scene(rng: np.random.Generator, size: int = 96, p_pair: float = 0.85, p
     words = [*labels, *present_bgs]
     order = list(rng.permutation(len(words)))
     captions = [f"a photo of {' and '.join(words)}.", ", ".join(words[i] for i in order)]
+    if part_captions and len(words) > 1:
+        captions += [f"a photo of {w}." for w in (words if part_captions == "all" else labels)]
     return Scene(image, mask, context, labels, captions)
 
 
