@@ -13,7 +13,7 @@ zero-shot on COCO-MINI val2017's VOC-21 view through the official inference (``t
 (``offline``, v2) and ``offline-bridge`` (v1) on the same images and settings. This is not a
 reproduction of the paper's numbers (30M image-text pairs, a trained ViT).
 
-    PYTHONPATH=src .venv/bin/python scripts/groupvit_real_captions.py --out runs/groupvit_real \\
+    PYTHONPATH=src .venv/bin/python scripts/groupvit_real_captions.py --out runs/groupvit_real --jobs 2 \\
         --figure docs/groupvit_real_captions.png
 """
 

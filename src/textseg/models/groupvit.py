@@ -21,6 +21,11 @@ Sliding windows average these per-class scores over overlaps (mmseg ``slide_infe
 then bilinearly resized to the original image and arg-maxed. Dense modes ``"groups"`` (patch-level
 argmax group, no top-k) and ``"soft"`` are textseg's simpler alternatives.
 
+textseg's frozen-tower option (``GroupViTVisionCfg.backbone="lite0"``, ``GroupViTCfg.text_backbone=
+"minilm"``): the offline default's pretrained EfficientNet-Lite0 feature map as the patch tokens
+(:class:`BackbonePatchEmbed`) and its MiniLM sentence encoder as the text tower
+(:class:`FrozenTextTower`), both frozen (``scripts/groupvit_real_captions.py``).
+
 Shapes: ``B`` images, ``N_0 = (H/p)*(W/p)`` patches, ``G_i`` groups after grouping stage ``i``,
 ``C`` vision width, ``D`` joint embedding dimension.
 
