@@ -21,6 +21,11 @@ Sliding windows average these per-class scores over overlaps (mmseg ``slide_infe
 then bilinearly resized to the original image and arg-maxed. Dense modes ``"groups"`` (patch-level
 argmax group, no top-k) and ``"soft"`` are textseg's simpler alternatives.
 
+textseg's frozen-tower option (``GroupViTVisionCfg.backbone="lite0"``, ``GroupViTCfg.text_backbone=
+"minilm"``): the offline default's pretrained EfficientNet-Lite0 feature map as the patch tokens
+(:class:`BackbonePatchEmbed`) and its MiniLM sentence encoder as the text tower
+(:class:`FrozenTextTower`), both frozen (``scripts/groupvit_real_captions.py``).
+
 Shapes: ``B`` images, ``N_0 = (H/p)*(W/p)`` patches, ``G_i`` groups after grouping stage ``i``,
 ``C`` vision width, ``D`` joint embedding dimension.
 
@@ -55,6 +60,8 @@ from textseg.models.base import DualEncoder, Intermediates, PreprocessCfg, block
 from textseg.models.clip import TextConfig, TextTransformer
 from textseg.models.layers import Attention, Block, DropPath, Mlp, resample_pos_embed  # noqa: F401 (DropPath)
 
+# Frozen pretrained image towers GroupViTVisionCfg.backbone accepts (feature channels).
+BACKBONES = {"lite0": 1280, "lite1": 1280, "lite2": 1280}
 # Background thresholds of the GroupViT paper and of NVlabs' released evaluation configs.
 BACKGROUND_THRESHOLDS = {
     "paper": {"voc": 0.9, "context": 0.5},
@@ -113,6 +120,10 @@ class GroupViTVisionCfg:
     # residual branches with probability drop_path_rate * j / (sum(depths) - 1) (NVlabs: linspace over
     # the blocks; 0.1 in gcc_yfcc_30e). 0 = off; an identity at eval either way.
     drop_path_rate: float = 0.0
+    # backbone: "" (official: a trained patch convolution) or an EfficientNet-Lite variant ("lite0",
+    # the offline default's image tower): its frozen pretrained feature map at stride ``patch_size``
+    # (8 / 16 / 32) are the patch tokens, through a trained 1x1 projection (BackbonePatchEmbed).
+    backbone: str = ""
 
     def __post_init__(self):
         n = len(self.depths)
@@ -129,6 +140,9 @@ class GroupViTVisionCfg:
                 raise TextsegError("GroupViT: every grouping stage needs num_output_groups > 0")
         if self.assign_pool not in ("mean", "sum"):
             raise TextsegError(f"GroupViT: assign_pool must be 'mean' or 'sum', not {self.assign_pool!r}")
+        if self.backbone and (self.backbone not in BACKBONES or self.patch_size not in (8, 16, 32)):
+            raise TextsegError(f"GroupViT: backbone must be one of {', '.join(BACKBONES)} with patch_size 8, 16 "
+                               f"or 32 (its output stride), not {self.backbone!r} / {self.patch_size}")
 
 
 @dataclass(frozen=True)
@@ -142,8 +156,13 @@ class GroupViTCfg:
     # How the multi-label (noun) loss scores an image against a noun prompt: "image" (official: the
     # mean-pooled image embedding) or "max_group" (textseg's pure track: the best non-empty group).
     multi_label_pool: str = "image"
+    # text_backbone: "" (official: CLIP's text transformer, trained) or "minilm": the offline default's
+    # frozen pretrained sentence encoder (384-d, FrozenTextTower); only text_proj trains.
+    text_backbone: str = ""
 
     def __post_init__(self):
+        if self.text_backbone not in ("", "minilm"):
+            raise TextsegError(f"GroupViT: text_backbone must be '' or 'minilm', not {self.text_backbone!r}")
         if self.multi_label_pool not in ("image", "max_group"):
             raise TextsegError(f"GroupViT: multi_label_pool must be 'image' or 'max_group', "
                                f"not {self.multi_label_pool!r}")
@@ -278,6 +297,69 @@ class GroupingBlock(nn.Module):
         return new_x + self.mlp_channels(self.norm_new_x(new_x)), soft
 
 
+class BackbonePatchEmbed(nn.Module):
+    """Frozen pretrained patch tokens (textseg's option ``backbone``): ``B x 3 x H x W`` pixels -> the
+    EfficientNet-Lite feature map ``B x 1280 x H/s x W/s`` (the offline default's image tower, batch
+    norms folded, never trained) -> a trained 1x1 convolution to ``width``. Precomputed features
+    (:meth:`features`, e.g. cached on disk for training) are accepted in place of pixels."""
+
+    def __init__(self, variant: str, stride: int, width: int, pretrained: bool = True):
+        super().__init__()
+        from textseg.models.efficientnet import efficientnet_lite
+
+        net = efficientnet_lite(variant, pretrained=pretrained).set_output_stride(stride).fuse()
+        self.backbone = net.to(memory_format=torch.channels_last).requires_grad_(False).eval()
+        self.in_channels = BACKBONES[variant]
+        self.proj = nn.Conv2d(self.in_channels, width, 1)
+
+    def train(self, mode: bool = True) -> BackbonePatchEmbed:
+        super().train(mode)
+        self.backbone.eval()  # frozen
+        return self
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` -> ``B x 1280 x H/s x W/s`` frozen backbone features."""
+        return self.backbone.forward_features(pixels.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_channels:  # pixels (3 channels), not cached features
+            x = self.features(x)
+        return self.proj(x.to(self.proj.weight.dtype))
+
+
+class FrozenTextTower(nn.Module):
+    """The offline default's MiniLM sentence encoder as a frozen text tower (``text_backbone=
+    "minilm"``): ``N x L`` MiniLM ids -> ``N x 384`` L2-normalised embeddings. A floating-point
+    ``N x 384`` input is taken as precomputed embeddings (the training recipe caches them)."""
+
+    def __init__(self):
+        super().__init__()
+        from textseg.models.minilm import minilm
+
+        self.encoder = minilm().requires_grad_(False).eval()
+        self.width = self.encoder.width
+
+    def train(self, mode: bool = True) -> FrozenTextTower:
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encoder.tokenize(list(texts))
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> ``N x 384`` embeddings (what :meth:`forward` returns for their ids)."""
+        return self.encoder.embed(list(texts))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.is_floating_point():
+            return tokens
+        with torch.no_grad():
+            return self.encoder(tokens, normalize=True)
+
+
 class GroupingStage(nn.Module):
     """One stage: transformer layers over ``[segments; group tokens]`` then (if the stage has group
     tokens) a grouping block. Group tokens of a later stage are conditioned on the previous stage's
@@ -323,11 +405,12 @@ class GroupViTVision(nn.Module):
 
     ``forward(pixels) -> (B x G x C final group tokens, [B x G_i x S_i soft assignments], (h, w))``."""
 
-    def __init__(self, cfg: GroupViTVisionCfg):
+    def __init__(self, cfg: GroupViTVisionCfg, pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
         grid = cfg.image_size // cfg.patch_size
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
+        self.patch_embed = (BackbonePatchEmbed(cfg.backbone, cfg.patch_size, cfg.width, pretrained) if cfg.backbone
+                            else nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size))
         self.patch_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.width))
         self.stages = nn.ModuleList(GroupingStage(cfg, i) for i in range(len(cfg.depths)))
@@ -422,22 +505,25 @@ class GroupViT(DualEncoder):
     # 0.35 (Context): BACKGROUND_THRESHOLDS.
     default_background_threshold = 0.95
 
-    def __init__(self, cfg: GroupViTCfg | None = None):
+    def __init__(self, cfg: GroupViTCfg | None = None, pretrained: bool = True):
         super().__init__()
         self.cfg = cfg = cfg or GroupViTCfg()
-        self.visual = GroupViTVision(cfg.vision)
-        self.text = TextTransformer(cfg.text, output_dim=None)
+        self.visual = GroupViTVision(cfg.vision, pretrained)  # pretrained: a frozen backbone's weights
+        self.text = FrozenTextTower() if cfg.text_backbone else TextTransformer(cfg.text, output_dim=None)
+        text_width = self.text.width if cfg.text_backbone else cfg.text.width
         self.image_proj = ProjectionMLP(cfg.vision.width, cfg.proj_hidden, cfg.embed_dim, cfg.proj_layers)
-        self.text_proj = ProjectionMLP(cfg.text.width, cfg.proj_hidden, cfg.embed_dim, cfg.proj_layers)
+        self.text_proj = ProjectionMLP(text_width, cfg.proj_hidden, cfg.embed_dim, cfg.proj_layers)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self.preprocess_cfg = nvlabs_preprocess(cfg.vision.image_size)
+        if cfg.vision.backbone:  # the backbone's own preprocessing (the offline model's), at image_size
+            self.preprocess_cfg = PreprocessCfg(cfg.vision.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
         self.dense_stride = cfg.vision.patch_size
         self.init_weights()
 
     def init_weights(self) -> None:
         """NVlabs' initialisation: truncated-normal(0.02) linears and tokens, unit LayerNorms."""
-        for m in self.visual.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+        for name, m in self.visual.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not name.startswith("patch_embed.backbone"):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -461,13 +547,16 @@ class GroupViT(DualEncoder):
         v = dict(d["vision"])
         for key in ("depths", "num_group_tokens", "num_output_groups", "assign_mlp_ratio"):
             v[key] = tuple(v[key])
-        rest = {k: d[k] for k in ("embed_dim", "proj_hidden", "proj_layers", "logit_scale_init", "multi_label_pool")
-                if k in d}
-        return cls(GroupViTCfg(vision=GroupViTVisionCfg(**v), text=TextConfig(**d["text"]), **rest))
+        rest = {k: d[k] for k in ("embed_dim", "proj_hidden", "proj_layers", "logit_scale_init", "multi_label_pool",
+                                  "text_backbone") if k in d}
+        # pretrained=False: a frozen backbone's weights come from the checkpoint, as every other weight
+        return cls(GroupViTCfg(vision=GroupViTVisionCfg(**v), text=TextConfig(**d["text"]), **rest), pretrained=False)
 
     # ---- towers --------------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.cfg.text_backbone:
+            return self.text.tokenize(texts)
         from textseg.models.tokenizer import tokenize
 
         return tokenize(list(texts), context_length=self.cfg.text.context_length)

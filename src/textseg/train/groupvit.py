@@ -191,6 +191,13 @@ class GroupViTModelCfg:
     proj_hidden: int = 4096
     proj_layers: int = 2  # projector depth (NVlabs: 2, Linear-BN-ReLU-Linear; 1 = one linear layer)
     drop_path_rate: float = 0.1  # stochastic depth, linear over the vision layers (NVlabs: 0.1; 0 = off)
+    # Frozen pretrained towers (textseg's option; "" = the official towers, trained from scratch):
+    # backbone "lite0" = the offline default's EfficientNet-Lite0 feature map at stride patch_size as
+    # the patch tokens (a trained 1x1 projection in); text_backbone "minilm" = its MiniLM sentence
+    # encoder as the text tower (text_width/heads/layers unused). Only the grouping stages, the
+    # projections and the temperatures train.
+    backbone: str = ""
+    text_backbone: str = ""
 
     def build(self) -> GroupViT:
         from textseg.errors import TextsegError
@@ -212,11 +219,96 @@ class GroupViTModelCfg:
             depths=tuple(self.depths), num_group_tokens=tuple(self.num_group_tokens),
             num_output_groups=tuple(self.num_output_groups), drop_path_rate=self.drop_path_rate,
             assign_pool=self.assign_pool, gumbel_tau=self.gumbel_tau,
-            gumbel_noise=self.gumbel_noise, **vis)
+            gumbel_noise=self.gumbel_noise, backbone=self.backbone, **vis)
         text = TextConfig(context_length=self.context_length, width=self.text_width, heads=self.text_heads,
                           layers=self.text_layers)
         return GroupViT(GroupViTCfg(vision=vision, text=text, embed_dim=self.embed_dim,
-                                    proj_hidden=self.proj_hidden, proj_layers=self.proj_layers, **top))
+                                    proj_hidden=self.proj_hidden, proj_layers=self.proj_layers,
+                                    text_backbone=self.text_backbone, **top))
+
+
+# ------------------------------------------------------------------ frozen towers: cached features
+class JoinedCaptions(torch.utils.data.Dataset):
+    """Caption folders (:class:`~textseg.data.imagetext.CaptionDataset`) as one dataset, samples
+    indexed globally. With ``feats`` (one ``N_i x C x h x w`` tensor per folder, from
+    :func:`backbone_features`) a sample's ``"image"`` is its cached frozen feature map instead of
+    pixels, and its caption is drawn as the folder dataset draws it (seeded by seed, epoch, index)."""
+
+    def __init__(self, datasets: Sequence, feats: Sequence[torch.Tensor] | None = None, seed: int = 0):
+        self.datasets, self.feats, self.seed, self.epoch = list(datasets), feats, seed, 0
+        self.offsets = [0]
+        for ds in self.datasets:
+            self.offsets.append(self.offsets[-1] + len(ds))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for ds in self.datasets:
+            ds.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        import bisect
+
+        from textseg.data.imagetext import pick_caption
+
+        k = bisect.bisect_right(self.offsets, index) - 1
+        ds, j = self.datasets[k], index - self.offsets[k]
+        if self.feats is None:
+            return {**ds[j], "index": index}
+        caps = ds.records[j].captions
+        text = caps[pick_caption(self.seed, self.epoch, index, len(caps))]
+        return {"image": self.feats[k][j].float(), "text": text, "index": index, "epoch": self.epoch}
+
+
+@torch.no_grad()
+def backbone_features(model: GroupViT, ds, cache_dir: str = "", batch_size: int = 8) -> torch.Tensor:
+    """``N x C x h x w`` (float16) frozen backbone feature maps of every image of ``ds`` (a
+    :class:`~textseg.data.imagetext.CaptionDataset` whose transform is the model's preprocessing).
+    With ``cache_dir`` kept in ``<cache_dir>/groupvit-<hash>.pt``, keyed by the backbone, its stride,
+    the preprocessing and the image files (path, size, mtime), and reused by later runs."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from textseg.distributed import is_main, print0
+    from textseg.train.checkpoint import atomic_save
+    from textseg.train.clip import _stamp
+
+    v = model.cfg.vision
+    key = json.dumps([v.backbone, v.patch_size, asdict(model.preprocess_cfg),
+                      [(str(Path(r.image).resolve()), _stamp(r.image)) for r in ds.records]])
+    path = Path(cache_dir) / f"groupvit-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    embed = model.visual.patch_embed
+    out = []
+    for s in range(0, len(ds), batch_size):
+        pixels = torch.stack([ds.load(i) for i in range(s, min(s + batch_size, len(ds)))])
+        out.append(embed.features(pixels.to(embed.proj.weight.device)).half().cpu())
+        if (s // batch_size) % 25 == 0:
+            print0(f"backbone features {s + len(pixels)}/{len(ds)} ({ds.root})")
+    feats = torch.cat(out)
+    if path is not None and is_main():
+        atomic_save(feats, path)
+    return feats
+
+
+class CachedTextEmbedder:
+    """The collate's ``tokenize`` for a frozen text tower: texts -> ``N x 384`` embeddings, each
+    distinct text encoded once (the model's :meth:`~textseg.models.groupvit.FrozenTextTower.embed`)."""
+
+    def __init__(self, tower):
+        self.tower, self.memo = tower, {}
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        new = list(dict.fromkeys(t for t in texts if t not in self.memo))
+        if new:
+            for t, e in zip(new, self.tower.embed(new).cpu()):
+                self.memo[t] = e
+        return torch.stack([self.memo[t] for t in texts])
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -225,6 +317,10 @@ class GroupViTDataSection:
     train: str = ""  # folder with a caption file, or tar shards ("shards/{0000..0099}.tar", globs)
     captions: str = "captions.jsonl"  # folder sources: JSONL or CSV relative to the folder
     train_split: str = ""
+    more_train: list[str] = field(default_factory=list)  # more caption folders (all their images), trained too
+    # model.backbone with augment "none": every training image's frozen feature map is computed once
+    # and kept in this folder between runs ("" = in memory for this run only)
+    feature_cache: str = ""
     shuffle_buffer: int = 1000  # tar shards
     # Training augmentation. "deit" (NVlabs configs/default.yml img_aug, timm create_transform):
     # RandomResizedCrop(scale 0.08-1, bilinear) + flip + RandAugment + normalise + random erasing;
@@ -303,13 +399,23 @@ def build_trainer(cfg: GroupViTRecipeConfig):
         raise TextsegError("set data.train to a caption folder or tar shards (--set data.train=PATH)")
     transform = train_transform(d, model.preprocess_cfg)
     if d.train.endswith(".tar") or ".tar," in d.train or Path(d.train).suffix == ".tar":
+        if d.more_train:
+            raise TextsegError("data.more_train takes caption folders, with a caption-folder data.train")
         dataset = TarShardDataset(d.train, transform, shuffle=cfg.train.shuffle, shuffle_buffer=d.shuffle_buffer,
                                   seed=cfg.train.seed)
     else:
         dataset = CaptionDataset(d.train, d.captions, d.train_split or None, transform, seed=cfg.train.seed)
+        if d.more_train or (model.cfg.vision.backbone and d.augment == "none"):
+            parts = [dataset] + [CaptionDataset(p, d.captions, None, transform, seed=cfg.train.seed)
+                                 for p in d.more_train]
+            feats = None
+            if model.cfg.vision.backbone and d.augment == "none":  # frozen and deterministic: cache
+                feats = [backbone_features(model, ds, d.feature_cache) for ds in parts]
+            dataset = JoinedCaptions(parts, feats, cfg.train.seed)
     template = cfg.loss.template
     templates = resolve_templates(template) if "{}" not in template else template
-    collate = GroupViTCollate(model.tokenize, cfg.loss.multi_label, templates, cfg.train.seed, cfg.loss.tagger)
+    tokenize = CachedTextEmbedder(model.text) if model.cfg.text_backbone else model.tokenize
+    collate = GroupViTCollate(tokenize, cfg.loss.multi_label, templates, cfg.train.seed, cfg.loss.tagger)
     module = GroupViTTrainModule(model, cfg.loss.multi_label_weight, cfg.loss.temperature)
     return Trainer(cfg.train, module, dataset, collate_fn=collate, config=cfg)
 
