@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -156,6 +157,10 @@ def main() -> None:
                     q.setdefault(k, []).append(v)
         summary["questions"] = q
     summary["wall_s"] = round(time.time() - t_start, 1)
+    # CPU seconds of this process and its (joined) workers: on idle cores the wall time is about
+    # cpu_s / --jobs, whatever the load was when it ran
+    ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    summary["cpu_s"] = round(sum(r.ru_utime + r.ru_stime for r in ru), 1)
     summary["load_avg"] = os.getloadavg()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     short = {k: v for k, v in summary.items() if k not in ("faithful", "variant", "questions")}
