@@ -171,10 +171,11 @@ def test_segmentation_emerges_from_captions_on_the_pure_track(trained_pure):
     got = E.zero_shot(model, test)["mIoU"]
     assert got > max(E.zero_shot(rand, test)["mIoU"], E.all_background(test)) + 25, got
     assert E.grouping_report(model, test)["oracle_mIoU"] > got - 5
-    # its labelling of perfect groups (the true partition through its own value path): at least as
-    # good as its own grouping, far above chance (the trained 600-step seed-0 model: 97.6 = the ceiling)
+    # its labelling of perfect groups (the true partition through its own value path) beats its own
+    # grouping: measured here 97.6 (= the ceiling) against 59.2 (the benchmark's seed 0: 97.6 / 68.9,
+    # seed 2, whose grouping never isolates the house: 72.2 / 40.6)
     true = E.true_partition_zero_shot(model, test)["mIoU"]
-    assert true > max(got, 60), (true, got)
+    assert true > max(got + 10, 80), (true, got)
 
 
 def test_bypass_diagnostic_random_assignment_lowers_the_pure_tracks_scores(trained_pure):
