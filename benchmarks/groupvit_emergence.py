@@ -7,7 +7,8 @@ For every seed both tracks (``faithful``: the official GroupViT; ``variant``: te
 track, :data:`textseg.models.groupvit.GROUPVIT_VARIANTS`) are trained from captions only on the
 engine with the recipe's losses, then scored on held-out scenes (:mod:`textseg.train.emergence`):
 zero-shot mIoU by the official inference, the oracle (majority-label) grouping mIoU, groups per
-image, and the bypass diagnostic (loss-relevant scores with the learned assignment replaced by a
+image, the zero-shot mIoU with the true partition in place of the learned assignment (grouping or
+matching: :func:`textseg.train.emergence.true_partition_zero_shot`), and the bypass diagnostic (loss-relevant scores with the learned assignment replaced by a
 random map, a per-image shuffle, one group). Also the ceiling and the random-init and
 all-background baselines. Writes ``<out>/summary.json``::
 
@@ -17,8 +18,9 @@ all-background baselines. Writes ``<out>/summary.json``::
 ``--questions`` adds the paper's open questions on seed(s) given: (a) mean vs sum pooling of the
 assigned tokens, (b) a background threshold calibrated on validation scenes vs the fixed 0.9 / 0.95,
 (c) scenes with 10-12 objects of 12 classes: a two-stage model (16 -> 8 groups) read by the official
-inference from its 8 final groups vs from its 16 first-stage groups, (d) hard (Gumbel
-straight-through) vs soft assignment in training, for the variant.
+inference from its 8 final groups vs from its 16 first-stage groups, (d) the training assignment
+of the variant: soft (its default) vs Gumbel hard (official) vs hard without noise
+(``emergence.NOISE_FREE_HARD``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -64,6 +67,7 @@ def main_job(track: str, seed: int, args: dict) -> dict:
     train = cell_scenes(args["n_train"], seed=1000 + seed)
     res, model = run_track(NAMES[track], seed, train, test, args["steps"], Path(args["out"]) / f"{track}_s{seed}")
     res["bypass"] = E.bypass_diagnostic(model, test, seed)
+    res["true_partition_mIoU"] = E.true_partition_zero_shot(model, test)["mIoU"]  # grouping or matching?
     if args["questions"]:
         res["threshold"] = threshold_question(model, val, test)
     print(json.dumps({"track": track, "seed": seed, "mIoU": round(res["mIoU"], 2),
@@ -81,9 +85,12 @@ def question_job(name: str, seed: int, args: dict) -> dict:
     if name == "a_sum_pool":
         return {name: run_track("pure", seed, train, test, args["steps"], out / f"q_sum_s{seed}",
                                 assign_pool="sum")[0]}
-    if name == "d_hard_gumbel":
+    if name == "d_hard_gumbel":  # the official training assignment (Gumbel noise, straight-through)
         return {name: run_track("pure", seed, train, test, args["steps"], out / f"q_hard_s{seed}",
-                                hard_assignment=True)[0]}
+                                hard_assignment=True, gumbel_noise=True)[0]}
+    if name == "d_hard_no_noise":  # straight-through argmax without noise (emergence.NOISE_FREE_HARD)
+        return {name: run_track("pure", seed, train, test, args["steps"], out / f"q_hardnn_s{seed}",
+                                **E.NOISE_FREE_HARD)[0]}
     many_train = cell_scenes(args["n_train"], seed=2000 + seed, size=96, classes=CELL_CLASSES_MANY,
                              objects=(10, 12), cells=(2, 3))
     many_test = cell_scenes(args["n_test"], seed=525252, size=96, classes=CELL_CLASSES_MANY,
@@ -140,13 +147,14 @@ def main() -> None:
     jobs = [(main_job, t, s, shared) for t in args.tracks for s in args.seeds]
     if args.questions:
         jobs += [(question_job, q, s, shared) for s in (args.question_seeds or args.seeds)
-                 for q in ("a_sum_pool", "d_hard_gumbel", "c")]
+                 for q in ("a_sum_pool", "d_hard_gumbel", "d_hard_no_noise", "c")]
     results = run_all(jobs, args.jobs)
     for track in args.tracks:
         rows = [r for (fn, t, _, _), r in zip(jobs, results) if fn is main_job and t == track]
         summary[track] = {"variant_name": NAMES[track], "miou_per_seed": [r["mIoU"] for r in rows],
                           "oracle_per_seed": [r["oracle_mIoU"] for r in rows],
                           "groups_per_image": [r["groups_per_image"] for r in rows],
+                          "true_partition_per_seed": [r["true_partition_mIoU"] for r in rows],
                           "miou_mean": float(np.mean([r["mIoU"] for r in rows])), "runs": rows}
     if args.questions:
         q: dict = {}
@@ -156,11 +164,16 @@ def main() -> None:
                     q.setdefault(k, []).append(v)
         summary["questions"] = q
     summary["wall_s"] = round(time.time() - t_start, 1)
+    # CPU seconds of this process and its (joined) workers: on idle cores the wall time is about
+    # cpu_s / --jobs, whatever the load was when it ran
+    ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    summary["cpu_s"] = round(sum(r.ru_utime + r.ru_stime for r in ru), 1)
     summary["load_avg"] = os.getloadavg()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     short = {k: v for k, v in summary.items() if k not in ("faithful", "variant", "questions")}
     for track in args.tracks:
-        short[track] = {k: summary[track][k] for k in ("miou_per_seed", "oracle_per_seed", "groups_per_image")}
+        short[track] = {k: summary[track][k] for k in ("miou_per_seed", "oracle_per_seed", "groups_per_image",
+                                                       "true_partition_per_seed")}
     print(json.dumps(short, indent=1))
 
 

@@ -129,6 +129,7 @@ def test_real_captions_against_hand_tagged_lists(coco_mini, flickr8k):
 
 def test_missing_tagger_is_one_clear_error(monkeypatch):
     nouns._tagger.cache_clear()
+    nouns._pos_tag_cached.cache_clear()  # tags are cached per caption
     monkeypatch.setitem(sys.modules, "nltk.tag.perceptron", None)
     with pytest.raises(TextsegError, match="textseg\\[train\\]"):
         extract_nouns("a dog")

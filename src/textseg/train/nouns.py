@@ -27,7 +27,7 @@ import pickle
 import random
 import re
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 
 from textseg.errors import TextsegError
 
@@ -90,8 +90,14 @@ def tokenize(caption: str) -> list[str]:
 
 def pos_tag(caption: str, tagger: str = "packaged") -> list[tuple[str, str]]:
     """``[(token, Penn Treebank tag), ...]`` for ``caption`` (one sequence, as ``nltk.pos_tag``)."""
+    return list(_pos_tag_cached(caption, tagger))
+
+
+@lru_cache(maxsize=1 << 16)
+def _pos_tag_cached(caption: str, tagger: str) -> tuple[tuple[str, str], ...]:
+    # the tagger is deterministic and the collate tags every caption on every load: once per caption
     tokens = tokenize(caption)
-    return _tagger(tagger).tag(tokens) if tokens else []
+    return tuple(map(tuple, _tagger(tagger).tag(tokens))) if tokens else ()
 
 
 def extract_nouns(caption: str, tags: Sequence[str] = OFFICIAL_TAGS, tagger: str = "packaged") -> list[str]:
