@@ -370,3 +370,22 @@ def test_batch_or_each_finds_the_item_at_fault():
     calls.clear()
     assert isinstance(batch_or_each(fn, ["bad"])[0], TextsegError) and calls == [["bad"]]  # one item: one call
     assert batch_or_each(fn, []) == []
+
+
+def test_prepare_makes_the_pamr_image_only_for_canvas_pamr_and_late_pamr_still_works(tmp_path):
+    """prepare() skips PAMR's downsampled canvas image when PAMR is off (or runs at the original size);
+    turning canvas PAMR on after the image was set rebuilds it from the cached input: same result."""
+    img = np.asarray(Image.open(make_folder(tmp_path / "set", n=1) / "images" / "im00.png").convert("RGB"))
+    kw = dict(short_side=48, templates="none", pamr_resolution="canvas")
+    plain, refined = Segmenter(ColourModel(), SegmentCfg(**kw)), Segmenter(ColourModel(), SegmentCfg(**kw, pamr=True))
+    assert plain.prepare(img).image_small is None
+    assert Segmenter(ColourModel(), SegmentCfg(short_side=48, pamr=True)).prepare(img).image_small is None  # original
+    ref = refined.prepare(img).image_small
+    assert ref is not None and ref.shape[-2:] == (12, ref.shape[-1])
+    labels = "red, green, blue"
+    plain.set_image(img)
+    plain.cfg.pamr = True  # switched on after set_image
+    late = plain.predict(labels)
+    refined.set_image(img)
+    torch.testing.assert_close(plain._image_small, ref, atol=1e-6, rtol=0)
+    assert (late.label_map == refined.predict(labels).label_map).mean() > 0.999

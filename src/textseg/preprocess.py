@@ -82,9 +82,13 @@ def crop_box(width: int, height: int, size: int, offset: str = "round") -> tuple
     return left, top, left + size, top + size
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(x - mean) / std`` per channel of a ``3 x H x W`` or ``B x 3 x H x W`` tensor."""
-    return (x - torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)) / torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], inplace: bool = False) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of a ``3 x H x W`` or ``B x 3 x H x W`` tensor (``inplace``: in
+    ``x``'s own memory, the same values without two full-size temporaries)."""
+    m, sd = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1), torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    if inplace:
+        return x.sub_(m).div_(sd)
+    return (x - m) / sd
 
 
 def _normalize(x: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:

@@ -412,18 +412,36 @@ class Segmenter:
             size = self._resized(img.height, img.width, short)
             pcfg = self.model.preprocess_cfg
             x = resize_to_tensor(img, size, pcfg.interpolation)  # 1 x 3 x H' x W' in [0, 1]
-            if si == 0:
-                ps = max(1, self.cfg.pamr_stride)
-                small = F.interpolate(x, size=(max(1, size[0] // ps), max(1, size[1] // ps)), mode="area")
-            x = normalize(x, pcfg.mean, pcfg.std)
+            if si == 0 and self.cfg.pamr and self.cfg.pamr_resolution != "original":  # PAMR's canvas image
+                small = self._pamr_small(x)
+            x = normalize(x, pcfg.mean, pcfg.std, inplace=True)  # x is this call's own fresh tensor
             if si == 0:
                 first = x
             boxes = self._crop_geometry(size)
             for flipped in (False, True) if self.cfg.flip else (False,):
                 xi = x.flip(-1) if flipped else x
-                crops = torch.cat([xi[:, :, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
+                if len(boxes) == 1 and boxes[0] == (0, 0, *size):  # the whole image: no copy
+                    crops = xi.contiguous()
+                else:
+                    crops = torch.cat([xi[:, :, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
                 views.append((crops, boxes, size, flipped))
         return PreparedImage((img.height, img.width), views, small, first, time.perf_counter() - t0)
+
+    def _pamr_small(self, x: torch.Tensor) -> torch.Tensor:
+        """The resized image ``1 x 3 x H' x W'`` in [0, 1] downsampled by ``pamr_stride`` (area): the
+        image textseg's canvas PAMR refines against."""
+        ps = max(1, self.cfg.pamr_stride)
+        return F.interpolate(x, size=(max(1, x.shape[-2] // ps), max(1, x.shape[-1] // ps)), mode="area")
+
+    def _pamr_image(self) -> torch.Tensor:
+        """:meth:`_pamr_small` of the current image; made from the cached network input when PAMR was
+        turned on after the image was prepared (prepare skips it when PAMR is off)."""
+        if self._image_small is None:
+            pcfg = self.model.preprocess_cfg
+            std = torch.tensor(pcfg.std, dtype=self._image_input.dtype).view(-1, 1, 1)
+            mean = torch.tensor(pcfg.mean, dtype=self._image_input.dtype).view(-1, 1, 1)
+            self._image_small = self._pamr_small(self._image_input * std + mean)
+        return self._image_small
 
     @torch.no_grad()
     def encode_prepared(self, items: Sequence[PreparedImage]) -> list[list[_View]]:
@@ -597,7 +615,7 @@ class Segmenter:
             image = F.interpolate(self._image_input.to(self.device), size=(height, width), mode="bilinear",
                                   align_corners=False)
         elif self.cfg.pamr:  # textseg's cheaper variant: on the resized image downsampled by pamr_stride
-            image = self._image_small.to(self.device)
+            image = self._pamr_image().to(self.device)
         tlp = self.cfg.propagation == "tlp"
         if tlp:  # PEARL: the network input resized to the original size, like NACLIP's PAMR
             image = F.interpolate(self._image_input.to(self.device), size=(height, width), mode="bilinear",
@@ -811,7 +829,7 @@ class Segmenter:
                                     align_corners=False)
                 z = F.interpolate(z[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
             else:
-                img = self._image_small.to(z.device)
+                img = self._pamr_image().to(z.device)
             z = pamr(img, z[None], self.cfg.pamr_iterations, tuple(self.cfg.pamr_dilations))[0]
             timings["pamr"] = time.perf_counter() - t1
         floor = None
