@@ -132,12 +132,13 @@ def caption_targets(pairs, min_images: int, max_vocab: int) -> tuple[list[str], 
             words = {singular(w) for w in extract_nouns(cap, tags=NOUN_TAGS)}
             words = {w for w in words if w.isalpha() and len(w) > 2 and w not in STOP}
             words |= {group_of[w] for w in words if w in group_of}
-            c.update(words)
+            c.update(sorted(words))
         per_image.append(c)
     df = Counter(w for c in per_image for w in c)
-    vocab = [w for w, n in df.most_common(max_vocab) if n >= min_images]
+    ranked = sorted(df.items(), key=lambda kv: (-kv[1], kv[0]))  # ties by word: the same order every run
+    vocab = [w for w, n in ranked[:max_vocab] if n >= min_images]
     if not vocab:
-        vocab = [w for w, _ in df.most_common(8)]
+        vocab = [w for w, _ in ranked[:8]]
     index = {w: j for j, w in enumerate(vocab)}
     y = torch.zeros(len(pairs), len(vocab))
     for i, (c, (_, caps)) in enumerate(zip(per_image, pairs)):
