@@ -332,9 +332,6 @@ class SegmenterPredictor:
         self.segmenter.set_encoded(prepared, views)
         return self._label_map(self.segmenter.predict(self.labels))
 
-    def predict_batch(self, samples: list[dict], prepared: list) -> list[np.ndarray]:
-        """Label maps of several prepared images, their same-size crops batched through the tower."""
-        return [self._label_map(r) for r in self.segmenter.segment_batch(prepared, self.labels)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,8 +416,10 @@ def evaluate(
     The pipeline (:mod:`textseg.pipeline`): samples are read -- and, for a predictor with a
     ``prepare(sample)`` method (:class:`SegmenterPredictor`), decoded, resized and normalised -- by
     ``workers`` background threads at most ``prefetch_depth`` images ahead (``workers=0``: in this
-    thread); a predictor with ``predict_batch(samples, prepared)`` gets ``batch`` images at a time
-    (same-size crops share tower passes). The numbers do not depend on these settings.
+    thread); a predictor with ``encode_batch(prepared)`` and ``finish(sample, prepared, encoded)``
+    (:class:`SegmenterPredictor`) gets ``batch`` images at a time through the tower in this thread
+    (same-size crops share tower passes) and the rest in a finisher thread, one group behind; a plain
+    callable runs whole in the finisher. The numbers do not depend on these settings.
     """
     dist, rank, world = _dist()
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -437,7 +436,6 @@ def evaluate(
         bar = tqdm(total=len(indices), desc=f"eval {dataset.name}", unit="img", file=sys.stderr,
                    dynamic_ncols=True)
     prepare = getattr(predictor, "prepare", None)
-    batched = getattr(predictor, "predict_batch", None)
     encode, finish = getattr(predictor, "encode_batch", None), getattr(predictor, "finish", None)
     split = encode is not None and finish is not None
 
@@ -449,8 +447,6 @@ def evaluate(
         loaded = [(i, v) for i, v, e in group if e is None]
         if split:  # the image tower only; the rest runs in the finisher thread
             out = batch_or_each(lambda g: encode([p for _, p in g]), [v for _, v in loaded])
-        elif batched is not None:
-            out = batch_or_each(lambda g: batched([s for s, _ in g], [p for _, p in g]), [v for _, v in loaded])
         else:  # a plain callable predictor: all of it in the finisher thread
             out = [None] * len(loaded)
         return group, dict(zip((i for i, _ in loaded), out))
@@ -466,10 +462,7 @@ def evaluate(
                 sample, pred = value[0], encoded[i]
                 if isinstance(pred, TextsegError):
                     raise pred
-                if split:
-                    pred = finish(sample, value[1], pred)
-                elif batched is None:
-                    pred = predictor(sample)
+                pred = finish(sample, value[1], pred) if split else predictor(sample)
                 pred = np.asarray(pred)
                 if pred.shape != sample["mask"].shape:
                     raise TextsegError(f"{sid}: prediction is {pred.shape}, mask is {sample['mask'].shape}")

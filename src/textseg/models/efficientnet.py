@@ -167,7 +167,6 @@ class EfficientNetLite(nn.Module):
         self.head = ConvBN(self.stage_channels[-1], 1280, 1)
         self.num_features = 1280
         self.classifier = nn.Linear(1280, num_classes)
-        self.float32_blocks = -1  # see set_float32_prefix: -1 = none
         self.set_output_stride(32)
 
     def set_float32_prefix(self, blocks: int = 1) -> EfficientNetLite:
@@ -178,9 +177,8 @@ class EfficientNetLite(nn.Module):
         multiply-adds) in float32, and only 99.48 % with the last five blocks and the head in float32
         instead. Those modules are marked ``keep_float32`` (:func:`textseg.precision.cast_image_tower`
         leaves them float32)."""
-        self.float32_blocks = int(blocks)
         for i, m in enumerate([self.stem, *self.blocks]):
-            m.keep_float32 = self.float32_blocks >= 0 and i <= self.float32_blocks
+            m.keep_float32 = i <= int(blocks)
         return self
 
     def _layer(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
