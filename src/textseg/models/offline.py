@@ -368,21 +368,21 @@ class OfflineModel(DualEncoder):
             head_img = None
             probs = probs[:, :NUM_CLASSES]
         w, is_bg = text[:, :NUM_CLASSES].to(probs.dtype), text[:, NUM_CLASSES] > 0.5
-        s = torch.einsum("bc...,nc->bn...", probs, w)
-        norm = torch.ones(w.shape[0], dtype=s.dtype, device=s.device)
+        mass = torch.einsum("bc...,nc->bn...", probs, w)  # each label's raw bridge mass
+        norm = torch.ones(w.shape[0], dtype=mass.dtype, device=mass.device)
         if self.cfg.size_power:
             norm = norm * w.sum(dim=1).clamp_min(1.0) ** self.cfg.size_power
         if self.cfg.lift_power:
             norm = norm * (w @ self.class_prior.to(w.dtype)).clamp_min(1e-4) ** self.cfg.lift_power
-        shape = (1, -1, *([1] * (s.dim() - 2)))
-        s = s / norm.view(shape)
+        shape = (1, -1, *([1] * (mass.dim() - 2)))
+        s = mass / norm.view(shape)
         head_claim = None
         if head_img is not None:
             h = self.head.location_logits(head_img.to(head_txt.dtype), head_txt)
             h = (h + self.cfg.head_shift).sigmoid().to(s.dtype)
             h = h * (self.cfg.head_weight * gate.to(s.dtype)).view(shape)
             if self.cfg.head_exclusion and (~is_bg).sum() > 1:
-                h = h * (1 - self.cfg.head_exclusion * self._other_bridge_claim(probs, w, gate, is_bg)).clamp_min(0)
+                h = h * (1 - self.cfg.head_exclusion * self._other_bridge_claim(mass, gate, is_bg)).clamp_min(0)
             s = torch.maximum(s, h)
             head_claim = h[:, ~is_bg].amax(dim=1) if (~is_bg).any() else None
         if is_bg.any():
@@ -395,12 +395,12 @@ class OfflineModel(DualEncoder):
             s[:, is_bg] = rest.unsqueeze(1).to(s.dtype)
         return s
 
-    def _other_bridge_claim(self, probs: torch.Tensor, w: torch.Tensor, gate: torch.Tensor,
-                            is_bg: torch.Tensor) -> torch.Tensor:
-        """``B x N [x h x w]``: per label, the largest raw bridge mass (in [0, 1]) of any *other* non-background
-        label, weighted by how much that label is left to the bridge (``1 - gate``): where the bridge is sure
-        of a label it keeps (a dog), the other labels' heads (person) are damped."""
-        raw = torch.einsum("bc...,nc->bn...", probs, w.clamp(0, 1)).clamp(0, 1)
+    def _other_bridge_claim(self, mass: torch.Tensor, gate: torch.Tensor, is_bg: torch.Tensor) -> torch.Tensor:
+        """``B x N [x h x w]``: per label, the largest raw bridge mass (``mass``: :meth:`scores`' einsum of
+        the class probabilities with the bridge weights, which lie in [0, 1]; clamped to [0, 1]) of any
+        *other* non-background label, weighted by how much that label is left to the bridge (``1 - gate``):
+        where the bridge is sure of a label it keeps (a dog), the other labels' heads (person) are damped."""
+        raw = mass.clamp(0, 1)
         shape = (1, -1, *([1] * (raw.dim() - 2)))
         raw = raw * ((1 - gate.to(raw.dtype)) * (~is_bg).to(raw.dtype)).view(shape)
         top2 = raw.topk(2, dim=1)
