@@ -220,3 +220,24 @@ def test_recipe_help_shows_config_and_set_and_no_mirrored_flags(recipe, capsys):
     flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", text))
     assert {"--config", "--set"} <= flags
     assert flags <= {"--config", "--set", "--print-config", "--json", "--help"}, flags
+
+
+def test_cached_computes_once_per_key_and_only_with_a_cache_dir(tmp_path):
+    from textseg.train.checkpoint import cached, file_stamp
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.arange(3.0)}
+
+    first = cached(tmp_path, "feat", ["lite0", 32], compute)
+    again = cached(tmp_path, "feat", ["lite0", 32], compute)  # from the file
+    assert len(calls) == 1 and torch.equal(first["x"], again["x"]) and len(list(tmp_path.glob("feat-*.pt"))) == 1
+    cached(tmp_path, "feat", ["lite0", 16], compute)  # another key: computed and kept apart
+    assert len(calls) == 2 and len(list(tmp_path.glob("feat-*.pt"))) == 2
+    cached("", "feat", ["lite0", 32], compute)  # no cache dir: always computed, nothing written
+    assert len(calls) == 3
+    f = tmp_path / "a.txt"
+    f.write_text("abc")
+    assert file_stamp(f)[0] == 3 and file_stamp(tmp_path / "missing") == (-1, -1)

@@ -18,8 +18,11 @@ saving never leaves a truncated ``step_*.pt`` behind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,31 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     with atomic_write(path) as fh:
         torch.save(obj, fh)
     return Path(path)
+
+
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of ``path`` (``(-1, -1)`` when it cannot be read): part of a cache key."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def cached(cache_dir: str | Path, prefix: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()`` (tensors, or dicts / lists of them), kept in ``<cache_dir>/<prefix>-<hash>.pt``
+    where the hash is of ``json.dumps(key)`` (what the result depends on: towers, preprocessing, files
+    with their :func:`file_stamp`); a later call with the same key loads it (``weights_only``). No
+    ``cache_dir``: computed every time. Only the main process writes (atomically)."""
+    from textseg.distributed import is_main
+
+    path = Path(cache_dir) / f"{prefix}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    out = compute()
+    if path is not None and is_main():
+        atomic_save(out, path)
+    return out
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -22,12 +22,10 @@ retrieval R@1/5/10 on ``data.val`` and, when ``eval.zeroshot`` and the folder ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +33,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from textseg.data.imagetext import CaptionDataset, ImageTextCollate, TarShardDataset, pick_caption
-from textseg.distributed import is_main, print0
+from textseg.distributed import print0
 from textseg.errors import TextsegError
 from textseg.models.clip import CLIPConfig
 from textseg.preprocess import Preprocess
 from textseg.prompts import resolve_templates
-from textseg.train.checkpoint import atomic_save
+from textseg.train.checkpoint import cached, file_stamp
 from textseg.train.engine import TrainConfig, Trainer, seed_everything
 from textseg.train.losses import MAX_LOGIT_SCALE, ClipLoss
 
@@ -187,14 +185,6 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], items: list, batch_size
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return (-1, -1)
-    return (st.st_size, st.st_mtime_ns)
-
-
 def tower_features(model: nn.Module, ds: CaptionDataset, batch_size: int, device: torch.device,
                    cache_dir: str = ""):
     """(image tower features ``N x C``, caption tower features ``M x C'``, caption owner list).
@@ -202,20 +192,17 @@ def tower_features(model: nn.Module, ds: CaptionDataset, batch_size: int, device
     With ``cache_dir``, kept in ``<cache_dir>/lit-<hash>.pt`` keyed by the towers, the image size and
     the dataset's image files (path, size, mtime) and captions, and reused by later runs."""
     texts, owner = ds.texts()
-    path = None
-    if cache_dir:
-        key = json.dumps([model.cfg.image_variant, model.preprocess_cfg.image_size,
-                          [(str(r.image), _stamp(r.image), r.captions) for r in ds.records]])
-        path = Path(cache_dir) / f"lit-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            return saved["image"], saved["text"], saved["owner"].tolist()
-    img = _batched(model.image_features, list(range(len(ds))), batch_size,
-                   lambda idx: torch.stack([ds.load(i) for i in idx]), device)
-    txt = _batched(model.text_features, texts, batch_size, model.tokenize, device)
-    if path is not None and is_main():
-        atomic_save({"image": img, "text": txt, "owner": torch.tensor(owner)}, path)
-    return img, txt, owner
+
+    def compute() -> dict:
+        img = _batched(model.image_features, list(range(len(ds))), batch_size,
+                       lambda idx: torch.stack([ds.load(i) for i in idx]), device)
+        txt = _batched(model.text_features, texts, batch_size, model.tokenize, device)
+        return {"image": img, "text": txt, "owner": torch.tensor(owner)}
+
+    key = [model.cfg.image_variant, model.preprocess_cfg.image_size,
+           [(str(r.image), file_stamp(r.image), r.captions) for r in ds.records]]
+    saved = cached(cache_dir, "lit", key, compute)
+    return saved["image"], saved["text"], saved["owner"].tolist()
 
 
 # ------------------------------------------------------------------------------------------- eval

@@ -268,32 +268,27 @@ def backbone_features(model: GroupViT, ds, cache_dir: str = "", batch_size: int 
     :class:`~textseg.data.imagetext.CaptionDataset` whose transform is the model's preprocessing).
     With ``cache_dir`` kept in ``<cache_dir>/groupvit-<hash>.pt``, keyed by the backbone, its stride,
     the preprocessing and the image files (path, size, mtime), and reused by later runs."""
-    import hashlib
-    import json
     from dataclasses import asdict
     from pathlib import Path
 
-    from textseg.distributed import is_main, print0
-    from textseg.train.checkpoint import atomic_save
-    from textseg.train.clip import _stamp
+    from textseg.distributed import print0
+    from textseg.train.checkpoint import cached, file_stamp
+
+    embed = model.visual.patch_embed
+
+    def compute() -> torch.Tensor:
+        out = []
+        for s in range(0, len(ds), batch_size):
+            pixels = torch.stack([ds.load(i) for i in range(s, min(s + batch_size, len(ds)))])
+            out.append(embed.features(pixels.to(embed.proj.weight.device)).half().cpu())
+            if (s // batch_size) % 25 == 0:
+                print0(f"backbone features {s + len(pixels)}/{len(ds)} ({ds.root})")
+        return torch.cat(out)
 
     v = model.cfg.vision
-    key = json.dumps([v.backbone, v.patch_size, asdict(model.preprocess_cfg),
-                      [(str(Path(r.image).resolve()), _stamp(r.image)) for r in ds.records]])
-    path = Path(cache_dir) / f"groupvit-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    embed = model.visual.patch_embed
-    out = []
-    for s in range(0, len(ds), batch_size):
-        pixels = torch.stack([ds.load(i) for i in range(s, min(s + batch_size, len(ds)))])
-        out.append(embed.features(pixels.to(embed.proj.weight.device)).half().cpu())
-        if (s // batch_size) % 25 == 0:
-            print0(f"backbone features {s + len(pixels)}/{len(ds)} ({ds.root})")
-    feats = torch.cat(out)
-    if path is not None and is_main():
-        atomic_save(feats, path)
-    return feats
+    key = [v.backbone, v.patch_size, asdict(model.preprocess_cfg),
+           [(str(Path(r.image).resolve()), file_stamp(r.image)) for r in ds.records]]
+    return cached(cache_dir, "groupvit", key, compute)
 
 
 class CachedTextEmbedder:
