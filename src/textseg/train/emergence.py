@@ -190,6 +190,15 @@ def all_background(scenes: Scenes) -> float:
     return score_masks(torch.zeros(scenes.masks.shape, dtype=torch.long), scenes)["mIoU"]
 
 
+def _pool_by_index(blk, index: torch.Tensor, groups: int, segments: torch.Tensor):
+    """A grouping block's output for a given hard assignment ``index`` (``B x S``: each segment's
+    group): the groups pooled from their members as the block's own hard assignment pools them (the
+    mean with ``eps`` or the sum), and the ``B x G x S`` one-hot assignment."""
+    onehot = F.one_hot(index, groups).transpose(1, 2).to(segments.dtype)
+    assign = onehot / (onehot.sum(-1, keepdim=True) + blk.eps) if blk.pool == "mean" else onehot
+    return blk.proj(assign @ blk.v_proj(segments)), onehot
+
+
 # ------------------------------------------------------------------------------ bypass diagnostic
 @contextmanager
 def replaced_assignment(model: GroupViT, mode: str, seed: int = 0):
@@ -217,10 +226,7 @@ def replaced_assignment(model: GroupViT, mode: str, seed: int = 0):
                 index = torch.zeros(b, s, dtype=torch.long)
             else:
                 raise ValueError(f"mode must be learned, random, shuffle or single, not {mode!r}")
-            assign = F.one_hot(index, g).transpose(1, 2).to(raw.dtype)
-            if blk.pool == "mean":
-                assign = assign / (assign.sum(-1, keepdim=True) + blk.eps)
-            return blk.proj(assign @ blk.v_proj(segments)), assign.gt(0).to(raw.dtype)
+            return _pool_by_index(blk, index, g, segments)
         return forward
 
     try:
@@ -245,11 +251,7 @@ def true_partition_zero_shot(model: GroupViT, scenes: Scenes, batch_size: int = 
     blk, saved, state = blocks[0], blocks[0].forward, {}
 
     def forward(groups, segments):
-        assign = F.one_hot(state["classes"], groups.shape[1]).transpose(1, 2).to(segments.dtype)
-        soft = assign
-        if blk.pool == "mean":
-            assign = assign / (assign.sum(-1, keepdim=True) + blk.eps)
-        return blk.proj(assign @ blk.v_proj(segments)), soft
+        return _pool_by_index(blk, state["classes"], groups.shape[1], segments)
 
     model.eval()
     text = model.embed_texts(list(scenes.classes), PROMPT)
