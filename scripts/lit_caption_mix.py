@@ -15,6 +15,9 @@ import json
 import os
 from pathlib import Path
 
+from textseg.data.imagetext import read_captions
+from textseg.data.splits import split_ids
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -23,16 +26,12 @@ def main() -> None:
     ap.add_argument("out", help="folder to write")
     args = ap.parse_args()
     coco, out = Path(args.coco).resolve(), Path(args.out)
-    split_of = {m["image"]: m["split"] for m in json.loads((coco / "images_meta.json").read_text())}
+    val = set(split_ids(coco, "val2017"))
     rows, ids = [], {"train": [], "val": []}
     for src in (coco, *(Path(e).resolve() for e in args.extra)):
-        for line in (src / "captions.jsonl").read_text().splitlines():
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            key = Path(r["image"]).stem
-            ids["val" if src == coco and split_of.get(key) == "val2017" else "train"].append(key)
-            rows.append({"image": str(src / r["image"]), "captions": r["captions"]})
+        for r in read_captions(src / "captions.jsonl"):
+            ids["val" if src == coco and r.key in val else "train"].append(r.key)
+            rows.append({"image": str(r.image), "captions": r.captions})
     (out / "splits").mkdir(parents=True, exist_ok=True)
     (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name, keys in ids.items():
