@@ -156,6 +156,10 @@ class GroupViTCfg:
     # How the multi-label (noun) loss scores an image against a noun prompt: "image" (official: the
     # mean-pooled image embedding) or "max_group" (textseg's pure track: the best non-empty group).
     multi_label_pool: str = "image"
+    # assign_diversity: weight of textseg's assignment-diversity loss in training (0 = off, official;
+    # textseg.train.groupvit.assignment_diversity): the negative mutual information between patches
+    # and groups, pushing each patch to one group and the batch to use every group.
+    assign_diversity: float = 0.0
     # text_backbone: "" (official: CLIP's text transformer, trained) or "minilm": the offline default's
     # frozen pretrained sentence encoder (384-d, FrozenTextTower); only text_proj trains.
     text_backbone: str = ""
@@ -169,12 +173,12 @@ class GroupViTCfg:
 
 
 # The two tracks: "faithful" = the official GroupViT; "pure" = textseg's variant in which every group
-# is built from its members only, a noun is scored by its best group, and training assigns softly
-# (argmax one-hot at inference, as the official inference). Values: (vision fields, model fields).
+# is built from its members only, a noun is scored by its best group, training assigns softly
+# (argmax one-hot at inference, as the official inference) and adds the assignment-diversity loss. Values: (vision fields, model fields).
 GROUPVIT_VARIANTS = {
     "faithful": ({}, {}),
     "pure": ({"content_only": True, "hard_assignment": False, "eval_hard_assignment": True},
-             {"multi_label_pool": "max_group"}),
+             {"multi_label_pool": "max_group", "assign_diversity": 1.0}),
 }
 
 
@@ -548,7 +552,7 @@ class GroupViT(DualEncoder):
         for key in ("depths", "num_group_tokens", "num_output_groups", "assign_mlp_ratio"):
             v[key] = tuple(v[key])
         rest = {k: d[k] for k in ("embed_dim", "proj_hidden", "proj_layers", "logit_scale_init", "multi_label_pool",
-                                  "text_backbone") if k in d}
+                                  "assign_diversity", "text_backbone") if k in d}
         # pretrained=False: a frozen backbone's weights come from the checkpoint, as every other weight
         return cls(GroupViTCfg(vision=GroupViTVisionCfg(**v), text=TextConfig(**d["text"]), **rest), pretrained=False)
 

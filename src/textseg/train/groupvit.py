@@ -16,6 +16,7 @@ by :class:`GroupViTCollate` from ``(image tensor, caption)`` samples.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,22 @@ def multi_label_loss(image: torch.Tensor, texts: torch.Tensor, logit_scale: torc
     return 0.5 * (loss_img + loss_txt)
 
 
+def assignment_diversity(maps: torch.Tensor) -> torch.Tensor:
+    """textseg's assignment-diversity loss (``assign_diversity``; not in GroupViT): ``B x G x N``
+    soft assignments (each patch a distribution over the ``G`` groups) -> ``(H(p | patch) -
+    H(mean p)) / log G``, the negative mutual information between patches and groups over the batch
+    (as IIC's clustering objective), in [-1, 1]. Low when every patch is confident of one group and
+    the batch as a whole uses all the groups: a group that swallows two objects' patches in most
+    images raises it. (Without it the pure track's seed 2 merged objects: 1.9 groups per image
+    against 2.5 true segments.)"""
+    g = maps.shape[1]
+    p = maps.clamp_min(1e-8)
+    marginal = p.mean((0, 2))
+    h_marginal = -(marginal * marginal.log()).sum()
+    h_patch = -(p * p.log()).sum(1).mean()
+    return (h_patch - h_marginal) / math.log(g)
+
+
 class GroupViTTrainModule(nn.Module):
     """``forward(batch) -> {"loss", "itc", "mlc", "scale", "ml_scale"}`` for the engine.
 
@@ -104,7 +121,8 @@ class GroupViTTrainModule(nn.Module):
         images, text = batch["image"], batch["text"]
         b, n, length = text.shape
         per_group = getattr(self.model.cfg, "multi_label_pool", "image") == "max_group"
-        if per_group:  # one pass: the image embedding and the groups with their non-empty mask
+        diversity = getattr(self.model.cfg, "assign_diversity", 0.0)
+        if per_group or diversity:  # one pass: the image embedding and the groups with their non-empty mask
             inter = self.model.forward_intermediates(images)
             img = F.normalize(inter["image_embed"], dim=-1)
             groups = F.normalize(inter["group_embeds"], dim=-1)
@@ -123,6 +141,10 @@ class GroupViTTrainModule(nn.Module):
                    else multi_label_loss(img, txt[:, 1:], ml_scale))
             loss = loss + self.multi_label_weight * mlc
             out.update(mlc=mlc.detach(), ml_scale=ml_scale.detach())
+        if diversity:
+            div = assignment_diversity(inter["group_maps"][-1].flatten(2))
+            loss = loss + diversity * div
+            out["div"] = div.detach()
         out["loss"] = loss
         return out
 
@@ -180,6 +202,7 @@ class GroupViTModelCfg:
     eval_hard_assignment: bool | None = None  # argmax one-hot at inference (None: as hard_assignment)
     content_only: bool | None = None  # groups from their members only (pure: True)
     multi_label_pool: str | None = None  # "image" (faithful) / "max_group" (pure): the noun loss's pooling
+    assign_diversity: float | None = None  # weight of the assignment-diversity loss (faithful: 0 = off)
     assign_pool: str = "mean"  # "mean" (official, eps 1) or "sum" of the assigned segments
     gumbel_tau: float = 1.0
     gumbel_noise: bool = True  # Gumbel noise on a hard training assignment (False: plain straight-through argmax)
@@ -208,12 +231,11 @@ class GroupViTModelCfg:
             raise TextsegError(f"model.variant must be one of {', '.join(GROUPVIT_VARIANTS)}, not {self.variant!r}")
         vis, top = GROUPVIT_VARIANTS[self.variant]
         vis = {"hard_assignment": True, "eval_hard_assignment": None, "content_only": False, **vis}
-        top = {"multi_label_pool": "image", **top}
-        for key in vis:
-            if getattr(self, key) is not None:
-                vis[key] = getattr(self, key)
-        if self.multi_label_pool is not None:
-            top["multi_label_pool"] = self.multi_label_pool
+        top = {"multi_label_pool": "image", "assign_diversity": 0.0, **top}
+        for fields in (vis, top):
+            for key in fields:
+                if getattr(self, key) is not None:
+                    fields[key] = getattr(self, key)
         vision = GroupViTVisionCfg(
             image_size=self.image_size, patch_size=self.patch_size, width=self.width, heads=self.heads,
             depths=tuple(self.depths), num_group_tokens=tuple(self.num_group_tokens),
