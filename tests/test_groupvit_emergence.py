@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from textseg.data.synthetic import cell_scenes
 from textseg.errors import TextsegError
 from textseg.train import emergence as E
-from textseg.train.groupvit import GroupViTModelCfg, multi_label_loss
+from textseg.train.groupvit import GroupViTModelCfg, GroupViTTrainModule, assignment_diversity, multi_label_loss
 
 TINY = dict(image_size=32, patch_size=8, width=32, heads=2, depths=[1, 0], num_group_tokens=[4, 0],
             num_output_groups=[4, 0], text_width=32, text_heads=2, text_layers=1, context_length=16,
@@ -21,10 +21,11 @@ TINY = dict(image_size=32, patch_size=8, width=32, heads=2, depths=[1, 0], num_g
 def test_variant_names_set_the_fields_and_faithful_is_the_official_default():
     f = GroupViTModelCfg(**TINY).build().cfg
     assert (f.vision.content_only, f.vision.hard_assignment, f.vision.eval_hard_assignment, f.vision.assign_pool,
-            f.multi_label_pool) == (False, True, None, "mean", "image")
+            f.multi_label_pool, f.assign_diversity) == (False, True, None, "mean", "image", 0.0)
     p = GroupViTModelCfg(variant="pure", **TINY).build()
     assert (p.cfg.vision.content_only, p.cfg.vision.hard_assignment, p.cfg.vision.eval_hard_assignment,
-            p.cfg.multi_label_pool) == (True, False, True, "max_group")
+            p.cfg.multi_label_pool, p.cfg.assign_diversity) == (True, False, True, "max_group", 1.0)
+    assert GroupViTModelCfg(variant="pure", assign_diversity=0.0, **TINY).build().cfg.assign_diversity == 0.0
     # an explicit field overrides the variant's value (question (d): the pure track with Gumbel hard)
     assert GroupViTModelCfg(variant="pure", hard_assignment=True, **TINY).build().cfg.vision.hard_assignment
     # the options survive the native config card (what --weights rebuilds from)
@@ -74,6 +75,49 @@ def test_content_only_groups_are_pooled_from_their_members_only():
     model.train()
     with torch.no_grad():
         assert torch.equal(stage(x, None)[0], stage(x, None)[0])
+
+
+def test_assignment_diversity_is_the_negative_patch_group_mutual_information():
+    """(H(p | patch) - H(mean p)) / log G, written out with loops: -1 for confident patches spread
+    evenly over every group, 0 for one group taking every patch or for uniform assignments."""
+    torch.manual_seed(0)
+    b, g, n = 2, 4, 6
+    maps = torch.randn(b, g, n).softmax(1)
+    h_patch = -sum(float(maps[i, j, k] * maps[i, j, k].log()) for i in range(b) for j in range(g)
+                   for k in range(n)) / (b * n)
+    marg = [float(maps[:, j].mean()) for j in range(g)]
+    h_marg = -sum(m * np.log(m) for m in marg)
+    assert float(assignment_diversity(maps)) == pytest.approx((h_patch - h_marg) / np.log(g), abs=1e-5)
+    spread = F.one_hot(torch.arange(8) % g, g).T[None].float()  # 1 x G x 8: two patches per group
+    assert float(assignment_diversity(spread)) == pytest.approx(-1.0, abs=1e-5)
+    one = torch.zeros(2, g, 8)
+    one[:, 0] = 1
+    assert float(assignment_diversity(one)) == pytest.approx(0.0, abs=1e-5)
+    assert float(assignment_diversity(torch.full((2, g, 8), 1 / g))) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["faithful", "pure"])
+def test_assignment_diversity_enters_the_training_loss_only_when_set(variant):
+    """assign_diversity = w adds w * assignment_diversity(the soft patch-group maps) to the loss; 0
+    (the official default) adds nothing and leaves the loss as it was."""
+    torch.manual_seed(0)
+    model = GroupViTModelCfg(variant=variant, assign_diversity=0.0, **TINY).build()
+    images, text = torch.randn(3, 3, 32, 32), torch.randint(1, 50, (3, 3, 16))
+    plain = GroupViTTrainModule(model)
+    torch.manual_seed(1)
+    base = plain({"image": images, "text": text})
+    assert "div" not in base
+    weighted = GroupViTModelCfg(variant=variant, assign_diversity=0.5, **TINY).build()
+    weighted.load_state_dict(model.state_dict())
+    module = GroupViTTrainModule(weighted)
+    module.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)  # the same Gumbel draw for the faithful track
+    out = module({"image": images, "text": text})
+    with torch.no_grad():
+        torch.manual_seed(1)
+        maps = weighted.forward_intermediates(images)["group_maps"][-1].flatten(2)
+    torch.testing.assert_close(out["div"], assignment_diversity(maps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], base["loss"] + 0.5 * out["div"], rtol=1e-5, atol=1e-5)
 
 
 def test_sum_pool_is_the_unnormalised_sum():

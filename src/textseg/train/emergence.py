@@ -37,7 +37,7 @@ PROMPT = ("a photo of a {}.",)
 
 # A noise-free hard training assignment for the pure track (the argmax one-hot with the
 # straight-through gradient of the softmax: training sees the inference's groups), measured at 600
-# steps and *not* the default: seed 2 rose to 64.0 mIoU (oracle 71.7, 2.6 groups per image; soft:
+# steps before the pure track had the assignment-diversity loss, and *not* the default: seed 2 rose to 64.0 mIoU (oracle 71.7, 2.6 groups per image; soft:
 # 40.6 / 49.8 / 1.9) but seeds 0 / 1 fell to 27.7 / 24.8 (oracle 53.9 / 43.3; soft: 68.9 / 72.4).
 # ``emergence_model_cfg("pure", **NOISE_FREE_HARD)``; the benchmark's question (d) measures it.
 NOISE_FREE_HARD = {"hard_assignment": True, "gumbel_noise": False}
@@ -49,8 +49,8 @@ def emergence_model_cfg(variant: str = "faithful", groups: int = 8, image_size: 
     transformer layer before or after it: ``groups`` group tokens cross-attend to the patch
     embeddings and group them), a linear projector, a 2-layer text tower, no stochastic depth.
     ``overrides``: any other :class:`GroupViTModelCfg` field. (One layer before the grouping,
-    ``depths=[1, 0]``, measured worse for the pure track at 600 steps: 64.4 / 66.2 / 41.6 mIoU on
-    seeds 0 / 1 / 2 against 68.9 / 72.4 on seeds 0 / 1 without it.)"""
+    ``depths=[1, 0]``, measured worse for the pure track at 600 steps, before its assignment-diversity
+    loss: 64.4 / 66.2 / 41.6 mIoU on seeds 0 / 1 / 2 against 68.9 / 72.4 on seeds 0 / 1 without it.)"""
     cfg = dict(variant=variant, image_size=image_size, patch_size=8, width=64, heads=4, depths=[0, 0],
                num_group_tokens=[groups, 0], num_output_groups=[groups, 0], proj_layers=1, text_width=64,
                text_heads=2, text_layers=2, context_length=16, embed_dim=64, proj_hidden=256, drop_path_rate=0.0)
