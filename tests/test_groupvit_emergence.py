@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from textseg.data.synthetic import cell_scenes
 from textseg.errors import TextsegError
 from textseg.train import emergence as E
-from textseg.train.groupvit import GroupViTModelCfg, GroupViTTrainModule, assignment_diversity, multi_label_loss
+from textseg.train.groupvit import (
+    GroupViTModelCfg,
+    GroupViTTrainModule,
+    assignment_diversity,
+    multi_label_loss,
+)
 
 TINY = dict(image_size=32, patch_size=8, width=32, heads=2, depths=[1, 0], num_group_tokens=[4, 0],
             num_output_groups=[4, 0], text_width=32, text_heads=2, text_layers=1, context_length=16,
