@@ -40,15 +40,14 @@ EVAL = dict(split="val2017", masks="masks_voc21", classes="classes_voc21.txt")
 MODEL = ["model.image_size=448", "model.patch_size=32", "model.backbone=lite0", "model.text_backbone=minilm",
          "model.width=128", "model.heads=4", "model.depths=[1,1,1]", "model.num_group_tokens=[32,8,0]",
          "model.num_output_groups=[32,8,0]", "model.embed_dim=256", "model.proj_hidden=512",
-         "model.drop_path_rate=0.0",
-         # the README's numbers were measured before the pure track gained the assignment-diversity
-         # loss (models.groupvit.GROUPVIT_VARIANTS); kept off here so that they reproduce
-         "model.assign_diversity=0.0"]
+         "model.drop_path_rate=0.0"]
 
 
-def overrides(track: str, seed: int, steps: int, out: Path) -> list[str]:
-    """The ``textseg train groupvit --set`` list of one run."""
-    return [*MODEL, f"model.variant={track}",
+def overrides(track: str, seed: int, steps: int, out: Path, diversity: float = 0.0) -> list[str]:
+    """The ``textseg train groupvit --set`` list of one run. ``diversity``: ``model.assign_diversity``
+    (0 by default here, also for ``pure``: the README's main numbers were measured before the pure
+    track gained its assignment-diversity loss, models.groupvit.GROUPVIT_VARIANTS)."""
+    return [*MODEL, f"model.variant={track}", f"model.assign_diversity={diversity}",
             f"data.train={COCO}", "data.train_split=train2017", f"data.more_train=[{FLICKR}]",
             "data.augment=none", f"data.feature_cache={out / 'features'}",
             "loss.multi_label=3", f"loss.template={TEMPLATE}",
@@ -58,14 +57,15 @@ def overrides(track: str, seed: int, steps: int, out: Path) -> list[str]:
             "train.device=cpu"]
 
 
-def train_one(track: str, seed: int, steps: int, out: str, threads: int) -> tuple[dict, float]:
+def train_one(track: str, seed: int, steps: int, out: str, threads: int,
+              diversity: float = 0.0) -> tuple[dict, float]:
     """One ``textseg train groupvit`` run -> (its final metrics + weights path, seconds)."""
     torch.set_num_threads(threads)
     from textseg.train.config import load_config
     from textseg.train.groupvit import GroupViTRecipeConfig, train_groupvit
 
     t0 = time.perf_counter()
-    result = train_groupvit(load_config(GroupViTRecipeConfig, None, overrides(track, seed, steps, Path(out))))
+    result = train_groupvit(load_config(GroupViTRecipeConfig, None, overrides(track, seed, steps, Path(out), diversity)))
     return result, time.perf_counter() - t0
 
 
@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--figure", default="", help="write the grouping-map figure here (PNG)")
     ap.add_argument("--no-baselines", action="store_true", help="skip evaluating offline / offline-bridge")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--assign-diversity", type=float, default=0.0,
+                    help="model.assign_diversity of every run (default 0: the README's main runs; the pure track's own default is 1)")
     ap.add_argument("--jobs", type=int, default=1, help="training runs at once (processes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,6 +147,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"eval": {"dataset": "folder", "root": str(COCO), **EVAL}, "model": MODEL, "steps": args.steps,
+                     "assign_diversity": args.assign_diversity,
                      "tracks": {}}
     t_all = time.perf_counter()
     weights = {}
@@ -154,10 +157,11 @@ def main() -> None:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(train_one, t, s, args.steps, str(out), args.threads) for t, s in runs]
+            futures = [pool.submit(train_one, t, s, args.steps, str(out), args.threads, args.assign_diversity)
+                       for t, s in runs]
             trained = {r: f.result() for r, f in zip(runs, futures)}
     else:
-        trained = {r: train_one(*r, args.steps, str(out), args.threads) for r in runs}
+        trained = {r: train_one(*r, args.steps, str(out), args.threads, args.assign_diversity) for r in runs}
     for track in args.tracks:
         rows = []
         for seed in args.seeds:
