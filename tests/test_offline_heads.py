@@ -209,3 +209,18 @@ def test_trust_average_precision_by_hand():
     assert torch.isnan(got[1]) and torch.isnan(got[2])  # no positive / no negative
     # a perfect ranking has AP 1
     assert float(mod.average_precision(target[:, :1].float(), target[:, :1])[0]) == 1.0
+
+
+def test_implied_stuff_targets():
+    """A caption naming a scene word of IMPLIED (beach) gives its stuff word (sky) the soft target, never
+    lowering a named one; an image naming none keeps 0; implied_target=0 is the plain caption targets."""
+    mod = _build_module()
+    pairs = [(Path(f"{i}.jpg"), caps) for i, caps in enumerate((
+        ["a dog runs on the beach", "a dog on the sand"] * 3,
+        ["a dog under a blue sky", "the sky over a dog", "a dog and the sky"] * 2,
+        ["a dog on a sofa", "a dog sleeps on a sofa"] * 3))]
+    vocab, y = mod.caption_targets(pairs, 1, 100, implied_target=0.5)
+    sky = vocab.index("sky")
+    assert y[:, sky].tolist() == [0.5, 1.0, 0.0]
+    vocab0, y0 = mod.caption_targets(pairs, 1, 100, implied_target=0.0)
+    assert vocab0 == vocab and y0[0, sky] == 0 and torch.equal(y0[1:], y[1:])
