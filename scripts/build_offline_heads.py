@@ -18,7 +18,9 @@ towers (EfficientNet-Lite0 features at stride 32, MiniLM word embeddings):
   log-sum-exp pool of its location logits (``--lse-r``), trained with binary cross-entropy against
   the caption targets. Only the head trains; the towers' features are computed once. Stuff words
   (:data:`STUFF`: sky, road, grass ...) that photos show far more often than captions name them count
-  an unnamed image as a weak negative only (``--unnamed-weight``);
+  an unnamed image as a weak negative only (``--unnamed-weight``); a stuff word that a scene word implies
+  (:data:`IMPLIED`: sky, where a caption names a beach, mountain, ocean, lake ...) is a soft positive
+  there (``--implied-target``);
 * **per-word trust** (where the head beats the bridge): the images are split into ``--trust-folds``
   folds; a head trained on the others ranks each fold's images, the bridge ranks them too, and a
   word's trust is ``clamp(0.5 + (AP_head - AP_bridge) / (2 margin), 0, 1)`` (image-level average
