@@ -77,12 +77,15 @@ def test_default_is_v2_and_bridge_only_keeps_its_name():
     v1 = load_model("offline-bridge")
     assert v1.head is None and v1.name == "offline-bridge"
     assert v1.embed_texts(["cat"]).shape == (1, NUM_CLASSES + 1)
+    # v1 keeps the background scale it was tuned and reported with; v2 has its own (train2017-calibrated)
+    assert v1.cfg.background_scale == 0.4 and OfflineCfg().background_scale == 0.3
+    assert OfflineModel.from_config_dict(v1.config_dict()).cfg == v1.cfg  # a saved v1 reloads as v1
 
 
 def test_scores_by_hand(model):
     """score = max(bridge mass / max(1, sum w) ** 0.5, head_weight * gate * sigmoid(e^s cos + b) * (1 - 0.5 *
     the largest (1 - gate) x raw bridge mass of another label));
-    background = 0.4 * (1 - max(claimed ImageNet mass, best head probability)) + 0.05."""
+    background = 0.3 * (1 - max(claimed ImageNet mass, best head probability)) + 0.05."""
     labels = ["cat", "person", "quantum chromodynamics", "background"]
     x = _pixels(Image.open(example_path("chelsea")), 224)
     with torch.no_grad():
@@ -115,7 +118,7 @@ def test_scores_by_hand(model):
             head[i] = head[i] * (1 - 0.5 * raw[others].max(0).values).clamp_min(0)
         want = torch.maximum(bridge.flatten(1), head)
         claim = torch.maximum((w[:3].max(0).values.clamp(0, 1) @ probs.flatten(1)), head[:3].max(0).values)
-        want[3] = 0.4 * (1 - claim).clamp_min(0) + 0.05
+        want[3] = 0.3 * (1 - claim).clamp_min(0) + 0.05
     torch.testing.assert_close(got.flatten(1), want, atol=1e-5, rtol=1e-4)
     assert gate[2] < gate[1]  # a word the captions never name leans on the bridge
 
@@ -209,3 +212,18 @@ def test_trust_average_precision_by_hand():
     assert torch.isnan(got[1]) and torch.isnan(got[2])  # no positive / no negative
     # a perfect ranking has AP 1
     assert float(mod.average_precision(target[:, :1].float(), target[:, :1])[0]) == 1.0
+
+
+def test_implied_stuff_targets():
+    """A caption naming a scene word of IMPLIED (beach) gives its stuff word (sky) the soft target, never
+    lowering a named one; an image naming none keeps 0; implied_target=0 is the plain caption targets."""
+    mod = _build_module()
+    pairs = [(Path(f"{i}.jpg"), caps) for i, caps in enumerate((
+        ["a dog runs on the beach", "a dog on the sand"] * 3,
+        ["a dog under a blue sky", "the sky over a dog", "a dog and the sky"] * 2,
+        ["a dog on a sofa", "a dog sleeps on a sofa"] * 3))]
+    vocab, y = mod.caption_targets(pairs, 1, 100, implied_target=0.5)
+    sky = vocab.index("sky")
+    assert y[:, sky].tolist() == [0.5, 1.0, 0.0]
+    vocab0, y0 = mod.caption_targets(pairs, 1, 100, implied_target=0.0)
+    assert vocab0 == vocab and y0[0, sky] == 0 and torch.equal(y0[1:], y[1:])
