@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textseg.data.cooccurrence import BACKGROUNDS, CLASSES, GROUND, PAIRS, make_scenes, write_scene_folder
+from textseg.data.cooccurrence import (
+    BACKGROUNDS,
+    CLASSES,
+    GROUND,
+    PAIRS,
+    make_scenes,
+    masked_views,
+    write_scene_folder,
+)
 from textseg.errors import TextsegError
 from textseg.models.base import DualEncoder, PreprocessCfg
 
@@ -49,6 +57,32 @@ def test_scenes_pair_objects_with_their_background_and_name_both(tmp_path):
         assert any(len(sc.captions) > 2 for sc in parts)
     with pytest.raises(TextsegError, match="part_captions"):
         make_scenes(2, 64, part_captions="some")
+
+
+def test_masked_views_are_what_clims_feeds_the_evaluator():
+    from textseg.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
+
+    scenes = [s for s in make_scenes(30, 64, seed=1) if s.labels]
+    views = masked_views(scenes, p=1.0, seed=0, strength=(1.0, 1.0), blank=1.0)
+    assert len(views) == sum(1 + 2 * len(s.labels) for s in scenes)  # one blank, two views per object
+    it = iter(views)
+    em, es = np.asarray(OPENAI_MEAN), np.asarray(OPENAI_STD)
+    for sc in scenes:
+        blank = next(it)
+        assert blank.captions[1] == GROUND and np.abs(blank.image - em * 255).max() <= 1  # x * 0: the mean
+        z = (sc.image / 255 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+        for c in sc.labels:
+            m = sc.mask == CLASSES.index(c)
+            fg, bg = next(it), next(it)
+            assert fg.captions == [f"a photo of {c}.", c] and fg.labels == [c]  # the object word alone
+            seen = (fg.image / 255 - em) / es  # what the evaluator, normalised its own way, sees
+            ok = m[..., None] & (fg.image < 255) & (fg.image > 0)  # saturated channels clip at 0 / 255
+            assert ok.any() and np.abs(seen[ok] - z[ok]).max() < 0.05
+            assert np.abs(seen[~m]).max() < 0.05
+            rest = set(bg.captions[1].split(", "))
+            assert c not in rest and rest == ({*sc.labels, *sc.captions[1].split(", ")} - {c} or {GROUND})
+            assert not (bg.mask == CLASSES.index(c)).any() and np.abs((bg.image / 255 - em) / es)[m].max() < 0.05
+    assert masked_views(scenes, p=0.0) == []
 
 
 # ----------------------------------------------------------------- a short CLIMS run on the scenes

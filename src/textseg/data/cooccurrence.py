@@ -201,6 +201,52 @@ def make_scenes(n: int, size: int = 96, seed: int = 0, **kw) -> list[Scene]:
     return [make_scene(rng, size, **kw) for _ in range(n)]
 
 
+def masked_views(scenes: Sequence[Scene], p: float = 1.0, seed: int = 0, strength: tuple[float, float] = (0.5, 1.0),
+                 blank: float = 0.0,
+                 feed_norm: tuple[Sequence[float], Sequence[float]] | None = None,
+                 eval_norm: tuple[Sequence[float], Sequence[float]] | None = None) -> list[Scene]:
+    """CLIMS-style masked copies of ``scenes`` for an evaluator's corpus (textseg's benchmark option).
+
+    CLIMS feeds its evaluator ``x * P`` (OTM) and ``x * (1 - P)`` (BTM) with ``x`` normalised by
+    ``feed_norm`` (ImageNet mean / std, the official input): a masked pixel is ``0``, the feed mean
+    colour. For each object ``k`` of a scene (each scene with probability ``p``; ``seed``: which, and the
+    strengths), two views drawn as the evaluator (trained with ``eval_norm``, default OpenAI CLIP's
+    mean / std) will see them: the object alone, ``x * a M_k`` (``a`` uniform in ``strength``: CAMs are
+    soft), captioned with the object word only ("a photo of boat.", "boat"), and the scene with the
+    object masked out, ``x * (1 - M_k)``, captioned with what is left (other objects, backgrounds, or
+    :data:`GROUND` when nothing is); with probability ``blank`` per such scene also the fully masked image
+    (``x * 0``: the feed mean colour, no noise), captioned :data:`GROUND`. So the evaluator learns that a masked object shows the object, and
+    that the rest of a scene does not. Returns the views only (masks and contexts follow the pixels).
+    """
+    from textseg.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
+
+    fm, fs = (np.asarray(v, np.float32) for v in (feed_norm or (IMAGENET_MEAN, IMAGENET_STD)))
+    em, es = (np.asarray(v, np.float32) for v in (eval_norm or (OPENAI_MEAN, OPENAI_STD)))
+    rng = np.random.default_rng(seed)
+    out = []
+    for sc in scenes:
+        if not sc.labels or rng.random() >= p:
+            continue
+        z = (sc.image.astype(np.float32) / 255 - fm) / fs  # what CLIMS multiplies by the map
+        if rng.random() < blank:
+            zeros = np.zeros_like(sc.mask)
+            out.append(Scene(np.clip(np.broadcast_to(em * 255, z.shape), 0, 255).astype(np.uint8), zeros, zeros.copy(),
+                             [], [f"a photo of {GROUND}.", GROUND]))
+        present_bgs = [BACKGROUNDS[b - 1] for b in sorted(set(np.unique(sc.context).tolist()) - {0})]
+        for c in sc.labels:
+            m = sc.mask == CLASSES.index(c)
+            a = float(rng.uniform(*strength))
+            for keep, words in ((m * a, [c]), (~m, [o for o in sc.labels if o != c] + present_bgs)):
+                img = np.clip((em + es * z * keep[..., None]) * 255, 0, 255).astype(np.uint8)
+                words = words or [GROUND]
+                kept = keep > 0
+                out.append(Scene(img, np.where(kept, sc.mask, 0).astype(np.uint8),
+                                 np.where(kept, sc.context, 0).astype(np.uint8),
+                                 [o for o in sc.labels if o in words],
+                                 [f"a photo of {' and '.join(words)}.", ", ".join(words)]))
+    return out
+
+
 def write_scene_folder(scenes: list[Scene], root: str | Path) -> Path:
     """Write ``scenes`` as a folder dataset (layout in the module docstring); returns ``root``."""
     from PIL import Image
