@@ -272,7 +272,7 @@ def image_scores_bridge(feats: list[torch.Tensor], words: torch.Tensor) -> torch
     """``N x V`` image-level scores of the bridge-only offline model: each word's best location score."""
     from textseg.models.offline import OfflineModel
 
-    m = OfflineModel(OfflineCfg(heads=False))
+    m = OfflineModel(OfflineCfg(heads=False, bridge_contrast=0.0))  # the bridge the shipped trust was measured on
     rows = m.bridge(words)
     return torch.stack([m.scores(m.dense_from_features(f[None].float()), rows)[0].flatten(1).amax(1) for f in feats])
 

@@ -79,6 +79,8 @@ def test_default_is_v2_and_bridge_only_keeps_its_name():
     assert v1.embed_texts(["cat"]).shape == (1, NUM_CLASSES + 1)
     # v1 keeps the background scale it was tuned and reported with; v2 has its own (train2017-calibrated)
     assert v1.cfg.background_scale == 0.4 and OfflineCfg().background_scale == 0.3
+    # the bridge-side debiasing is an option (it lost VOC-21 on val2017), off in v1 and v2
+    assert v1.cfg.bridge_contrast == 0 and OfflineCfg().bridge_contrast == 0
     assert OfflineModel.from_config_dict(v1.config_dict()).cfg == v1.cfg  # a saved v1 reloads as v1
 
 
@@ -121,6 +123,33 @@ def test_scores_by_hand(model):
         want[3] = 0.3 * (1 - claim).clamp_min(0) + 0.05
     torch.testing.assert_close(got.flatten(1), want, atol=1e-5, rtol=1e-4)
     assert gate[2] < gate[1]  # a word the captions never name leans on the bridge
+
+
+def test_bridge_contrast_drops_weak_diffuse_labels_only(model):
+    """bridge_contrast=1: a label the bridge scores weakly everywhere (0.03 at every cell, like "sign
+    symbol" in a street scene) loses that level; strong local evidence (0.6 on half the map) keeps its
+    map; a weak but peaked label keeps its peak less its mean. 0 (the default): the raw masses."""
+    probs = torch.zeros(1, NUM_CLASSES, 4, 4)
+    probs[0, 0] = 0.03  # diffuse, weak
+    probs[0, 1, :, :2] = 0.6  # strong, local (mean 0.3 >= 2 x bridge_contrast_cap)
+    probs[0, 2, 0, 0] = 0.2  # weak overall (mean 0.0125 < cap), one peak
+    probs[0, 3] = 1 - probs[0, :3].sum(0)
+    rows = torch.zeros(3, NUM_CLASSES + 1)
+    rows[0, 0] = rows[1, 1] = rows[2, 2] = 1
+    before = model.scores(probs, rows)[0]
+    cfg0 = model.cfg
+    try:
+        model.cfg = replace(cfg0, bridge_contrast=1.0)
+        on = model.scores(probs, rows)[0]
+        image_level = model.scores(probs.mean(dim=(-2, -1)), rows)[0]
+    finally:
+        model.cfg = cfg0
+    torch.testing.assert_close(before, probs[0, :3])  # off: the raw masses
+    assert on[0].max() < 1e-6  # the diffuse label is gone
+    torch.testing.assert_close(on[1], before[1])  # strong evidence untouched
+    torch.testing.assert_close(on[2], (before[2] - 0.0125).clamp_min(0))
+    assert on[2, 0, 0] > 0.18  # the peak stays
+    torch.testing.assert_close(image_level, probs[0, :3].mean(dim=(-2, -1)))  # image-level scores: no map, no change
 
 
 def test_packaged_photo_cat_beats_person_and_dog(model):
