@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from textseg.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
 from textseg.errors import TextsegError
 
 PAIRS = {"boat": "water", "train": "rails", "plane": "sky", "cow": "grass"}
@@ -218,8 +219,6 @@ def masked_views(scenes: Sequence[Scene], p: float = 1.0, seed: int = 0, strengt
     (``x * 0``: the feed mean colour, no noise), captioned :data:`GROUND`. So the evaluator learns that a masked object shows the object, and
     that the rest of a scene does not. Returns the views only (masks and contexts follow the pixels).
     """
-    from textseg.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
-
     fm, fs = (np.asarray(v, np.float32) for v in (feed_norm or (IMAGENET_MEAN, IMAGENET_STD)))
     em, es = (np.asarray(v, np.float32) for v in (eval_norm or (OPENAI_MEAN, OPENAI_STD)))
     rng = np.random.default_rng(seed)

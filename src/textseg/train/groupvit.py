@@ -105,7 +105,7 @@ def assignment_diversity(maps: torch.Tensor) -> torch.Tensor:
 
 
 class GroupViTTrainModule(nn.Module):
-    """``forward(batch) -> {"loss", "itc", "mlc", "scale", "ml_scale"}`` for the engine.
+    """``forward(batch) -> {"loss", "itc", "mlc", "scale", "ml_scale"}`` (+ ``"div"`` with ``assign_diversity``) for the engine.
 
     Holds the model, the multi-label loss's own temperature and the loss weights. ``batch["text"]``
     is ``B x (1+K) x L``: column 0 the caption, columns 1.. the noun prompts (``K = 0``: plain
@@ -142,7 +142,7 @@ class GroupViTTrainModule(nn.Module):
             loss = loss + self.multi_label_weight * mlc
             out.update(mlc=mlc.detach(), ml_scale=ml_scale.detach())
         if diversity:
-            div = assignment_diversity(inter["group_maps"][-1].flatten(2))
+            div = assignment_diversity(maps)
             loss = loss + diversity * div
             out["div"] = div.detach()
         out["loss"] = loss
