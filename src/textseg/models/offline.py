@@ -28,7 +28,9 @@ before). ``offline-bridge`` is the v1 model, the bridge alone.
 
 This is an offline fallback that works with no download, far below a real CLIP: it only knows what
 ImageNet's 1000 classes can express (no stuff classes such as sky or road, people only through their
-clothes) and its maps are coarse. Load real CLIP weights (``--model ViT-B/16``) whenever possible.
+clothes) and its maps are coarse (v2: stride 16 with the trunk's last stage dilated, and the Segmenter
+refines the label logits along the photo's colour edges with PAMR: ``OfflineCfg.output_stride`` /
+``pamr_*``, :attr:`OfflineModel.default_pamr`; v1: stride 32, unrefined). Load real CLIP weights (``--model ViT-B/16``) whenever possible.
 
 Shapes: ``encode_dense``: ``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` probabilities (s = ``dense_stride``);
 ``embed_texts`` / ``encode_text``: ``N`` texts -> ``N x 1001`` (1000 class weights + a background flag).
