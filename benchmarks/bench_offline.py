@@ -2,8 +2,8 @@
 
 A stream of real photos at varied sizes (640 x 480 and 7 other shapes, each seen once first: no
 per-shape warm-up), 21 VOC labels with the text embeddings cached, channels-last (default) vs the
-plain NCHW layout as the baseline measured in the same run, and the v1 bridge-only model (no dense
-head) for the head's cost.
+plain NCHW layout as the baseline measured in the same run, the v1 bridge-only model (no dense
+head) for the head's cost, and v2 at stride 32 without the edge refinement (PAMR) for their cost.
 
     python benchmarks/bench_offline.py [--threads 2] [--rounds 3]
 """
@@ -29,6 +29,8 @@ from textseg.segment import SegmentCfg, Segmenter  # noqa: E402
 
 VOC = ("background, aeroplane, bicycle, bird, boat, bottle, bus, car, cat, chair, cow, diningtable, dog, horse, "
        "motorbike, person, pottedplant, sheep, sofa, train, tvmonitor")
+# v2 as it was before the stride-16 trunk and the edge refinement (issue 20): their cost
+UNREFINED = {"output_stride": 32, "pamr_iterations": 0}
 SIZES = [(640, 480), (480, 640), (600, 400), (500, 375), (640, 427), (427, 640), (612, 612), (640, 360)]
 
 
@@ -62,10 +64,11 @@ def main() -> None:
     images = [photos[i % 2].resize(s, Image.BICUBIC) for i, s in enumerate(SIZES)]
     short = args.short_side or None
     results = {}
-    for name, cl, heads in (("nchw (baseline)", False, True), ("bridge only (v1)", True, False),
-                            ("channels-last", True, True)):
-        model = OfflineModel(OfflineCfg(channels_last=cl, heads=heads))
-        results[name] = run(model, images, short, args.rounds)
+    for name, model in (("nchw (baseline)", lambda: OfflineModel(OfflineCfg(channels_last=False))),
+                        ("bridge only (v1)", lambda: OfflineModel.bridge_only({})),
+                        ("v2, no refinement", lambda: OfflineModel(OfflineCfg(**UNREFINED))),
+                        ("channels-last", lambda: OfflineModel(OfflineCfg()))):
+        results[name] = run(model(), images, short, args.rounds)
         r = results[name]
         print(f"{name:16s} 640x480: {r['vga_640x480']:.3f} s (median {r['vga_median']:.3f})  "
               f"mean over sizes {r['mean']:.3f} s  worst first-at-shape {r['first_per_shape']:.3f} s  "

@@ -272,7 +272,8 @@ def image_scores_bridge(feats: list[torch.Tensor], words: torch.Tensor) -> torch
     """``N x V`` image-level scores of the bridge-only offline model: each word's best location score."""
     from textseg.models.offline import OfflineModel
 
-    m = OfflineModel(OfflineCfg(heads=False, bridge_contrast=0.0))  # the bridge the shipped trust was measured on
+    m = OfflineModel(OfflineCfg(heads=False, bridge_contrast=0.0, output_stride=32, pamr_iterations=0))  # the bridge
+    # the shipped trust was measured on (stride and refinement do not enter: it scores the given features)
     rows = m.bridge(words)
     return torch.stack([m.scores(m.dense_from_features(f[None].float()), rows)[0].flatten(1).amax(1) for f in feats])
 

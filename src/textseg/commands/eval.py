@@ -11,6 +11,7 @@ against itself (100.0: a check of the reader and the metric).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -57,7 +58,8 @@ def add_parser(sub) -> None:
     m.add_argument("--short-side", type=int, default=None, help="resize short side to S pixels")
     m.add_argument("--threshold", type=threshold_type, default=None,
                    help="background threshold on the best class probability (number, auto, none)")
-    m.add_argument("--pamr", action="store_true", default=None, help="refine logits with PAMR")
+    m.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
+                   help="refine logits with PAMR (default: the protocol's, else the model's own)")
     add_templates_argument(m, None)  # None: the protocol's templates, else SegmentCfg's (imagenet)
     add_pipeline_arguments(m)
     o = p.add_argument_group("output")

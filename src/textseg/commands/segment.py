@@ -19,6 +19,7 @@ a failed write stops the run with one error line (exit code 2).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -60,7 +61,9 @@ def add_parser(sub) -> None:
     s.add_argument("--bg-words", default="", help='extra background words, e.g. "sky,wall,floor"')
     s.add_argument("--min-area", type=float, default=0.0, help="drop labels covering less than this fraction")
     s.add_argument("--temperature", type=float, default=1.0, help="divide logits by T before softmax")
-    s.add_argument("--pamr", action="store_true", help="refine with PAMR (pixel-adaptive mask refinement)")
+    s.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
+                   help="refine with PAMR (pixel-adaptive mask refinement; default: the model's own, "
+                   "the offline v2 model's edge refinement)")
     s.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                    help=f"refuse images larger than this (default {DEFAULT_MAX_MEGAPIXELS:g} MP)")
     add_pipeline_arguments(s)
@@ -123,7 +126,7 @@ def run(args) -> int:
         threshold=args.threshold,
         background_words=tuple(w.strip() for w in args.bg_words.split(",") if w.strip()),
         min_area=args.min_area,
-        pamr=args.pamr,
+        pamr="auto" if args.pamr is None else args.pamr,
     )
     seg = Segmenter(model, cfg)
     out_dir = Path(args.out)

@@ -28,7 +28,9 @@ before). ``offline-bridge`` is the v1 model, the bridge alone.
 
 This is an offline fallback that works with no download, far below a real CLIP: it only knows what
 ImageNet's 1000 classes can express (no stuff classes such as sky or road, people only through their
-clothes) and its maps are coarse. Load real CLIP weights (``--model ViT-B/16``) whenever possible.
+clothes) and its maps are coarse (v2: stride 16 with the trunk's last stage dilated, and the Segmenter
+refines the label logits along the photo's colour edges with PAMR: ``OfflineCfg.output_stride`` /
+``pamr_*``, :attr:`OfflineModel.default_pamr`; v1: stride 32, unrefined). Load real CLIP weights (``--model ViT-B/16``) whenever possible.
 
 Shapes: ``encode_dense``: ``B x 3 x H x W`` -> ``B x 1000 x H/s x W/s`` probabilities (s = ``dense_stride``);
 ``embed_texts`` / ``encode_text``: ``N`` texts -> ``N x 1001`` (1000 class weights + a background flag).
@@ -57,6 +59,9 @@ BRIDGE = "offline_bridge"
 HEADS = "offline_heads"  # learned dense head (scripts/build_offline_heads.py); absent -> bridge only
 NUM_CLASSES = 1000
 V1_BACKGROUND_SCALE = 0.4  # the bridge-only v1 model's background_scale, as tuned and reported for it
+# the bridge-only v1 model's settings where v2's defaults differ (its code path and numbers stay as reported)
+V1_SETTINGS = {"background_scale": V1_BACKGROUND_SCALE, "bridge_contrast": 0.0, "output_stride": 32,
+               "pamr_iterations": 0}
 BACKGROUND_WORDS = ("background", "backdrop", "other", "everything else", "rest", "nothing")
 
 
@@ -66,7 +71,11 @@ class OfflineCfg:
 
     variant: str = "lite0"  # lite0 / lite1 / lite2
     channels_last: bool = True  # NHWC convolutions: several times faster on CPU
-    output_stride: int = 32  # 32 as trained (best here); 16 / 8 dilate the last stages for a finer map
+    # 32: as trained (v1's; alone it was best there); 16 / 8 dilate the last stage(s) for a finer map. v2: 16,
+    # chosen with the PAMR below on COCO-MINI train2017 / CamVid val (stride 16 alone: VOC-21 28.42 -> 27.94,
+    # CamVid val 22.01 -> 22.09; with PAMR 29.93 -> 30.46, 23.63 -> 25.13). The dense head, trained on
+    # stride-32 features, is applied to the stride-16 ones as it is (a 1 x 1 map, not rebuilt)
+    output_stride: int = 16
     # under bf16 / fp16 the stem and the first N MBConv blocks stay float32 (-1: none, 0: the stem); see
     # EfficientNetLite.set_float32_prefix: the label maps then match fp32 on 99.6 % of the pixels, not 99.4 %
     float32_blocks: int = 1
@@ -107,9 +116,22 @@ class OfflineCfg:
     # ... only for weak, diffuse evidence: an image mean up to this counts fully, fading to 0 at twice
     # it (a cat filling the photo, mean 0.5, is left alone)
     bridge_contrast_cap: float = 0.05
+    # edge-aware refinement of the label logits (PAMR, textseg.segment.pamr, run by the Segmenter on its
+    # canvas when SegmentCfg.pamr is "auto", the default): steps (0: off, v1), dilations in pixels of the
+    # resized image downsampled by pamr_stride (OfflineModel.default_pamr). 10 x (1, 2, 4, 8) at / 4 chosen
+    # on COCO-MINI train2017 VOC-21 / CamVid val (stride 16): 30.46 / 25.13; 5 steps 29.91 / 24.14, 20 steps
+    # 29.91 / 26.12, (1, 2, 4) 29.46 / 23.63, (1, 2, 4, 8, 12) 29.16 / 26.12, image / 8 25.31 / 26.20;
+    # NACLIP's (8, 16) at stride 32: 20.05 / 23.74 (it washes small objects out at this scale)
+    pamr_iterations: int = 10
+    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8)
+    pamr_stride: int = 4
     # scores -> logits
     score_power: float = 1.0  # logits = power * log(score + eps)
     eps: float = 1e-4
+
+
+    def __post_init__(self):
+        object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in self.pamr_dilations))  # JSON lists
 
 
 class DenseHead(nn.Module):
@@ -181,10 +203,23 @@ class OfflineModel(DualEncoder):
     @classmethod
     def bridge_only(cls, d: dict) -> OfflineModel:
         """The v1 offline model (``"offline-bridge"``): the ConSE bridge alone, no learned head."""
-        return cls(OfflineCfg(**{"background_scale": V1_BACKGROUND_SCALE, "bridge_contrast": 0.0, **d, "heads": False}))
+        return cls(OfflineCfg(**{**V1_SETTINGS, **d, "heads": False}))
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+    @property
+    def default_pamr(self) -> dict | None:
+        """The edge-aware refinement the Segmenter runs for this model when its ``SegmentCfg.pamr`` is
+        ``"auto"`` (the default): PAMR of the label logits on the canvas (``pamr_iterations`` steps at
+        ``pamr_dilations`` on the resized image downsampled by ``pamr_stride``), or None when
+        ``pamr_iterations`` is 0. ``SegmentCfg(pamr=False)`` turns it off, ``pamr=True`` uses the
+        SegmentCfg's own PAMR settings instead."""
+        c = self.cfg
+        if c.pamr_iterations <= 0:
+            return None
+        return {"iterations": c.pamr_iterations, "dilations": tuple(c.pamr_dilations), "resolution": "canvas",
+                "stride": c.pamr_stride}
 
     # ------------------------------------------------------------------ bridge
     def _load_bridge(self, folder: Path) -> None:

@@ -80,6 +80,20 @@ PIXEL_BUDGET = 1 << 26
 RECORD_BUDGET = 1 << 27
 
 
+@dataclass(frozen=True)
+class PamrSettings:
+    """PAMR as one Segmenter runs it (:meth:`Segmenter._pamr`): steps, dilations, ``"original"`` /
+    ``"canvas"`` resolution and the canvas variant's image stride."""
+
+    iterations: int = 10
+    dilations: tuple[int, ...] = NACLIP_DILATIONS
+    resolution: str = "original"
+    stride: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+
+
 @dataclass
 class SegmentCfg:
     """Options of dense segmentation (all have working defaults).
@@ -119,7 +133,10 @@ class SegmentCfg:
         threshold, non-background classes covering at most this fraction of the non-background
         arg-max pixels get probability 0 (their pixels go to the next best label).
     pamr: refine the logits with PAMR (``pamr_iterations`` steps at ``pamr_dilations``; defaults 10 and
-        (8, 16), SCLIP's / NACLIP's). ``pamr_resolution="original"`` (default, NACLIP's / SCLIP's):
+        (8, 16), SCLIP's / NACLIP's). ``"auto"`` (default): the model's ``default_pamr`` (None for all
+        models but the offline v2 default, whose own settings then apply: see
+        :attr:`~textseg.models.offline.OfflineModel.default_pamr`), else off; True / False: on / off with
+        the settings below. ``pamr_resolution="original"`` (default, NACLIP's / SCLIP's):
         logits and the resized network input are bilinearly resized to the original image size and
         refined there; ``"canvas"`` (cheaper, textseg's): the logits are refined on the resized image
         downsampled by ``pamr_stride``.
@@ -156,7 +173,7 @@ class SegmentCfg:
     background_words: tuple[str, ...] = ()
     min_area: float = 0.0
     area_threshold: float | None = None
-    pamr: bool = False
+    pamr: bool | str = "auto"
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = NACLIP_DILATIONS
     pamr_resolution: str = "original"
@@ -298,7 +315,9 @@ class Segmenter:
                                f"got {self.cfg.pamr_resolution!r}")
         if self.cfg.propagation not in (None, "tlp"):
             raise TextsegError(f"propagation must be None or 'tlp', got {self.cfg.propagation!r}")
-        if self.cfg.propagation and (self.cfg.pamr or not self.pixel_res or self.pixel_mode):
+        if self.cfg.pamr not in (True, False, "auto"):
+            raise TextsegError(f"pamr must be True, False or 'auto', got {self.cfg.pamr!r}")
+        if self.cfg.propagation and (self.cfg.pamr is True or not self.pixel_res or self.pixel_mode):
             raise TextsegError("propagation='tlp' refines pixel-resolution logits of a dense model (resolution="
                                "'pixel') and replaces PAMR: drop pamr or propagation")
         if self.cfg.temperature <= 0:
@@ -412,7 +431,7 @@ class Segmenter:
             size = self._resized(img.height, img.width, short)
             pcfg = self.model.preprocess_cfg
             x = resize_to_tensor(img, size, pcfg.interpolation)  # 1 x 3 x H' x W' in [0, 1]
-            if si == 0 and self.cfg.pamr and self.cfg.pamr_resolution != "original":  # PAMR's canvas image
+            if si == 0 and (pm := self._pamr()) and pm.resolution != "original":  # PAMR's canvas image
                 small = self._pamr_small(x)
             x = normalize(x, pcfg.mean, pcfg.std, inplace=True)  # x is this call's own fresh tensor
             if si == 0:
@@ -430,8 +449,27 @@ class Segmenter:
     def _pamr_small(self, x: torch.Tensor) -> torch.Tensor:
         """The resized image ``1 x 3 x H' x W'`` in [0, 1] downsampled by ``pamr_stride`` (area): the
         image textseg's canvas PAMR refines against."""
-        ps = max(1, self.cfg.pamr_stride)
+        ps = max(1, self._pamr().stride)
         return F.interpolate(x, size=(max(1, x.shape[-2] // ps), max(1, x.shape[-1] // ps)), mode="area")
+
+    def _pamr(self) -> PamrSettings | None:
+        """The PAMR settings in force (None: off): ``cfg.pamr`` True -> the cfg's ``pamr_*`` fields;
+        ``"auto"`` -> the model's ``default_pamr`` (a dict of :class:`PamrSettings` fields; not for pixel
+        modes, text-aware propagation or an exported ONNX graph's own model), else off. Read at every
+        call, so switching ``cfg.pamr`` after :meth:`set_image` takes effect."""
+        c = self.cfg
+        if c.pamr is True:
+            return PamrSettings(c.pamr_iterations, tuple(c.pamr_dilations), c.pamr_resolution, c.pamr_stride)
+        if c.pamr != "auto" or self.pixel_mode or c.propagation:
+            return None
+        own = getattr(self.model, "default_pamr", None)
+        if not own:
+            return None
+        pm = PamrSettings(**own)
+        if pm.resolution not in PAMR_RESOLUTIONS:
+            raise TextsegError(f"the model's default_pamr resolution must be one of {', '.join(PAMR_RESOLUTIONS)}, "
+                               f"got {pm.resolution!r}")
+        return pm if pm.iterations > 0 else None
 
     def _pamr_image(self) -> torch.Tensor:
         """:meth:`_pamr_small` of the current image; made from the cached network input when PAMR was
@@ -611,10 +649,11 @@ class Segmenter:
         height, width = self.image_size
         hc, wc = self._views[0].canvas_hw
         image = None
-        if self.cfg.pamr and self.cfg.pamr_resolution == "original":  # NACLIP: the network input, resized
+        pm = self._pamr()
+        if pm and pm.resolution == "original":  # NACLIP: the network input, resized
             image = F.interpolate(self._image_input.to(self.device), size=(height, width), mode="bilinear",
                                   align_corners=False)
-        elif self.cfg.pamr:  # textseg's cheaper variant: on the resized image downsampled by pamr_stride
+        elif pm:  # textseg's cheaper variant: on the resized image downsampled by pamr_stride
             image = self._pamr_image().to(self.device)
         tlp = self.cfg.propagation == "tlp"
         if tlp:  # PEARL: the network input resized to the original size, like NACLIP's PAMR
@@ -652,9 +691,9 @@ class Segmenter:
             elif image is not None:
                 t1 = time.perf_counter()
                 zq = zq[None]
-                if self.cfg.pamr_resolution == "original":
+                if pm.resolution == "original":
                     zq = F.interpolate(zq, size=src_hw, mode="bilinear", align_corners=False)
-                zq = pamr(image.to(zq.dtype), zq, self.cfg.pamr_iterations, tuple(self.cfg.pamr_dilations))[0]
+                zq = pamr(image.to(zq.dtype), zq, pm.iterations, pm.dilations)[0]
                 t_pamr += time.perf_counter() - t1
             out = (cls.cpu(), zq.float().cpu(), local.cpu())
             if len(chunks) == 1:
@@ -813,7 +852,7 @@ class Segmenter:
             timings["embed_text"] = self.timings.pop("embed_text", 0.0)
             timings["logits"] = (time.perf_counter() - t0 - timings["embed_text"] - timings["pamr"]
                                  - timings["upsample"])
-            if not self.cfg.pamr:
+            if not self._pamr():
                 timings.pop("pamr")
             frac = self._fractions(label_map, len(names))
             return SegmentResult(labels=names, logits_lowres=z, size=self.image_size, label_map=label_map,
@@ -822,15 +861,16 @@ class Segmenter:
         else:
             z = self._class_logits(classes)
         timings["embed_text"] = self.timings.pop("embed_text", 0.0)
-        if self.cfg.pamr:
+        pm = self._pamr()
+        if pm:
             t1 = time.perf_counter()
-            if self.cfg.pamr_resolution == "original":  # NACLIP / SCLIP: both resized to the original size
+            if pm.resolution == "original":  # NACLIP / SCLIP: both resized to the original size
                 img = F.interpolate(self._image_input.to(z.device), size=self.image_size, mode="bilinear",
                                     align_corners=False)
                 z = F.interpolate(z[None], size=self.image_size, mode="bilinear", align_corners=False)[0]
             else:
                 img = self._pamr_image().to(z.device)
-            z = pamr(img, z[None], self.cfg.pamr_iterations, tuple(self.cfg.pamr_dilations))[0]
+            z = pamr(img, z[None], pm.iterations, pm.dilations)[0]
             timings["pamr"] = time.perf_counter() - t1
         floor = None
         if threshold is not None and not self.pixel_mode:
