@@ -159,6 +159,7 @@ class CLIMSCfg:
     eval_size: int = 0  # 0 = the evaluator's own image size
     reg_over: str = "all"  # official: REG over every map; "present": over the present classes' maps only
     input_norm: str = "imagenet"  # official: ImageNet mean/std; "evaluator": the evaluator's own
+    score: str = "cosine"  # official: cosine similarity; "softmax": probability over all prompts (clims.py)
     prompt_names: str = ""  # class=word overrides for the prompts; the presets set "person=player"
 
 
@@ -377,7 +378,7 @@ def build_trainer(cfg: CAMTrainCfg, callbacks: Sequence[Callable[[Trainer], None
         evaluator = load_evaluator(c.evaluator, c.evaluator_weights).to(info.device)
         clims = CLIMSLoss(evaluator, class_names, c.background, CLIMSWeights(c.alpha, c.beta, c.gamma, c.delta),
                           c.cbs_threshold, c.template or None, c.eval_size or None, c.reg_over, c.input_norm,
-                          c.prompt_names).to(info.device)
+                          c.prompt_names, c.score).to(info.device)
 
     cfg = copy.deepcopy(cfg)
     cfg.train.steps = total_steps(cfg, len(dataset), info.world_size)
