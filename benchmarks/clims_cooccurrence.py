@@ -101,9 +101,10 @@ def run(args) -> dict:
             train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads,
                                                                 args.cam_stride)))
         init = f"init={base / 'model.safetensors'}"
-        variants = {"cam": ["mode=baseline"], "clims": ["mode=clims", *clims_base, f"train.lr={args.clims_lr}"]}
+        clims_sets = [f"mode={args.clims_mode}", *clims_base, f"train.lr={args.clims_lr}"]
+        variants = {"cam": ["mode=baseline"], "clims": clims_sets}
         for name, extra in ABLATIONS.items():
-            variants[name] = ["mode=clims", *clims_base, f"train.lr={args.clims_lr}", *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
+            variants[name] = [*clims_sets, *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
         for name, extra in variants.items():
             if name not in args.runs:
                 continue
@@ -207,6 +208,8 @@ def main() -> None:
     ap.add_argument("--clip-masked-blank", type=float, default=0.0,
                     help="with --clip-masked-views: share of those scenes also shown fully masked ('ground')")
     ap.add_argument("--clims-lr", type=float, default=0.001, help="train.lr of the CLIMS runs (cam: 0.05)")
+    ap.add_argument("--clims-mode", choices=("clims", "baseline+clims"), default="clims",
+                    help="mode of the CLIMS runs: the official loss alone, or ours: plus the baseline's classification loss")
     ap.add_argument("--base-steps", type=int, default=150, help="baseline CAM steps every run starts from")
     ap.add_argument("--steps", type=int, default=100, help="steps of each compared run (cam, clims, ablations)")
     ap.add_argument("--runs", nargs="+", choices=("cam", "clims", *ABLATIONS), default=["cam", "clims", *ABLATIONS],
