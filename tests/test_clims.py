@@ -630,6 +630,16 @@ def test_cam_pipeline_train_make_eval_labels(tmp_path, capsys):
     assert (masks[valid] == gt[valid]).mean() > 0.8  # pseudo masks mostly right where not ignored
 
 
+def test_train_cam_output_stride_reaches_the_saved_model(tmp_path):
+    from textseg.wsss.pseudo_labels import load_cam_model
+
+    data = make_synthetic(tmp_path / "synth", n=8)
+    assert cli_main(tiny_run(data, tmp_path / "run", "train.steps=2", "output_stride=8", "threads=1")) == 0
+    net = load_cam_model(tmp_path / "run" / "model.safetensors").eval()
+    with torch.no_grad():
+        assert net.stride == 8 and net.cam(torch.rand(1, 3, 64, 64)).shape[-2:] == (8, 8)
+
+
 def test_cam_eval_errors(tmp_path):
     from textseg.errors import TextsegError
 
