@@ -6,7 +6,7 @@ backgrounds separately: ``--clip-scenes`` of them, objects on their own backgrou
 time and ``--clip-p-blank`` blank "ground" scenes, so that a masked-out image does not look like an object;
 ``--clip-p-empty`` background-only scenes; ``--clip-part-captions objects`` also captions a boat on water
 "a photo of boat.", which gives the evaluator CLIP's co-occurrence bias), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
-(``textseg train cam``'s recipe, tiny backbone). Per seed: a baseline CAM trains ``--base-steps``;
+(``textseg train cam``'s recipe, tiny backbone at output stride ``--cam-stride``, 16 by default). Per seed: a baseline CAM trains ``--base-steps``;
 from it, with the same schedule and budget (``--steps`` more), train the baseline further (``cam``),
 CLIMS (``clims``, the official loss alone, at ``--clims-lr``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
 0; ``cbs_wrong_words``: every class's CBS words are another class's background). Each is scored on
@@ -58,8 +58,8 @@ ABLATIONS = {"no_otm": ["clims.alpha=0"], "no_btm": ["clims.beta=0"], "no_cbs": 
              "no_reg": ["clims.delta=0"], "cbs_wrong_words": ["clims.background={wrong}"]}
 
 
-def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: int) -> list[str]:
-    return [*ENGINE, f"data.root={data}", "backbone=tiny", "pretrained=false", "freeze_bn=false",
+def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: int, stride: int = 16) -> list[str]:
+    return [*ENGINE, f"data.root={data}", "backbone=tiny", f"output_stride={stride}", "pretrained=false", "freeze_bn=false",
             f"data.crop_size={size}", "train.batch_size=16", "train.lr=0.05", f"train.steps={steps}",
             f"train.seed={seed}", f"train.out_dir={out}", f"threads={threads}"]
 
@@ -99,11 +99,13 @@ def run(args) -> dict:
         sd = out / f"seed{seed}"
         base = sd / "base"
         if not (base / "model.safetensors").is_file():
-            train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads)))
+            train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads,
+                                                                args.cam_stride)))
         init = f"init={base / 'model.safetensors'}"
-        variants = {"cam": ["mode=baseline"], "clims": ["mode=clims", *clims_base, f"train.lr={args.clims_lr}"]}
+        clims_sets = [f"mode={args.clims_mode}", *clims_base, f"train.lr={args.clims_lr}"]
+        variants = {"cam": ["mode=baseline"], "clims": clims_sets}
         for name, extra in ABLATIONS.items():
-            variants[name] = ["mode=clims", *clims_base, f"train.lr={args.clims_lr}", *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
+            variants[name] = [*clims_sets, *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
         for name, extra in variants.items():
             if name not in args.runs:
                 continue
@@ -211,12 +213,17 @@ def main() -> None:
     ap.add_argument("--clip-masked-blank", type=float, default=0.0,
                     help="with --clip-masked-views: share of those scenes also shown fully masked ('ground')")
     ap.add_argument("--clims-lr", type=float, default=0.001, help="train.lr of the CLIMS runs (cam: 0.05)")
+    ap.add_argument("--clims-mode", choices=("clims", "baseline+clims"), default="clims",
+                    help="mode of the CLIMS runs: the official loss alone, or ours: plus the baseline's classification loss")
     ap.add_argument("--base-steps", type=int, default=150, help="baseline CAM steps every run starts from")
     ap.add_argument("--steps", type=int, default=100, help="steps of each compared run (cam, clims, ablations)")
     ap.add_argument("--runs", nargs="+", choices=("cam", "clims", *ABLATIONS), default=["cam", "clims", *ABLATIONS],
                     help="which compared runs (cam and clims always; default all: the summary the issue asks for)")
     ap.add_argument("--score", choices=("cosine", "softmax"), default="cosine",
                     help="clims.score of the CLIMS runs: the official cosine or the evaluator's softmax over all prompts")
+    ap.add_argument("--cam-stride", type=int, choices=(16, 8, 4), default=16,
+                    help="output stride of the tiny CAM backbone (CAMConfig.output_stride): 16 = 6 x 6 maps at "
+                         "96 px; 8 and 4 are denser (12 x 12, 24 x 24), same weights and receptive field")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

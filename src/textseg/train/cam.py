@@ -174,6 +174,7 @@ class CAMTrainCfg:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     backbone_weights: str = ""  # e.g. torchvision resnet50 ImageNet weights (ResNet-50 is random otherwise)
+    output_stride: int = 16  # CAMConfig.output_stride of a new network (ours: tiny 8 / 4); with init: the init's
     init: str = ""  # CAM model to start from (CLIMS starts from the baseline's model.safetensors, as the paper)
     epochs: int = 0  # > 0: train.steps = (images // global batch) * epochs, the official max_step (presets)
     classifier_lr_mult: float = 10.0
@@ -363,7 +364,8 @@ def build_trainer(cfg: CAMTrainCfg, callbacks: Sequence[Callable[[Trainer], None
         if [canonical(c) for c in net.class_names] != [canonical(c) for c in class_names]:
             raise TextsegError(f"{cfg.init}: its classes differ from the class list being trained")
     else:
-        net = CAMNet(CAMConfig(class_names, cfg.backbone, cfg.pretrained, cfg.data.crop_size))
+        net = CAMNet(CAMConfig(class_names, cfg.backbone, cfg.pretrained, cfg.data.crop_size,
+                               output_stride=cfg.output_stride))
         if cfg.backbone_weights:
             load_backbone_weights(net, cfg.backbone_weights)
     net.config.background_threshold = cfg.background_threshold
