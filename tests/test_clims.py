@@ -841,3 +841,28 @@ def test_trained_cam_model_segments_with_weights(tmp_path, capsys):
                      "--short-side", "64", "--out", str(out), "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "giraffe" in err and "red, blue, background" in err
+
+
+def test_softmax_score_option_hand_computed(bg_file):
+    """``score="softmax"`` (textseg's option): every similarity is the evaluator's probability of the prompt
+    among all class and background prompts at its logit scale, hand-computed here; the official cosine
+    stays the default; the offline model (no logit scale) and unknown values are clear errors."""
+    class Scaled(ColourEvaluator):
+        logit_scale_value = torch.tensor(10.0)
+
+    ev = Scaled()
+    loss = CLIMSLoss(ev, ["red", "blue"], bg_file, template="{}", input_norm="evaluator", score="softmax",
+                     cbs_threshold=None, weights=CLIMSWeights(alpha=10, beta=24, gamma=1, delta=0.2))
+    assert CLIMSLoss(ColourEvaluator(), ["red"], bg_file, template="{}").score == "cosine"
+    out = loss(_maps(), _half_image(), torch.tensor([[1.0, 0.0]]))
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    prompts = [np.array(RED), np.array(BLUE), np.array(BLUE), np.array((0.0, 1.0, 0.0))]  # red, blue | sea, tree
+    def probs(v):
+        e = np.exp([10 * cos(v, t) for t in prompts])
+        return e / e.sum()
+    p_fg, p_bg = probs(np.array([0.4, 0, 0.1])), probs(np.array([0.1, 0, 0.4]))
+    assert out["otm"].item() == pytest.approx(-math.log(p_fg[0]), rel=1e-4)
+    assert out["btm"].item() == pytest.approx(-math.log(1 - p_bg[0]), rel=1e-4)
+    assert out["cbs"].item() == pytest.approx(-math.log(1 - p_fg[2]) - math.log(1 - p_fg[3]), rel=1e-4)
+    with pytest.raises(TextsegError, match="score"):
+        CLIMSLoss(ev, ["red"], bg_file, template="{}", score="probability")
