@@ -6,7 +6,7 @@ backgrounds separately: ``--clip-scenes`` of them, objects on their own backgrou
 time and ``--clip-p-blank`` blank "ground" scenes, so that a masked-out image does not look like an object;
 ``--clip-p-empty`` background-only scenes; ``--clip-part-captions objects`` also captions a boat on water
 "a photo of boat.", which gives the evaluator CLIP's co-occurrence bias), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
-(``textseg train cam``'s recipe, tiny backbone). Per seed: a baseline CAM trains ``--base-steps``;
+(``textseg train cam``'s recipe, tiny backbone at output stride ``--cam-stride``, 16 by default). Per seed: a baseline CAM trains ``--base-steps``;
 from it, with the same schedule and budget (``--steps`` more), train the baseline further (``cam``),
 CLIMS (``clims``, the official loss alone, at ``--clims-lr``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
 0; ``cbs_wrong_words``: every class's CBS words are another class's background). Each is scored on
@@ -50,7 +50,7 @@ from textseg.wsss.pseudo_labels import load_cam_model
 ENGINE = ["train.progress=false", "train.tensorboard=false", "train.device=cpu", "train.resume=none",
           "train.log_every=1000", "train.eval_every=0"]
 CLIP_SETS = ["model.arch=clip", "model.lock_image=false", "model.lock_text=false", "model.clip.embed_dim=64",
-             "model.clip.vision.image_size=32", "model.clip.vision.layers=2", "model.clip.vision.width=64",
+             "model.clip.vision.layers=2", "model.clip.vision.width=64",
              "model.clip.vision.patch_size=8", "model.clip.text.context_length=16", "model.clip.text.width=64",
              "model.clip.text.heads=2", "model.clip.text.layers=2", "eval.templates=a photo of {}.",
              "train.batch_size=32", "train.lr=2e-3", "train.weight_decay=0.01", "train.warmup_steps=10"]
@@ -58,8 +58,8 @@ ABLATIONS = {"no_otm": ["clims.alpha=0"], "no_btm": ["clims.beta=0"], "no_cbs": 
              "no_reg": ["clims.delta=0"], "cbs_wrong_words": ["clims.background={wrong}"]}
 
 
-def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: int) -> list[str]:
-    return [*ENGINE, f"data.root={data}", "backbone=tiny", "pretrained=false", "freeze_bn=false",
+def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: int, stride: int = 16) -> list[str]:
+    return [*ENGINE, f"data.root={data}", "backbone=tiny", f"output_stride={stride}", "pretrained=false", "freeze_bn=false",
             f"data.crop_size={size}", "train.batch_size=16", "train.lr=0.05", f"train.steps={steps}",
             f"train.seed={seed}", f"train.out_dir={out}", f"threads={threads}"]
 
@@ -70,19 +70,20 @@ def run(args) -> dict:
     train, val = out / "data" / "train", out / "data" / "val"
     corpus = out / "data" / "evaluator_corpus"
     if not (val / "labels.json").is_file():
-        write_scene_folder(make_scenes(args.train, args.size, seed=1000), train)
-        write_scene_folder(make_scenes(args.val, args.size, seed=2000), val)
+        write_scene_folder(make_scenes(args.train, args.size, seed=1000, ground=args.ground), train)
+        write_scene_folder(make_scenes(args.val, args.size, seed=2000, ground=args.ground), val)
     if not (corpus / "labels.json").is_file():  # the evaluator's own captioned scenes (see --clip-scenes)
         scenes = make_scenes(args.clip_scenes, args.size, seed=3000, p_pair=args.clip_p_pair,
                              p_blank=args.clip_p_blank, p_empty=args.clip_p_empty,
-                             part_captions=args.clip_part_captions)
+                             part_captions=args.clip_part_captions, ground=args.ground)
         write_scene_folder(scenes + masked_views(scenes, args.clip_masked_views, seed=3001,
                                                                 blank=args.clip_masked_blank), corpus)
     torch.set_num_threads(args.threads)
     ev_path = out / "evaluator" / "model.safetensors"
     ev_file = out / "evaluator" / "result.json"
     if not ev_file.is_file():
-        res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE, f"train.steps={args.clip_steps}",
+        res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE,
+                                                              f"model.clip.vision.image_size={args.clip_image_size}", f"train.steps={args.clip_steps}",
                                                               f"data.train={corpus}", f"data.val={val}",
                                                               f"train.out_dir={ev_path.parent}"]))
         ev_file.write_text(json.dumps({k: v for k, v in res.items() if isinstance(v, (int, float, str))}))
@@ -92,17 +93,19 @@ def run(args) -> dict:
                  "right_class_first": probe["fg_top1"], "probe": probe, "train_seconds": res.get("time_s")}
     print("evaluator", json.dumps({k: v for k, v in evaluator.items() if k != "probe"}), flush=True)
     clims_base = [f"clims.evaluator_weights={ev_path}", "clims.evaluator=", f"clims.background={train / 'background.txt'}",
-                  f"clims.cbs_threshold={args.cbs_threshold}"]
+                  f"clims.cbs_threshold={args.cbs_threshold}", f"clims.score={args.score}"]
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:
         sd = out / f"seed{seed}"
         base = sd / "base"
         if not (base / "model.safetensors").is_file():
-            train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads)))
+            train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads,
+                                                                args.cam_stride)))
         init = f"init={base / 'model.safetensors'}"
-        variants = {"cam": ["mode=baseline"], "clims": ["mode=clims", *clims_base, f"train.lr={args.clims_lr}"]}
+        clims_sets = [f"mode={args.clims_mode}", *clims_base, f"train.lr={args.clims_lr}"]
+        variants = {"cam": ["mode=baseline"], "clims": clims_sets}
         for name, extra in ABLATIONS.items():
-            variants[name] = ["mode=clims", *clims_base, f"train.lr={args.clims_lr}", *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
+            variants[name] = [*clims_sets, *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
         for name, extra in variants.items():
             if name not in args.runs:
                 continue
@@ -191,7 +194,11 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=400, help="training scenes")
     ap.add_argument("--val", type=int, default=120, help="held-out scenes")
     ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--ground", choices=("neutral", "sand"), default="neutral",
+                    help="what the scenes stand on: 'neutral' (the colour of a masked-out pixel) or 'sand'")
     ap.add_argument("--clip-steps", type=int, default=250)
+    ap.add_argument("--clip-image-size", type=int, default=32,
+                    help="the evaluator's input size (patch 8: 32 px = 4 x 4 patches, 64 px = 8 x 8)")
     ap.add_argument("--clip-scenes", type=int, default=600, help="the evaluator's captioned scenes")
     ap.add_argument("--clip-p-pair", type=float, default=0.5,
                     help="how often an object sits on its own background in the evaluator's scenes")
@@ -206,10 +213,17 @@ def main() -> None:
     ap.add_argument("--clip-masked-blank", type=float, default=0.0,
                     help="with --clip-masked-views: share of those scenes also shown fully masked ('ground')")
     ap.add_argument("--clims-lr", type=float, default=0.001, help="train.lr of the CLIMS runs (cam: 0.05)")
+    ap.add_argument("--clims-mode", choices=("clims", "baseline+clims"), default="clims",
+                    help="mode of the CLIMS runs: the official loss alone, or ours: plus the baseline's classification loss")
     ap.add_argument("--base-steps", type=int, default=150, help="baseline CAM steps every run starts from")
     ap.add_argument("--steps", type=int, default=100, help="steps of each compared run (cam, clims, ablations)")
     ap.add_argument("--runs", nargs="+", choices=("cam", "clims", *ABLATIONS), default=["cam", "clims", *ABLATIONS],
                     help="which compared runs (cam and clims always; default all: the summary the issue asks for)")
+    ap.add_argument("--score", choices=("cosine", "softmax"), default="cosine",
+                    help="clims.score of the CLIMS runs: the official cosine or the evaluator's softmax over all prompts")
+    ap.add_argument("--cam-stride", type=int, choices=(16, 8, 4), default=16,
+                    help="output stride of the tiny CAM backbone (CAMConfig.output_stride): 16 = 6 x 6 maps at "
+                         "96 px; 8 and 4 are denser (12 x 12, 24 x 24), same weights and receptive field")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

@@ -416,6 +416,53 @@ def test_efficientnet_cam_is_pretrained_and_stride16(tmp_path):
         assert torch.allclose(back.maps(x), net.maps(x)) and back.class_names == ["cat"]
 
 
+def test_tiny_output_stride_option_map_size_and_strict_checkpoints(tmp_path):
+    import dataclasses
+
+    from textseg.weights.load import load_model, save_model
+
+    x = torch.rand(1, 3, 96, 96)
+    torch.manual_seed(0)
+    base = CAMNet(CAMConfig(["a", "b"], "tiny")).eval()
+    assert base.config.output_stride == 16 and base.scores(x).shape == (1, 2, 6, 6)
+    for stride, side in ((8, 12), (4, 24)):
+        torch.manual_seed(0)
+        net = CAMNet(CAMConfig(["a", "b"], "tiny", output_stride=stride)).eval()
+        with torch.no_grad():
+            assert net.scores(x).shape == (1, 2, side, side) and net.stride == net.dense_stride == stride
+        # same weights and shapes as stride 16: only strides / dilations differ
+        assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+        assert all(torch.equal(v, base.state_dict()[k]) for k, v in net.state_dict().items())
+        with torch.no_grad():
+            ref = net.maps(x)
+            assert not torch.allclose(F.interpolate(base.maps(x), size=(side, side)), ref)
+        back = load_cam(save_cam(net, tmp_path / f"s{stride}.safetensors")).eval()
+        save_model(net, tmp_path / f"n{stride}.safetensors")
+        native = load_model(weights=str(tmp_path / f"n{stride}.safetensors")).eval()
+        for m in (back, native):
+            assert isinstance(m, CAMNet) and m.config.output_stride == stride
+            with torch.no_grad():
+                assert torch.equal(m.maps(x), ref)
+    # a checkpoint written before the option (no output_stride in its config) loads at stride 16
+    from safetensors.torch import save_file
+
+    cfg = {k: v for k, v in dataclasses.asdict(base.config).items() if k != "output_stride"}
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "textseg-cam", "config": json.dumps(cfg)})
+    assert load_cam(tmp_path / "old.safetensors").stride == 16
+    # strict: an extra key is an error
+    save_file({**{k: v.contiguous() for k, v in base.state_dict().items()}, "extra": torch.zeros(1)},
+              str(tmp_path / "bad.safetensors"), metadata={"format": "textseg-cam", "config": json.dumps(cfg)})
+    with pytest.raises(Exception, match="extra"):
+        load_cam(tmp_path / "bad.safetensors")
+    eff = CAMNet(CAMConfig(["a"], "efficientnet_lite0", pretrained=False, output_stride=8)).eval()
+    with torch.no_grad():
+        assert eff.maps(torch.rand(1, 3, 64, 64)).shape == (1, 1, 8, 8) and eff.stride == 8
+    for backbone, stride in (("tiny", 2), ("tiny", 32), ("resnet50", 8)):
+        with pytest.raises(TextsegError, match="output_stride"):
+            CAMNet(CAMConfig(["a"], backbone, output_stride=stride))
+
+
 def test_load_cam_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 
@@ -581,6 +628,16 @@ def test_cam_pipeline_train_make_eval_labels(tmp_path, capsys):
     assert set(np.unique(masks)) <= {0, 1, 2, 255} and (masks == 255).any()
     valid = masks != 255
     assert (masks[valid] == gt[valid]).mean() > 0.8  # pseudo masks mostly right where not ignored
+
+
+def test_train_cam_output_stride_reaches_the_saved_model(tmp_path):
+    from textseg.wsss.pseudo_labels import load_cam_model
+
+    data = make_synthetic(tmp_path / "synth", n=8)
+    assert cli_main(tiny_run(data, tmp_path / "run", "train.steps=2", "output_stride=8", "threads=1")) == 0
+    net = load_cam_model(tmp_path / "run" / "model.safetensors").eval()
+    with torch.no_grad():
+        assert net.stride == 8 and net.cam(torch.rand(1, 3, 64, 64)).shape[-2:] == (8, 8)
 
 
 def test_cam_eval_errors(tmp_path):
@@ -784,3 +841,28 @@ def test_trained_cam_model_segments_with_weights(tmp_path, capsys):
                      "--short-side", "64", "--out", str(out), "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "giraffe" in err and "red, blue, background" in err
+
+
+def test_softmax_score_option_hand_computed(bg_file):
+    """``score="softmax"`` (textseg's option): every similarity is the evaluator's probability of the prompt
+    among all class and background prompts at its logit scale, hand-computed here; the official cosine
+    stays the default; the offline model (no logit scale) and unknown values are clear errors."""
+    class Scaled(ColourEvaluator):
+        logit_scale_value = torch.tensor(10.0)
+
+    ev = Scaled()
+    loss = CLIMSLoss(ev, ["red", "blue"], bg_file, template="{}", input_norm="evaluator", score="softmax",
+                     cbs_threshold=None, weights=CLIMSWeights(alpha=10, beta=24, gamma=1, delta=0.2))
+    assert CLIMSLoss(ColourEvaluator(), ["red"], bg_file, template="{}").score == "cosine"
+    out = loss(_maps(), _half_image(), torch.tensor([[1.0, 0.0]]))
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    prompts = [np.array(RED), np.array(BLUE), np.array(BLUE), np.array((0.0, 1.0, 0.0))]  # red, blue | sea, tree
+    def probs(v):
+        e = np.exp([10 * cos(v, t) for t in prompts])
+        return e / e.sum()
+    p_fg, p_bg = probs(np.array([0.4, 0, 0.1])), probs(np.array([0.1, 0, 0.4]))
+    assert out["otm"].item() == pytest.approx(-math.log(p_fg[0]), rel=1e-4)
+    assert out["btm"].item() == pytest.approx(-math.log(1 - p_bg[0]), rel=1e-4)
+    assert out["cbs"].item() == pytest.approx(-math.log(1 - p_fg[2]) - math.log(1 - p_fg[3]), rel=1e-4)
+    with pytest.raises(TextsegError, match="score"):
+        CLIMSLoss(ev, ["red"], bg_file, template="{}", score="probability")

@@ -14,7 +14,9 @@ from textseg.data.cooccurrence import (
     BACKGROUNDS,
     CLASSES,
     GROUND,
+    NEUTRAL,
     PAIRS,
+    SAND,
     make_scenes,
     masked_views,
     write_scene_folder,
@@ -57,6 +59,15 @@ def test_scenes_pair_objects_with_their_background_and_name_both(tmp_path):
         assert any(len(sc.captions) > 2 for sc in parts)
     with pytest.raises(TextsegError, match="part_captions"):
         make_scenes(2, 64, part_captions="some")
+    # ground="sand": the same scenes (labels, masks, captions) on a ground far from the ImageNet mean colour
+    for sand, plain in zip(make_scenes(20, 64, seed=1, ground="sand"), make_scenes(20, 64, seed=1)):
+        assert np.array_equal(sand.mask, plain.mask) and sand.captions == plain.captions
+        free = (sand.mask == 0) & (sand.context == 0)
+        if free.any():
+            assert np.abs(sand.image[free].mean(0) - SAND).max() < 6
+            assert np.abs(plain.image[free].mean(0) - NEUTRAL).max() < 6
+    with pytest.raises(TextsegError, match="ground"):
+        make_scenes(2, 64, ground="snow")
 
 
 def test_masked_views_are_what_clims_feeds_the_evaluator():

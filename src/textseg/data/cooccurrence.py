@@ -43,6 +43,8 @@ BACKGROUNDS = tuple(PAIRS.values())
 CLASSES = ("background", *OBJECTS)
 GROUND = "ground"  # the neutral ground's word (captions of blank scenes, see make_scene's p_blank)
 NEUTRAL = (122, 118, 110)  # near the ImageNet mean colour: a masked-out pixel looks like the ground
+SAND = (190, 165, 120)  # a ground that a masked-out pixel does not look like (make_scene's ground="sand")
+GROUNDS = {"neutral": (NEUTRAL, 6.0), "sand": (SAND, 14.0)}  # ground -> (rgb, noise std)
 
 
 @dataclass
@@ -121,18 +123,24 @@ def _object(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray,
 
 
 def make_scene(rng: np.random.Generator, size: int = 96, p_pair: float = 0.85, p_empty: float = 0.08,
-               p_two: float = 0.25, p_extra: float = 0.1, p_blank: float = 0.0, part_captions: str = "") -> Scene:
+               p_two: float = 0.25, p_extra: float = 0.1, p_blank: float = 0.0, part_captions: str = "", ground: str = "neutral") -> Scene:
     """One random scene (see the module docstring). ``p_blank``: probability of a scene holding only
     the neutral ground, captioned :data:`GROUND` (the evaluator corpus: a masked-out image looks like
     it, so the evaluator learns that an empty mask shows no object). ``part_captions``: ``"objects"``
     adds one caption per object (``"a photo of boat."`` for a boat on water), ``"all"`` one per object
     and background, as web captions often name one thing of a scene: then a class prompt matches
-    every scene that holds the class, not only the scenes where it stands alone."""
+    every scene that holds the class, not only the scenes where it stands alone. ``ground``: the
+    ground everything stands on (:data:`GROUNDS`): ``"neutral"``, grey noise at about the ImageNet mean
+    colour, which is what a masked-out pixel becomes in CLIMS' input (so the evaluator cannot see
+    whether a map covers it), or ``"sand"``, a ground it can see, as every pixel of a photo is."""
+    if ground not in GROUNDS:
+        raise TextsegError(f"ground must be one of {', '.join(GROUNDS)}, got {ground!r}")
+    ground_rgb, ground_std = GROUNDS[ground]
     if part_captions not in ("", "objects", "all"):
         raise TextsegError(f"part_captions must be '', 'objects' or 'all', got {part_captions!r}")
     h = w = size
     if p_blank > 0 and rng.random() < p_blank:
-        img = np.array(NEUTRAL, np.float32) + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+        img = np.array(ground_rgb, np.float32) + rng.normal(0, ground_std, (h, w, 3)).astype(np.float32)
         zeros = np.zeros((h, w), np.uint8)
         return Scene(np.clip(img, 0, 255).astype(np.uint8), zeros, zeros.copy(), [],
                      [f"a photo of {GROUND}.", GROUND])
@@ -150,7 +158,7 @@ def make_scene(rng: np.random.Generator, size: int = 96, p_pair: float = 0.85, p
         others = [b for b in range(len(BACKGROUNDS)) if b not in bgs and b not in objs]
         if others:
             bgs.append(int(rng.choice(others)))
-    img = np.array(NEUTRAL, np.float32) + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    img = np.array(ground_rgb, np.float32) + rng.normal(0, ground_std, (h, w, 3)).astype(np.float32)
     context = np.zeros((h, w), np.uint8)
     mask = np.zeros((h, w), np.uint8)
     region: dict[int, tuple[int, int, int, int]] = {}  # background -> (y0, y1, x0, x1)

@@ -159,6 +159,7 @@ class CLIMSCfg:
     eval_size: int = 0  # 0 = the evaluator's own image size
     reg_over: str = "all"  # official: REG over every map; "present": over the present classes' maps only
     input_norm: str = "imagenet"  # official: ImageNet mean/std; "evaluator": the evaluator's own
+    score: str = "cosine"  # official: cosine similarity; "softmax": probability over all prompts (clims.py)
     prompt_names: str = ""  # class=word overrides for the prompts; the presets set "person=player"
 
 
@@ -173,6 +174,7 @@ class CAMTrainCfg:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     backbone_weights: str = ""  # e.g. torchvision resnet50 ImageNet weights (ResNet-50 is random otherwise)
+    output_stride: int = 16  # CAMConfig.output_stride of a new network (ours: tiny 8 / 4); with init: the init's
     init: str = ""  # CAM model to start from (CLIMS starts from the baseline's model.safetensors, as the paper)
     epochs: int = 0  # > 0: train.steps = (images // global batch) * epochs, the official max_step (presets)
     classifier_lr_mult: float = 10.0
@@ -362,7 +364,8 @@ def build_trainer(cfg: CAMTrainCfg, callbacks: Sequence[Callable[[Trainer], None
         if [canonical(c) for c in net.class_names] != [canonical(c) for c in class_names]:
             raise TextsegError(f"{cfg.init}: its classes differ from the class list being trained")
     else:
-        net = CAMNet(CAMConfig(class_names, cfg.backbone, cfg.pretrained, cfg.data.crop_size))
+        net = CAMNet(CAMConfig(class_names, cfg.backbone, cfg.pretrained, cfg.data.crop_size,
+                               output_stride=cfg.output_stride))
         if cfg.backbone_weights:
             load_backbone_weights(net, cfg.backbone_weights)
     net.config.background_threshold = cfg.background_threshold
@@ -377,7 +380,7 @@ def build_trainer(cfg: CAMTrainCfg, callbacks: Sequence[Callable[[Trainer], None
         evaluator = load_evaluator(c.evaluator, c.evaluator_weights).to(info.device)
         clims = CLIMSLoss(evaluator, class_names, c.background, CLIMSWeights(c.alpha, c.beta, c.gamma, c.delta),
                           c.cbs_threshold, c.template or None, c.eval_size or None, c.reg_over, c.input_norm,
-                          c.prompt_names).to(info.device)
+                          c.prompt_names, c.score).to(info.device)
 
     cfg = copy.deepcopy(cfg)
     cfg.train.steps = total_steps(cfg, len(dataset), info.world_size)

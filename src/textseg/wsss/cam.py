@@ -1,7 +1,8 @@
 """Class activation map (CAM) networks for weakly supervised segmentation (CAM baseline, CLIMS).
 
 A backbone turns ``B x 3 x H x W`` pixels (normalised with the network's ``mean``/``std``) into a
-``B x C x H/s x W/s`` feature map (``s`` = :attr:`CAMNet.stride`, 16 for every backbone here); a bias-free
+``B x C x H/s x W/s`` feature map (``s`` = :attr:`CAMNet.stride`: :attr:`CAMConfig.output_stride`, 16 by
+default for every backbone); a bias-free
 1x1 convolution turns it into ``B x K x h x w`` class scores, one map per class. Three views of that
 one map:
 
@@ -20,6 +21,12 @@ Backbones (:class:`CAMConfig.backbone`):
   EfficientNet-Lite (:mod:`textseg.models.efficientnet`), last stride-2 stage turned to stride 1 so the
   maps have stride 16. This is the CPU option.
 * ``"tiny"``: four strided convolutions (stride 16); for tests and smoke runs only.
+
+:attr:`CAMConfig.output_stride` (textseg's option; default 16, the official and every checkpoint's):
+``tiny`` takes 16, 8 or 4, ``efficientnet_lite*`` 16 or 8, ``resnet50`` 16 only. A smaller stride turns
+the last downsampling layer(s) to stride 1 and dilates the layers after them (DeepLab's way): the
+weights and the receptive field stay the same and the maps get 2x (4x) denser, e.g. a 96 px image
+gives 12 x 12 maps at stride 8 instead of 6 x 6.
 
 As a segmentation model (``textseg segment --weights RUN/model.safetensors --labels ...``) a CAM
 network is a :class:`~textseg.models.base.DualEncoder` with a **fixed vocabulary**: its trained class
@@ -64,6 +71,7 @@ class CAMConfig:
     pretrained: bool = True  # EfficientNet-Lite: load the installed ImageNet weights
     image_size: int = 320  # training crop / default inference size
     background_threshold: float = 0.15  # segmenting: background where every normalised map is below it
+    output_stride: int = 16  # maps at 1/stride of the input; ours: tiny 8 / 4, efficientnet 8 (module docstring)
 
     @property
     def num_classes(self) -> int:
@@ -148,20 +156,27 @@ def resnet50_state_from_torchvision(state: dict[str, torch.Tensor]) -> dict[str,
 
 # ---------------------------------------------------------------------------------------------- tiny
 class TinyBackbone(nn.Module):
-    """Four stride-2 3x3 conv + BN + ReLU layers (32 -> 64 channels), stride 16. Tests only."""
+    """Four stride-2 3x3 conv + BN + ReLU layers (32 -> 64 channels), stride 16. Tests only.
+
+    ``output_stride`` 8 (4): the last (two) layer(s) run at stride 1 and the layers after the first
+    of them dilate by 2 (4) instead, so weights and receptive field (31 px) are unchanged."""
 
     out_channels = 64
-    stride = 16
+    STRIDES = (4, 8, 16)
 
-    def __init__(self):
+    def __init__(self, output_stride: int = 16):
         super().__init__()
+        if output_stride not in self.STRIDES:
+            raise TextsegError(f"tiny backbone: output_stride must be 4, 8 or 16, got {output_stride}")
+        self.stride = int(output_stride)
         chans = (3, 32, 32, 64, 64)
-        self.layers = nn.Sequential(
-            *[
-                nn.Sequential(nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
-                for a, b in zip(chans[:-1], chans[1:])
-            ]
-        )
+        layers, reduction, dilation = [], 1, 1
+        for a, b in zip(chans[:-1], chans[1:]):
+            stride = 2 if reduction < output_stride else 1
+            conv = nn.Conv2d(a, b, 3, stride, padding=dilation, dilation=dilation, bias=False)
+            layers.append(nn.Sequential(conv, nn.BatchNorm2d(b), nn.ReLU(inplace=True)))
+            reduction, dilation = reduction * stride, dilation * (2 // stride)
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -175,15 +190,17 @@ class EfficientNetBackbone(nn.Module):
     usual way to get denser maps from a classification network (DeepLab's output stride 16).
     """
 
-    def __init__(self, variant: str = "efficientnet_lite0", pretrained: bool = True):
+    def __init__(self, variant: str = "efficientnet_lite0", pretrained: bool = True, output_stride: int = 16):
         super().__init__()
         from textseg.models import efficientnet
 
+        if output_stride not in (8, 16):
+            raise TextsegError(f"{variant} backbone: output_stride must be 8 or 16, got {output_stride}")
         self.net = efficientnet.efficientnet_lite(variant.replace("efficientnet_", ""), pretrained=pretrained)
-        self.net.set_output_stride(16)
+        self.net.set_output_stride(output_stride)
         self.net.classifier = nn.Identity()  # the ImageNet head is not part of the trunk
         self.out_channels = self.net.num_features
-        self.stride = 16
+        self.stride = int(output_stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(x)
@@ -207,11 +224,13 @@ class CAMNet(DualEncoder):
         self.config = config
         if backbone is None:
             if config.backbone == "resnet50":
+                if config.output_stride != 16:
+                    raise TextsegError(f"resnet50 backbone: output_stride must be 16, got {config.output_stride}")
                 backbone = ResNet50()
             elif config.backbone == "tiny":
-                backbone = TinyBackbone()
+                backbone = TinyBackbone(config.output_stride)
             else:
-                backbone = EfficientNetBackbone(config.backbone, pretrained=config.pretrained)
+                backbone = EfficientNetBackbone(config.backbone, config.pretrained, config.output_stride)
         self.backbone = backbone
         self.classifier = nn.Conv2d(backbone.out_channels, config.num_classes, 1, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.01)

@@ -29,6 +29,13 @@ embedding of prompt ``t``, ``t_k = "a photo of {class k}."`` and ``c(x) = clamp(
   maps from covering everything. ``reg_over="present"`` (textseg's option) averages the present
   pairs' maps only (a larger per-pixel push when few classes are present).
 
+``score="softmax"`` (textseg's option; the official ``"cosine"`` is the default) replaces every
+``s(v, t)`` by the evaluator's probability of prompt ``t`` among all ``K + M`` class and background
+prompts, ``softmax(logit_scale * cos)`` (its zero-shot classifier, as CLIP-ES's softmax over class
+prompts): a cosine is only calibrated relative to other prompts, so a small evaluator can give a blank
+or half-masked image a high cosine to every class, and then OTM pays little for an empty map. As a
+probability, an empty or background-filled mask loses the class's mass to the other prompts.
+
 ``loss = alpha * OTM + beta * BTM + gamma * CBS + delta * REG`` (official VOC weights 10, 24, 1, 0.2;
 COCO 2, 14, 1.25, 0.2 in the README's command, 2, 14, 2, 0.2 in ``run_sample_coco.py``'s defaults).
 The evaluator is frozen (``requires_grad_(False)``, eval mode) and its text embeddings are computed
@@ -195,17 +202,25 @@ class CLIMSLoss(nn.Module):
     def __init__(self, evaluator: DualEncoder, class_names: list[str], background: str | Path = "voc",
                  weights: CLIMSWeights | None = None, cbs_threshold: float | None = 0.26,
                  template: str | None = None, eval_size: int | None = None, reg_over: str = "all",
-                 input_norm: str = "imagenet", prompt_names: str | dict | None = None):
+                 input_norm: str = "imagenet", prompt_names: str | dict | None = None,
+                 score: str = "cosine"):
         super().__init__()
+        if score not in ("cosine", "softmax"):
+            raise TextsegError(f"score must be 'cosine' or 'softmax', got {score!r}")
         if reg_over not in ("present", "all"):
             raise TextsegError(f"reg_over must be 'present' or 'all', got {reg_over!r}")
         if input_norm not in ("imagenet", "evaluator"):
             raise TextsegError(f"input_norm must be 'imagenet' or 'evaluator', got {input_norm!r}")
+        from textseg.models.offline import OfflineModel
+
+        if score == "softmax" and isinstance(evaluator, OfflineModel):
+            raise TextsegError("score='softmax' needs a CLIP-like evaluator (a logit scale); the offline "
+                               "model's similarity is already a probability mass")
         evaluator.eval().requires_grad_(False)
         self.evaluator = evaluator
         self.weights = weights or CLIMSWeights()
         self.cbs_threshold = cbs_threshold
-        self.reg_over, self.input_norm = reg_over, input_norm
+        self.reg_over, self.input_norm, self.score = reg_over, input_norm, score
         cfg = evaluator.preprocess_cfg
         self.eval_size = int(eval_size or cfg.image_size)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if input_norm == "imagenet" else (cfg.mean, cfg.std)
@@ -255,6 +270,8 @@ class CLIMSLoss(nn.Module):
             return {"loss": zero, "otm": zero, "btm": zero, "cbs": zero, "reg": zero, "pairs": 0}
         text = torch.cat([self.class_text, self.bg_text])
         sim = self.similarity(torch.cat([fg, bg]), text)  # 2N x (K + M)
+        if self.score == "softmax":  # textseg's option: probabilities over every prompt (see the docstring)
+            sim = (self.evaluator.logit_scale_value.float() * sim).softmax(dim=-1)
         rows = torch.arange(n, device=sim.device)
         k = self.class_text.shape[0]
         otm = otm_loss(sim[rows, k_idx])
