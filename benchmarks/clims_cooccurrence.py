@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 from textseg.data.cooccurrence import (
     BACKGROUNDS,
     CLASSES,
+    OBJECTS,
     PAIRS,
     evaluate_scene_cams,
     make_scenes,
@@ -64,6 +66,63 @@ def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: i
             f"train.seed={seed}", f"train.out_dir={out}", f"threads={threads}"]
 
 
+def map_calibration(root: Path, evaluator, background: str | Path, cbs_threshold: float | None = 0.26,
+                    weights: tuple[float, ...] = (10.0, 24.0, 1.0, 0.2)) -> dict:
+    """What CLIMS' objective says about hand-made maps on held-out scenes, the evaluator's inputs built as
+    the loss builds them (:meth:`~textseg.wsss.clims.CLIMSLoss.masked_inputs`). For every (scene, present
+    class ``k``) pair and map ``P`` in ``gt`` (the object's mask), ``empty`` (0: a blank grey image),
+    ``full`` (1: the whole scene), ``part25`` (the top 25 % of the object's pixels), ``gt_x0.25`` (the
+    mask at amplitude 0.25), ``gt_plus_bg`` (the mask plus the class's own co-occurring background) and
+    ``ground`` (the neutral ground only): mean cosine ``s(fg, t_k)`` and ``s(bg, t_k)`` (``by_class``: per class), the unweighted terms (OTM, BTM, CBS per pair, REG =
+    mean of ``P``) and ``loss`` = the weighted sum. A calibrated objective gives ``gt`` the lowest loss."""
+    from PIL import Image
+
+    from textseg.io import load_image
+    from textseg.wsss.cam_maps import image_tensor
+    from textseg.wsss.clims import CLIMSLoss, btm_loss, cbs_loss, otm_loss
+
+    loss = CLIMSLoss(evaluator, list(OBJECTS), background, cbs_threshold=cbs_threshold)
+    xs, maps, ks = [], {n: [] for n in ("gt", "empty", "full", "part25", "gt_x0.25", "gt_plus_bg", "ground")}, []
+    for mpath in sorted((root / "masks").glob("*.png")):
+        mask = np.asarray(Image.open(mpath))
+        ctx = np.asarray(Image.open(root / "context" / mpath.name))
+        x = image_tensor(load_image(root / "images" / mpath.name))
+        for k, cls in enumerate(OBJECTS):
+            m = mask == k + 1
+            if not m.any():
+                continue
+            part = np.zeros_like(m)
+            ys, xx = np.nonzero(m)  # raster order: the object's top rows first
+            n = max(1, len(ys) // 4)
+            part[ys[:n], xx[:n]] = True
+            own = ctx == BACKGROUNDS.index(PAIRS[cls]) + 1
+            for name, p in (("gt", m), ("empty", np.zeros_like(m)), ("full", np.ones_like(m)), ("part25", part),
+                            ("gt_x0.25", 0.25 * m), ("gt_plus_bg", m | own),
+                            ("ground", (ctx == 0) & (mask == 0))):
+                maps[name].append(torch.as_tensor(np.asarray(p, np.float32)))
+            xs.append(x)
+            ks.append(k)
+    x, k_idx = torch.stack(xs), torch.tensor(ks)
+    labels = torch.nn.functional.one_hot(k_idx, len(OBJECTS)).float()
+    out = {"pairs": len(ks)}
+    with torch.no_grad():
+        text = torch.cat([loss.class_text, loss.bg_text])
+        for name, ps in maps.items():
+            p = torch.stack(ps)[:, None] * labels[:, :, None, None]  # B x K x H x W, the pair's class only
+            fg, bg, _, kk = loss.masked_inputs(p, x, labels)
+            sim = loss.similarity(torch.cat([fg, bg]), text)
+            n, r = len(kk), torch.arange(len(kk))
+            terms = {"otm": float(otm_loss(sim[r, kk])), "btm": float(btm_loss(sim[n + r, kk])),
+                     "cbs": float(cbs_loss(sim[:n, len(OBJECTS):], loss.applies[kk], cbs_threshold)) / n,
+                     "reg": float(torch.stack(ps).mean())}
+            out[name] = {"s_fg": round(float(sim[r, kk].mean()), 4), "s_bg": round(float(sim[n + r, kk].mean()), 4),
+                         **{t: round(v, 4) for t, v in terms.items()},
+                         "loss": round(sum(w * terms[t] for w, t in zip(weights, ("otm", "btm", "cbs", "reg"))), 3)}
+            out[name]["by_class"] = {c: [round(float(sim[r, kk][kk == j].mean()), 3),
+                                         round(float(sim[n + r, kk][kk == j].mean()), 3)] for j, c in enumerate(OBJECTS)}
+    return out
+
+
 def run(args) -> dict:
     out = Path(args.out)
     t0 = time.time()
@@ -82,8 +141,10 @@ def run(args) -> dict:
     ev_path = out / "evaluator" / "model.safetensors"
     ev_file = out / "evaluator" / "result.json"
     if not ev_file.is_file():
-        res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE,
-                                                              f"model.clip.vision.image_size={args.clip_image_size}", f"train.steps={args.clip_steps}",
+        scale = ([f"model.clip.init_logit_scale={math.log(args.clip_logit_scale)}", "model.lock_logit_scale=true"]
+                 if args.clip_logit_scale else [])
+        res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE, *scale, f"train.steps={args.clip_steps}",
+                                                              f"model.clip.vision.image_size={args.clip_image_size}",
                                                               f"data.train={corpus}", f"data.val={val}",
                                                               f"train.out_dir={ev_path.parent}"]))
         ev_file.write_text(json.dumps({k: v for k, v in res.items() if isinstance(v, (int, float, str))}))
@@ -92,6 +153,11 @@ def run(args) -> dict:
     evaluator = {"zero_shot_top1": round(res["zeroshot_top1"], 2), "fg_over_bg": probe["fg_vs_bg_accuracy"],
                  "right_class_first": probe["fg_top1"], "probe": probe, "train_seconds": res.get("time_s")}
     print("evaluator", json.dumps({k: v for k, v in evaluator.items() if k != "probe"}), flush=True)
+    evaluator["map_calibration"] = map_calibration(val, load_evaluator("", str(ev_path)), train / "background.txt",
+                                                   args.cbs_threshold)
+    for name, row in evaluator["map_calibration"].items():
+        if name != "pairs":
+            print(f"calibration {name:10s}", json.dumps(row), flush=True)
     clims_base = [f"clims.evaluator_weights={ev_path}", "clims.evaluator=", f"clims.background={train / 'background.txt'}",
                   f"clims.cbs_threshold={args.cbs_threshold}", f"clims.score={args.score}"]
     runs: dict[str, list[dict]] = {}
@@ -199,6 +265,9 @@ def main() -> None:
     ap.add_argument("--clip-steps", type=int, default=250)
     ap.add_argument("--clip-image-size", type=int, default=32,
                     help="the evaluator's input size (patch 8: 32 px = 4 x 4 patches, 64 px = 8 x 8)")
+    ap.add_argument("--clip-logit-scale", type=float, default=0.0,
+                    help="train the evaluator with its logit scale fixed at this value (100: real CLIP's, whose "
+                         "cosines CLIMS' constants assume; 0 = learnable from 1/0.07, the recipe's default)")
     ap.add_argument("--clip-scenes", type=int, default=600, help="the evaluator's captioned scenes")
     ap.add_argument("--clip-p-pair", type=float, default=0.5,
                     help="how often an object sits on its own background in the evaluator's scenes")

@@ -4,6 +4,7 @@ locked tower stays bit-identical, and ``textseg train clip`` runs from YAML + --
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -95,6 +96,23 @@ def test_locked_image_tower_stays_fixed_with_tar_shards(folders, tmp_path):
     for k, v in trainer.module.model.visual.state_dict().items():
         assert torch.equal(v, visual0[k]), k
     assert not torch.equal(trainer.module.model.text.token_embedding.weight, text0)
+
+
+def test_lock_logit_scale_keeps_the_initial_scale(folders, tmp_path):
+    """``model.lock_logit_scale``: the scale stays at ``model.clip.init_logit_scale`` (log 100, real CLIP's
+    cap) while it moves when learnable (default)."""
+    train, val = folders
+    scales = {}
+    for lock in (False, True):
+        cfg = load_config(ClipRecipeConfig, None, TINY + [
+            f"data.train={train}", f"data.val={val}", f"train.out_dir={tmp_path}/{lock}", "train.steps=10",
+            "train.eval_every=0", f"model.clip.init_logit_scale={math.log(100)}", f"model.lock_logit_scale={lock}",
+        ])
+        trainer = build_trainer(cfg)
+        assert np.isfinite(trainer.fit()["loss"])
+        scales[lock] = float(trainer.module.model.logit_scale)
+    assert scales[True] == pytest.approx(math.log(100), abs=1e-6)
+    assert abs(scales[False] - math.log(100)) > 1e-3
 
 
 def test_cli_train_clip_yaml_set_and_resume(folders, tmp_path, capsys):

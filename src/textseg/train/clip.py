@@ -10,7 +10,7 @@ Two architectures (``model.arch``):
   ``model.clip.vision.width=768`` ...), ``lock_image`` freezes ``visual``, ``lock_text`` ``text``.
 
 Loss: symmetric InfoNCE over the global batch (features gathered across ranks with gradient,
-``loss.local_loss`` = open_clip's local-loss memory trick), logit scale learnable and clamped at 100.
+``loss.local_loss`` = open_clip's local-loss memory trick), logit scale learnable and clamped at 100 (``model.lock_logit_scale``: fixed at its initial value).
 The run ends with ``<train.out_dir>/model.safetensors`` (CLIP or LiT, native format) for
 ``textseg segment/classify --weights``. Evaluation (every ``train.eval_every`` steps and at the end): image->text and text->image
 retrieval R@1/5/10 on ``data.val`` and, when ``eval.zeroshot`` and the folder has ``labels.json``
@@ -51,6 +51,9 @@ class ModelSection:
     clip: CLIPConfig = field(default_factory=CLIPConfig)  # clip: architecture
     lock_image: bool = True
     lock_text: bool = True
+    # textseg's option (default off = CLIP's learnable scale): keep the logit scale at its initial value
+    # (``model.clip.init_logit_scale``, e.g. ``4.60517`` = log 100, real CLIP's cap) for the whole run
+    lock_logit_scale: bool = False
     cache_features: bool = True  # lit with both towers locked: precompute tower features
     feature_cache: str = ""  # folder to keep those features between runs ("" = recompute each run)
 
@@ -109,6 +112,8 @@ def build_model(cfg: ModelSection) -> nn.Module:
         image_tower(model).requires_grad_(False)
     if cfg.lock_text:
         model.text.requires_grad_(False)
+    if cfg.lock_logit_scale:
+        model.logit_scale.requires_grad_(False)
     return model
 
 
