@@ -2,7 +2,7 @@
 
 The ConSE bridge of the offline model only knows ImageNet's 1000 classes (no people, no stuff).
 This script learns, from image captions alone, a small **dense text-image head** on the frozen
-towers (EfficientNet-Lite0 features at stride 32, MiniLM word embeddings):
+towers (EfficientNet-Lite0 features at stride 32, or 16 with ``--output-stride 16``, MiniLM word embeddings):
 
 * **labels from captions**: every caption is tagged with the project's noun tagger
   (:func:`textseg.train.nouns.extract_nouns`, NN / NNS), nouns are lower-cased and singularised
@@ -162,16 +162,19 @@ def caption_targets(pairs, min_images: int, max_vocab: int, implied_target: floa
 
 
 @torch.no_grad()
-def image_features(pairs, short_side: int, batch: int = 8) -> list[torch.Tensor]:
+def image_features(pairs, short_side: int, batch: int = 8, output_stride: int = 32) -> list[torch.Tensor]:
     """Frozen Lite0 feature maps (``1280 x h x w``, bf16) of every image: short side ``short_side``,
     centre-cropped to ``short x 1.3 short`` (landscape) or its transpose (portrait), multiples of 32,
-    so that images batch (the Segmenter sees the same scale at run time)."""
+    so that images batch (the Segmenter sees the same scale at run time). ``output_stride`` 16 / 8
+    dilates the trunk's last stage(s) as :class:`~textseg.models.offline.OfflineModel` does at run
+    time (``OfflineCfg.output_stride``): maps of ``H / s x W / s`` locations."""
     from PIL import Image
 
     from textseg.models.efficientnet import efficientnet_lite
     from textseg.preprocess import canvas_size, normalize, resize_to_tensor
 
-    net = efficientnet_lite("lite0").fuse().eval().to(memory_format=torch.channels_last)
+    net = efficientnet_lite("lite0").set_output_stride(output_stride).fuse().eval()
+    net = net.to(memory_format=torch.channels_last)
     short = max(32, short_side // 32 * 32)
     long = max(short, round(short * 1.3 / 32) * 32)
     xs: list[torch.Tensor] = []
@@ -314,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-images", type=int, default=5)
     p.add_argument("--max-vocab", type=int, default=400)
     p.add_argument("--short-side", type=int, default=320)
+    p.add_argument("--output-stride", type=int, default=32, choices=(8, 16, 32),
+                   help="Lite0 feature stride the head trains on (16: the last stage dilated, as OfflineCfg's "
+                        "output_stride 16 runs it)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lse-r", type=float, default=5.0)
@@ -343,8 +349,13 @@ def main(argv: list[str] | None = None) -> dict:
     cached = bool(cache and cache.is_file())
     if cached:
         feats = torch.load(cache, weights_only=True)
+        short = max(32, a.short_side // 32 * 32) // a.output_stride
+        if len(feats) != len(pairs) or min(feats[0].shape[-2:]) != short:
+            raise SystemExit(f"{cache}: features of another image set, --short-side or --output-stride "
+                             f"({len(feats)} maps of {tuple(feats[0].shape[-2:])}, expected {len(pairs)} with "
+                             f"short side {short}); delete it or pass another --feature-cache")
     else:
-        feats = image_features(pairs, a.short_side)
+        feats = image_features(pairs, a.short_side, output_stride=a.output_stride)
         if cache:
             torch.save(feats, cache)
     t2 = time.time()
@@ -392,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
             "implied": {"target": a.implied_target, "words": {k: list(v) for k, v in IMPLIED.items()},
                         "what": "a stuff word's target is at least this where a caption names one of its "
                                 "scene words (sky is named for 2 % of the photos)"},
-            "features": f"EfficientNet-Lite0 (packaged, frozen) stride-32 map, short side {a.short_side}, "
+            "features": f"EfficientNet-Lite0 (packaged, frozen) stride-{a.output_stride} map, short side {a.short_side}, "
                         "centre crop 1.3:1; feature-map horizontal flip as augmentation",
             "loss": f"BCE on log-sum-exp pooled location logits (r={a.lse_r}); unnamed stuff words "
                     f"({', '.join(STUFF)}) count as negatives with weight {a.unnamed_weight}",

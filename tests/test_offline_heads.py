@@ -256,3 +256,29 @@ def test_implied_stuff_targets():
     assert y[:, sky].tolist() == [0.5, 1.0, 0.0]
     vocab0, y0 = mod.caption_targets(pairs, 1, 100, implied_target=0.0)
     assert vocab0 == vocab and y0[0, sky] == 0 and torch.equal(y0[1:], y[1:])
+
+
+def test_build_output_stride_16_features_and_cache_check(tmp_path):
+    """``--output-stride 16`` trains on the dilated trunk's maps (twice as many rows and columns as
+    stride 32: what OfflineCfg(output_stride=16) scores at run time), the card says which, and a
+    feature cache of the other stride is refused, not silently reused."""
+    data = tmp_path / "captions"
+    (data / "images").mkdir(parents=True)
+    with open(data / "captions.jsonl", "w") as fh:
+        for name, c in {"chelsea": ["a cat by a wall"] * 3, "coffee": ["a cup of coffee"] * 3}.items():
+            shutil.copy(example_path(name), data / "images" / f"{name}.jpg")
+            fh.write(json.dumps({"image": f"images/{name}.jpg", "captions": c}) + "\n")
+    mod = _build_module()
+    pairs = mod.read_pairs(data, None, 2)
+    f32 = mod.image_features(pairs, 160)
+    f16 = mod.image_features(pairs, 160, output_stride=16)
+    for a, b in zip(f32, f16):
+        assert tuple(b.shape[-2:]) == (2 * a.shape[-2], 2 * a.shape[-1]) and b.shape[0] == a.shape[0] == 1280
+    cache = tmp_path / "feats.pt"
+    common = ["--flickr", str(data), "--coco", str(tmp_path / "none"), "--limit", "2", "--epochs", "1",
+              "--trust-folds", "0", "--short-side", "160", "--feature-cache", str(cache)]
+    card = mod.main([*common, "--out", str(tmp_path / "h16"), "--output-stride", "16"])
+    assert "stride-16" in card["recipe"]["features"] and "--output-stride 16" in card["command"]
+    OfflineModel(OfflineCfg(output_stride=16), heads_dir=tmp_path / "h16")  # loads strictly
+    with pytest.raises(SystemExit, match="output-stride"):
+        mod.main([*common, "--out", str(tmp_path / "h32")])  # the stride-16 cache with stride 32
