@@ -68,8 +68,8 @@ def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: i
 
 def map_calibration(root: Path, evaluator, background: str | Path, cbs_threshold: float | None = 0.26,
                     weights: tuple[float, ...] = (10.0, 24.0, 1.0, 0.2)) -> dict:
-    """What CLIMS' objective says about hand-made maps on held-out scenes, the evaluator's inputs built as
-    the loss builds them (:meth:`~textseg.wsss.clims.CLIMSLoss.masked_inputs`). For every (scene, present
+    """What CLIMS' objective says about hand-made maps on held-out scenes, the terms and similarities are
+    the loss's own (:class:`~textseg.wsss.clims.CLIMSLoss`, its ``s_fg`` / ``s_bg``). For every (scene, present
     class ``k``) pair and map ``P`` in ``gt`` (the object's mask), ``empty`` (0: a blank grey image),
     ``full`` (1: the whole scene), ``part25`` (the top 25 % of the object's pixels), ``gt_x0.25`` (the
     mask at amplitude 0.25), ``gt_plus_bg`` (the mask plus the class's own co-occurring background) and
@@ -79,7 +79,7 @@ def map_calibration(root: Path, evaluator, background: str | Path, cbs_threshold
 
     from textseg.io import load_image
     from textseg.wsss.cam_maps import image_tensor
-    from textseg.wsss.clims import CLIMSLoss, btm_loss, cbs_loss, otm_loss
+    from textseg.wsss.clims import CLIMSLoss
 
     loss = CLIMSLoss(evaluator, list(OBJECTS), background, cbs_threshold=cbs_threshold)
     xs, maps, ks = [], {n: [] for n in ("gt", "empty", "full", "part25", "gt_x0.25", "gt_plus_bg", "ground")}, []
@@ -106,20 +106,17 @@ def map_calibration(root: Path, evaluator, background: str | Path, cbs_threshold
     labels = torch.nn.functional.one_hot(k_idx, len(OBJECTS)).float()
     out = {"pairs": len(ks)}
     with torch.no_grad():
-        text = torch.cat([loss.class_text, loss.bg_text])
         for name, ps in maps.items():
             p = torch.stack(ps)[:, None] * labels[:, :, None, None]  # B x K x H x W, the pair's class only
-            fg, bg, _, kk = loss.masked_inputs(p, x, labels)
-            sim = loss.similarity(torch.cat([fg, bg]), text)
-            n, r = len(kk), torch.arange(len(kk))
-            terms = {"otm": float(otm_loss(sim[r, kk])), "btm": float(btm_loss(sim[n + r, kk])),
-                     "cbs": float(cbs_loss(sim[:n, len(OBJECTS):], loss.applies[kk], cbs_threshold)) / n,
+            o = loss(p, x, labels)  # one pair per scene row: pairs in k_idx order
+            s_fg, s_bg = o["s_fg"], o["s_bg"]
+            terms = {"otm": float(o["otm"]), "btm": float(o["btm"]), "cbs": float(o["cbs"]) / o["pairs"],
                      "reg": float(torch.stack(ps).mean())}
-            out[name] = {"s_fg": round(float(sim[r, kk].mean()), 4), "s_bg": round(float(sim[n + r, kk].mean()), 4),
+            out[name] = {"s_fg": round(float(s_fg.mean()), 4), "s_bg": round(float(s_bg.mean()), 4),
                          **{t: round(v, 4) for t, v in terms.items()},
                          "loss": round(sum(w * terms[t] for w, t in zip(weights, ("otm", "btm", "cbs", "reg"))), 3)}
-            out[name]["by_class"] = {c: [round(float(sim[r, kk][kk == j].mean()), 3),
-                                         round(float(sim[n + r, kk][kk == j].mean()), 3)] for j, c in enumerate(OBJECTS)}
+            out[name]["by_class"] = {c: [round(float(s_fg[k_idx == j].mean()), 3),
+                                         round(float(s_bg[k_idx == j].mean()), 3)] for j, c in enumerate(OBJECTS)}
     return out
 
 

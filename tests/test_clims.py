@@ -138,6 +138,7 @@ def test_clims_loss_hand_computed_and_mask_sides(bg_file):
     assert out["reg"].item() == pytest.approx(reg, rel=1e-6)
     assert out["loss"].item() == pytest.approx(10 * otm + 24 * btm + cbs + 0.2 * reg, rel=1e-5)
     assert out["pairs"] == 1
+    assert out["s_fg"].tolist() == pytest.approx([s_fg]) and out["s_bg"].tolist() == pytest.approx([s_bg])
     # the masked inputs themselves: fg keeps the map's side, bg the other
     fg_px, bg_px, _, _ = loss.masked_inputs(_maps(), _half_image(), torch.tensor([[1.0, 0.0]]))
     assert torch.allclose(fg_px[0, 0, :, :2], torch.full((4, 2), 0.8))

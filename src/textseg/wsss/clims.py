@@ -191,7 +191,8 @@ class CLIMSLoss(nn.Module):
 
     ``forward(maps, images, labels)``: ``maps`` ``B x K x h x w`` sigmoid activations, ``images``
     ``B x 3 x H x W`` RGB in [0, 1], ``labels`` ``B x K`` multi-hot -> dict with ``loss`` and the
-    unweighted ``otm``, ``btm``, ``cbs``, ``reg`` and ``pairs`` (number of present pairs).
+    unweighted ``otm``, ``btm``, ``cbs``, ``reg``, ``pairs`` (number of present pairs) and ``s_fg`` /
+    ``s_bg`` (each pair's ``s(fg, t_k)`` / ``s(bg, t_k)``, pairs in ``labels.nonzero()`` order).
     ``template``: ``None`` picks :func:`default_template`. ``eval_size``: side of the square
     evaluator input (``None``: the evaluator's own image size). ``reg_over``: ``"all"`` (official) or
     ``"present"``. ``input_norm``: ``"imagenet"`` (official) or ``"evaluator"`` (its own mean / std).
@@ -267,17 +268,19 @@ class CLIMSLoss(nn.Module):
         zero = maps.sum() * 0.0  # keeps the graph (and DDP) whole when no class is present
         n = b_idx.numel()
         if n == 0:
-            return {"loss": zero, "otm": zero, "btm": zero, "cbs": zero, "reg": zero, "pairs": 0}
+            none = maps.new_zeros(0)
+            return {"loss": zero, "otm": zero, "btm": zero, "cbs": zero, "reg": zero, "pairs": 0,
+                    "s_fg": none, "s_bg": none}
         text = torch.cat([self.class_text, self.bg_text])
         sim = self.similarity(torch.cat([fg, bg]), text)  # 2N x (K + M)
         if self.score == "softmax":  # textseg's option: probabilities over every prompt (see the docstring)
             sim = (self.evaluator.logit_scale_value.float() * sim).softmax(dim=-1)
         rows = torch.arange(n, device=sim.device)
         k = self.class_text.shape[0]
-        otm = otm_loss(sim[rows, k_idx])
-        btm = btm_loss(sim[n + rows, k_idx])
+        s_fg, s_bg = sim[rows, k_idx], sim[n + rows, k_idx]
+        otm, btm = otm_loss(s_fg), btm_loss(s_bg)
         cbs = cbs_loss(sim[:n, k:], self.applies[k_idx], self.cbs_threshold)
         reg = maps[b_idx, k_idx].mean() if self.reg_over == "present" else maps.mean()
         w = self.weights
         loss = w.alpha * otm + w.beta * btm + w.gamma * cbs + w.delta * reg
-        return {"loss": loss, "otm": otm, "btm": btm, "cbs": cbs, "reg": reg, "pairs": n}
+        return {"loss": loss, "otm": otm, "btm": btm, "cbs": cbs, "reg": reg, "pairs": n, "s_fg": s_fg, "s_bg": s_bg}
