@@ -69,8 +69,8 @@ def test_pamr_setting_is_checked(refined):
     with pytest.raises(TextsegError, match="pamr must be"):
         Segmenter(refined, SegmentCfg(pamr="yes"))
     # other models have no default_pamr: "auto" is off for them
-    assert Segmenter(load_model("offline-bridge"), SegmentCfg())._pamr() is None
-    assert Segmenter(refined, SegmentCfg(pamr=False))._pamr() is None
+    assert Segmenter(load_model("offline-bridge"), SegmentCfg()).pamr_in_force() is None
+    assert Segmenter(refined, SegmentCfg(pamr=False)).pamr_in_force() is None
 
 
 def test_refinement_helps_on_tuning_photos(refined, coco_mini):

@@ -303,7 +303,7 @@ class SegmenterPredictor:
         self.labels = [LabelClass(n, tuple(p)) for n, p in zip(dataset.class_names, dataset.class_prompts)]
         self.num_classes = dataset.num_classes
         thr = self.cfg.threshold
-        pm = self.segmenter._pamr()  # the PAMR in force (pamr="auto": the model's own, e.g. offline v2)
+        pm = self.segmenter.pamr_in_force()  # the PAMR in force (pamr="auto": the model's own, e.g. offline v2)
         self.config = {"segment": {**asdict(self.cfg), "threshold_value": getattr(
                            model, "default_background_threshold", None) if thr == "auto" else thr,
                            "pamr_in_force": asdict(pm) if pm else None},

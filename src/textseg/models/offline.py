@@ -129,7 +129,6 @@ class OfflineCfg:
     score_power: float = 1.0  # logits = power * log(score + eps)
     eps: float = 1e-4
 
-
     def __post_init__(self):
         object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in self.pamr_dilations))  # JSON lists
 

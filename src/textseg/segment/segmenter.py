@@ -82,7 +82,7 @@ RECORD_BUDGET = 1 << 27
 
 @dataclass(frozen=True)
 class PamrSettings:
-    """PAMR as one Segmenter runs it (:meth:`Segmenter._pamr`): steps, dilations, ``"original"`` /
+    """PAMR as one Segmenter runs it (:meth:`Segmenter.pamr_in_force`): steps, dilations, ``"original"`` /
     ``"canvas"`` resolution and the canvas variant's image stride."""
 
     iterations: int = 10
@@ -431,7 +431,7 @@ class Segmenter:
             size = self._resized(img.height, img.width, short)
             pcfg = self.model.preprocess_cfg
             x = resize_to_tensor(img, size, pcfg.interpolation)  # 1 x 3 x H' x W' in [0, 1]
-            if si == 0 and (pm := self._pamr()) and pm.resolution != "original":  # PAMR's canvas image
+            if si == 0 and (pm := self.pamr_in_force()) and pm.resolution != "original":  # PAMR's canvas image
                 small = self._pamr_small(x)
             x = normalize(x, pcfg.mean, pcfg.std, inplace=True)  # x is this call's own fresh tensor
             if si == 0:
@@ -449,10 +449,10 @@ class Segmenter:
     def _pamr_small(self, x: torch.Tensor) -> torch.Tensor:
         """The resized image ``1 x 3 x H' x W'`` in [0, 1] downsampled by ``pamr_stride`` (area): the
         image textseg's canvas PAMR refines against."""
-        ps = max(1, self._pamr().stride)
+        ps = max(1, self.pamr_in_force().stride)
         return F.interpolate(x, size=(max(1, x.shape[-2] // ps), max(1, x.shape[-1] // ps)), mode="area")
 
-    def _pamr(self) -> PamrSettings | None:
+    def pamr_in_force(self) -> PamrSettings | None:
         """The PAMR settings in force (None: off): ``cfg.pamr`` True -> the cfg's ``pamr_*`` fields;
         ``"auto"`` -> the model's ``default_pamr`` (a dict of :class:`PamrSettings` fields; not for pixel
         modes, text-aware propagation or an exported ONNX graph's own model), else off. Read at every
@@ -649,7 +649,7 @@ class Segmenter:
         height, width = self.image_size
         hc, wc = self._views[0].canvas_hw
         image = None
-        pm = self._pamr()
+        pm = self.pamr_in_force()
         if pm and pm.resolution == "original":  # NACLIP: the network input, resized
             image = F.interpolate(self._image_input.to(self.device), size=(height, width), mode="bilinear",
                                   align_corners=False)
@@ -852,7 +852,7 @@ class Segmenter:
             timings["embed_text"] = self.timings.pop("embed_text", 0.0)
             timings["logits"] = (time.perf_counter() - t0 - timings["embed_text"] - timings["pamr"]
                                  - timings["upsample"])
-            if not self._pamr():
+            if not self.pamr_in_force():
                 timings.pop("pamr")
             frac = self._fractions(label_map, len(names))
             return SegmentResult(labels=names, logits_lowres=z, size=self.image_size, label_map=label_map,
@@ -861,7 +861,7 @@ class Segmenter:
         else:
             z = self._class_logits(classes)
         timings["embed_text"] = self.timings.pop("embed_text", 0.0)
-        pm = self._pamr()
+        pm = self.pamr_in_force()
         if pm:
             t1 = time.perf_counter()
             if pm.resolution == "original":  # NACLIP / SCLIP: both resized to the original size
