@@ -254,6 +254,23 @@ def test_errors():
         Segmenter(TinyColourModel(), SegmentCfg(threshold=2.0, templates=TPL)).segment(two_colour_image(), "red")
 
 
+def test_short_side_auto_is_the_models_own():
+    img = np.zeros((96, 128, 3), np.uint8)
+    plain = Segmenter(TinyColourModel(), SegmentCfg(templates=TPL, threshold=None))
+    assert plain.short_side == 448 and plain.prepare(img).views[0][2] == (448, 597)
+
+    class OwnSide(TinyColourModel):
+        segment_short_side = 64
+
+    own = Segmenter(OwnSide(), SegmentCfg(templates=TPL, threshold=None))
+    assert own.short_side == 64 and own.prepare(img).views[0][2][0] == 64
+    assert Segmenter(OwnSide(), SegmentCfg(short_side=96, templates=TPL)).prepare(img).views[0][2][0] == 96
+    assert Segmenter(OwnSide(), SegmentCfg(short_side=None, templates=TPL)).prepare(img).views[0][2] == (96, 128)
+    for bad in ("big", 0, -5, 12.5, True):
+        with pytest.raises(TextsegError, match="short_side"):
+            Segmenter(TinyColourModel(), SegmentCfg(short_side=bad, templates=TPL))
+
+
 # ----------------------------------------------------------------------------- geometry
 def test_resized_size_and_crops():
     assert canvas_size(480, 640, 448, 1792, 16) == (448, 592)  # 597.3 -> 592

@@ -52,7 +52,8 @@ def add_parser(sub) -> None:
     m.add_argument("--onnx", default=None, metavar="DIR",
                    help="run the image tower from an ONNX export folder (textseg export) with onnxruntime")
     s = p.add_argument_group("inference")
-    s.add_argument("--short-side", type=int, default=448, metavar="S", help="resize the short side to S (0 = keep)")
+    s.add_argument("--short-side", type=int, default=None, metavar="S",
+                   help="resize the short side to S (0 = keep; default: the model's own, 448 for most)")
     s.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),
                    help="sliding-window inference (default: the whole image at once)")
     s.add_argument("--flip", action="store_true", help="also run the flipped image and average")
@@ -118,7 +119,7 @@ def run(args) -> int:
                            cast_weights=args.cast_weights)
     cfg = SegmentCfg(
         mode=args.mode,
-        short_side=args.short_side or None,
+        short_side="auto" if args.short_side is None else (args.short_side or None),
         slide=tuple(args.slide) if args.slide else None,
         flip=args.flip,
         templates=templates,

@@ -125,6 +125,9 @@ class OfflineCfg:
     pamr_iterations: int = 10
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8)
     pamr_stride: int = 4
+    # the short side the Segmenter resizes photos to when its SegmentCfg.short_side is "auto" (the default;
+    # OfflineModel.segment_short_side). 448: the Segmenter's general default, v1's
+    short_side: int = 448
     # scores -> logits
     score_power: float = 1.0  # logits = power * log(score + eps)
     eps: float = 1e-4
@@ -206,6 +209,12 @@ class OfflineModel(DualEncoder):
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+    @property
+    def segment_short_side(self) -> int:
+        """The short side the Segmenter resizes photos to under ``SegmentCfg.short_side="auto"``
+        (``OfflineCfg.short_side``)."""
+        return self.cfg.short_side
 
     @property
     def default_pamr(self) -> dict | None:

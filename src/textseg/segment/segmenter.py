@@ -74,6 +74,7 @@ from textseg.text import BACKGROUND, LabelClass, TextEmbeddingCache, parse_label
 Labels = str | Sequence[str | Sequence[str] | LabelClass]
 PAMR_RESOLUTIONS = ("original", "canvas")
 RESOLUTIONS = ("auto", "pixel", "canvas")
+DEFAULT_SHORT_SIDE = 448  # SegmentCfg.short_side "auto" for models without a segment_short_side
 # Elements of one query-chunk pixel canvas in the pixel-resolution path (256 MiB of float32).
 PIXEL_BUDGET = 1 << 26
 # Elements of the stored per-class record (logits_lowres) in the pixel-resolution path (512 MiB).
@@ -100,6 +101,8 @@ class SegmentCfg:
 
     mode: the model's dense mode (``model.dense_modes``; None = the model's default, its first).
     short_side: resize so the short side has this many pixels (None = keep the image's scale).
+        ``"auto"`` (default): the model's ``segment_short_side`` (448 unless the model says otherwise;
+        the offline v2 model's is its ``OfflineCfg.short_side``).
     max_side: cap on the resized long side (very elongated or huge images are scaled down to it).
     slide: ``(crop, stride)`` sliding-window inference, None = the whole image in one pass. At
         ``resolution="canvas"`` crop, stride and the resized size are rounded to multiples of the
@@ -161,7 +164,7 @@ class SegmentCfg:
     """
 
     mode: str | None = None
-    short_side: int | None = 448
+    short_side: int | str | None = "auto"
     max_side: int = 1792
     slide: tuple[int, int] | None = None
     resolution: str = "auto"
@@ -309,6 +312,13 @@ class Segmenter:
         if resolution == "auto":
             resolution = getattr(model, "segment_resolution", "pixel")
         self.pixel_res = self.pixel_mode or resolution == "pixel"
+        short_side = self.cfg.short_side
+        if short_side == "auto":
+            short_side = getattr(model, "segment_short_side", DEFAULT_SHORT_SIDE)
+        if short_side is not None and (isinstance(short_side, (str, bool)) or int(short_side) != short_side
+                                       or short_side < 1):
+            raise TextsegError(f"short_side must be a positive integer, None or 'auto', got {self.cfg.short_side!r}")
+        self.short_side = None if short_side is None else int(short_side)
         self.cell = 1 if self.pixel_res else int(getattr(model, "dense_stride", 16))
         if self.cfg.pamr_resolution not in PAMR_RESOLUTIONS:
             raise TextsegError(f"pamr_resolution must be one of {', '.join(PAMR_RESOLUTIONS)}, "
@@ -425,7 +435,7 @@ class Segmenter:
         small = first = None
         scales = tuple(self.cfg.scales) or (1.0,)
         for si, s in enumerate(scales):
-            short = None if self.cfg.short_side is None else max(1, round(self.cfg.short_side * s))
+            short = None if self.short_side is None else max(1, round(self.short_side * s))
             if short is None and s != 1.0:
                 short = max(1, round(min(img.height, img.width) * s))
             size = self._resized(img.height, img.width, short)
