@@ -90,6 +90,8 @@ def test_default_is_v2_and_bridge_only_keeps_its_name():
     assert v1.cfg.background_scale == 0.4 and OfflineCfg().background_scale == 0.3
     # the bridge-side debiasing is an option (it lost VOC-21 on val2017), off in v1 and v2
     assert v1.cfg.bridge_contrast == 0 and OfflineCfg().bridge_contrast == 0
+    # the photo-prior lift is v2's (capped: it only lifts); v1 has no head file, so no prior, and keeps it off
+    assert OfflineCfg().prior_lift == 1.0 and OfflineCfg().prior_lift_max == 1.0 and v1.cfg.prior_lift == 0
     assert OfflineModel.from_config_dict(v1.config_dict()).cfg == v1.cfg  # a saved v1 reloads as v1
 
 
@@ -149,10 +151,11 @@ def test_bridge_contrast_drops_weak_diffuse_labels_only(model):
     probs[0, 3] = 1 - probs[0, :3].sum(0)
     rows = torch.zeros(3, NUM_CLASSES + 1)
     rows[0, 0] = rows[1, 1] = rows[2, 2] = 1
-    before = model.scores(probs, rows)[0]
     cfg0 = model.cfg
     try:
-        model.cfg = replace(cfg0, bridge_contrast=1.0)
+        model.cfg = replace(cfg0, prior_lift=0.0)  # the raw masses (no photo-prior lift)
+        before = model.scores(probs, rows)[0]
+        model.cfg = replace(cfg0, bridge_contrast=1.0, prior_lift=0.0)
         on = model.scores(probs, rows)[0]
         image_level = model.scores(probs.mean(dim=(-2, -1)), rows)[0]
     finally:
@@ -183,10 +186,11 @@ def test_prior_lift_by_hand(model):
     rows[2, NUM_CLASSES] = 1  # background
     cfg0 = model.cfg
     try:
+        model.cfg = replace(cfg0, prior_lift=0.0)
         off = model.scores(probs, rows)[0]
         model.cfg = replace(cfg0, prior_lift=1.0, prior_lift_max=1.0)
         on = model.scores(probs, rows)[0]
-        model.cfg = replace(cfg0, prior_lift=1.0)
+        model.cfg = replace(cfg0, prior_lift=1.0, prior_lift_max=1e9)
         both = model.scores(probs, rows)[0]
     finally:
         model.cfg = cfg0
