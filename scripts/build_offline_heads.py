@@ -26,7 +26,11 @@ towers (EfficientNet-Lite0 features at stride 32, or 16 with ``--output-stride 1
   word's trust is ``clamp(0.5 + (AP_head - AP_bridge) / (2 margin), 0, 1)`` (image-level average
   precision against the caption nouns; shipped as ``vocab_trust``). At run time a label's head gate is
   multiplied by the trust of its nearest vocabulary word, so "dog" (which the bridge knows from 118
-  ImageNet breeds) stays with the bridge and "person" goes to the head.
+  ImageNet breeds) stays with the bridge and "person" goes to the head;
+* **class prior** (``class_prior``; ``--prior-source``: the Flickr8k photos by default, ``none``: off): the
+  offline model's mean per-location ImageNet class probability over ordinary photos as it runs (stride 16,
+  short side 448), label-free; ``OfflineCfg.prior_lift`` lifts a bridge
+  label whose classes these ordinary photos rarely show (cat, dining table, bottle).
 
 Data (research use; never shipped, only the learned head is): ``flickr8k-1k`` (1,000 photos,
 5,000 captions) and COCO-MINI's ``train2017`` half (80 photos, 400 captions). COCO-MINI's val2017
@@ -304,6 +308,29 @@ def vocab_trust(feats, words, y, folds: int, margin: float, train_kw: dict) -> t
     return trust, stats
 
 
+@torch.no_grad()
+def class_prior(paths: list[Path], short_side: int = 448, output_stride: int = 16) -> torch.Tensor:
+    """``1000``: the offline model's mean per-location ImageNet class probability over the photos (label-free;
+    the "ordinary photo" prior of ``OfflineCfg.prior_lift``), as the model scores at run time: the bridge-only
+    class probabilities (smoothing, image-level prior) of the whole photo resized like the Segmenter's canvas
+    (short side ``short_side``, multiples of ``output_stride``, the trunk at that stride); each photo's location
+    mean, averaged over the photos."""
+    from PIL import Image
+
+    from textseg.models.offline import NUM_CLASSES, OfflineModel
+    from textseg.preprocess import canvas_size, normalize, resize_to_tensor
+
+    m = OfflineModel(OfflineCfg(heads=False, output_stride=output_stride))
+    pc = m.preprocess_cfg
+    acc = torch.zeros(NUM_CLASSES, dtype=torch.float64)
+    for path in paths:
+        img = Image.open(path).convert("RGB")
+        h, w = canvas_size(img.height, img.width, short_side, 4 * 448, output_stride)
+        x = normalize(resize_to_tensor(img, (h, w), pc.interpolation), pc.mean, pc.std)
+        acc += m.encode_dense(x)[0, :NUM_CLASSES].mean(dim=(-2, -1)).double()
+    return (acc / max(1, len(paths))).float()
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
@@ -332,6 +359,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trust-folds", type=int, default=2, help="held-out folds for the per-word trust (0: all 1)")
     p.add_argument("--trust-epochs", type=int, default=4, help="epochs of each fold's head (0: --epochs)")
     p.add_argument("--trust-margin", type=float, default=0.1, help="AP difference that moves trust from 0.5 to 1")
+    p.add_argument("--prior-source", choices=("flickr", "all", "none"), default="flickr",
+                   help="photos whose mean class probabilities ship as 'class_prior' (OfflineCfg.prior_lift): the "
+                        "Flickr8k photos (ordinary photos, not COCO's indoor scenes), all captioned photos, or none")
+    p.add_argument("--prior-short-side", type=int, default=448, help="the class prior's canvas short side")
+    p.add_argument("--prior-stride", type=int, default=16, choices=(8, 16, 32), help="the class prior's trunk stride")
     p.add_argument("--feature-cache", type=Path, default=None, help="keep the tower features here (re-runs)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
@@ -370,6 +402,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         trust, trust_stats = torch.ones(len(vocab)), {}
     t4 = time.time()
+    prior_paths = [pth for pth, _ in pairs if a.prior_source == "all" or (a.flickr and a.flickr in pth.parents)]
+    prior = class_prior(prior_paths, a.prior_short_side, a.prior_stride) if a.prior_source != "none" and prior_paths else None
+    t5 = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
     st = a.out / f"{HEADS}.safetensors"
     from safetensors.torch import save_file
@@ -377,6 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
     tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     tensors["vocab_embeddings"] = words.half().contiguous()
     tensors["vocab_trust"] = trust.float().contiguous()
+    if prior is not None:
+        tensors["class_prior"] = prior.contiguous()
     save_file(tensors, str(st))
     n_flickr = sum(1 for pth, _ in pairs if a.flickr in pth.parents) if a.flickr else 0
     card = {
@@ -385,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", "scripts/build_offline_heads.py", *(argv if argv is not None else sys.argv[1:])]),
         "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": {"tagging": round(t1 - t0, 1), "features": round(t2 - t1, 1), "training": round(t3 - t2, 1),
-                    "trust (held-out folds)": round(t4 - t3, 1),
+                    "trust (held-out folds)": round(t4 - t3, 1), "class prior": round(t5 - t4, 1),
                     "features_from_cache": cached},
         "data": {
             "images": len(pairs), "captions": sum(len(c) for _, c in pairs),
@@ -409,6 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
                     f"({', '.join(STUFF)}) count as negatives with weight {a.unnamed_weight}",
             "optimiser": f"AdamW lr {a.lr} one-cycle, wd 1e-4, {a.epochs} epochs, batch {a.batch}, seed {a.seed}",
             "min_images": min_images, "max_vocab": a.max_vocab,
+            "class_prior": ("none" if prior is None else
+                            "mean per-location ImageNet class probability of the offline model (bridge-only class "
+                            f"probabilities, trunk stride {a.prior_stride}, whole photo at short side "
+                            f"{a.prior_short_side}) over {len(prior_paths)} photos ({a.prior_source}), each photo's "
+                            "location mean averaged; label-free; used by OfflineCfg.prior_lift"),
             "trust": f"per word: clamp(0.5 + (AP_head - AP_bridge) / (2 x {a.trust_margin}), 0, 1), image-level "
                      f"AP against the caption nouns of held-out images ({a.trust_folds} folds, each head trained "
                      f"{a.trust_epochs or a.epochs} epochs on the other folds); 1 where there is no evidence",
@@ -421,6 +463,9 @@ def main(argv: list[str] | None = None) -> dict:
         "vocabulary": vocab,
         "vocab_trust": [round(v, 3) for v in trust.tolist()],
         **trust_stats,
+        **({"class_prior_top": {c: round(float(v), 5) for c, v in zip(
+            [json.loads((ASSETS / "offline_bridge.json").read_text())["imagenet_classes"][i] for i in prior.topk(10).indices],
+            prior.topk(10).values)}} if prior is not None else {}),
         "sha256": sha256(st),
     }
     (a.out / f"{HEADS}.json").write_text(json.dumps(card, indent=1) + "\n")

@@ -47,8 +47,12 @@ def test_head_file_loads_strictly(model, tmp_path):
     file = load_file(str(ASSETS / f"{HEADS}.safetensors"))
     # the file's tensors are exactly the head's parameters (+ the vocabulary embeddings), loaded as they are
     own = dict(model.head.state_dict())
-    assert set(file) == set(own) | {"vocab_embeddings", "vocab_trust"}
+    assert set(file) == set(own) | {"vocab_embeddings", "vocab_trust", "class_prior"}
     assert file["vocab_trust"].shape == file["vocab_embeddings"].shape[:1]
+    # the photos' mean class probabilities (OfflineCfg.prior_lift): a distribution, loaded as it is
+    assert file["class_prior"].shape == (NUM_CLASSES,) and float(file["class_prior"].min()) >= 0
+    assert abs(float(file["class_prior"].sum()) - 1) < 1e-4
+    torch.testing.assert_close(model.class_prior, file["class_prior"] / file["class_prior"].sum())
     assert float(file["vocab_trust"].min()) >= 0 and float(file["vocab_trust"].max()) <= 1
     for k, v in own.items():
         torch.testing.assert_close(v, file[k].float(), rtol=0, atol=0)
@@ -60,10 +64,15 @@ def test_head_file_loads_strictly(model, tmp_path):
                          ("missing", lambda t: {k: v for k, v in t.items() if k != "bias"}),
                          ("shape", lambda t: {**t, "bias": torch.zeros(2)}),
                          ("vocab_trust", lambda t: {k: v for k, v in t.items() if k != "vocab_trust"}),
-                         ("vocab_trust", lambda t: {**t, "vocab_trust": torch.ones(3)})):
+                         ("vocab_trust", lambda t: {**t, "vocab_trust": torch.ones(3)}),
+                         ("class_prior", lambda t: {**t, "class_prior": torch.ones(3)})):
         save_file(change(dict(file)), str(tmp_path / f"{HEADS}.safetensors"))
         with pytest.raises(CheckpointError, match=name):
             OfflineModel(heads_dir=tmp_path)
+    # a head built before the class prior (none in the file) loads, with the bridge's uniform prior
+    save_file({k: v for k, v in file.items() if k != "class_prior"}, str(tmp_path / f"{HEADS}.safetensors"))
+    old = OfflineModel(heads_dir=tmp_path)
+    torch.testing.assert_close(old.class_prior, torch.full((NUM_CLASSES,), 1 / NUM_CLASSES))
     (tmp_path / f"{HEADS}.safetensors").write_bytes(b"broken")
     with pytest.raises(CheckpointError, match="unreadable"):
         OfflineModel(heads_dir=tmp_path)
@@ -81,11 +90,13 @@ def test_default_is_v2_and_bridge_only_keeps_its_name():
     assert v1.cfg.background_scale == 0.4 and OfflineCfg().background_scale == 0.3
     # the bridge-side debiasing is an option (it lost VOC-21 on val2017), off in v1 and v2
     assert v1.cfg.bridge_contrast == 0 and OfflineCfg().bridge_contrast == 0
+    # the photo-prior lift is v2's (capped: it only lifts); v1 has no head file, so no prior, and keeps it off
+    assert OfflineCfg().prior_lift == 1.0 and OfflineCfg().prior_lift_max == 1.0 and v1.cfg.prior_lift == 0
     assert OfflineModel.from_config_dict(v1.config_dict()).cfg == v1.cfg  # a saved v1 reloads as v1
 
 
 def test_scores_by_hand(model):
-    """score = max(bridge mass / max(1, sum w) ** 0.5, head_weight * gate * sigmoid(e^s cos + b) * (1 - 0.5 *
+    """score = max(bridge mass / max(1, sum w) ** 0.5 / min(prior_lift_max, rel) ** prior_lift, head_weight * gate * sigmoid(e^s cos + b) * (1 - 0.5 *
     the largest (1 - gate) x raw bridge mass of another label));
     background = 0.3 * (1 - max(claimed ImageNet mass, best head probability)) + 0.05."""
     labels = ["cat", "person", "quantum chromodynamics", "background"]
@@ -99,6 +110,10 @@ def test_scores_by_hand(model):
         probs = (logits + logits.mean(dim=(-2, -1), keepdim=True).log_softmax(1)).softmax(1)[0]  # 1000 x h x w
         w = model.bridge(model.text.embed(labels))[:, :NUM_CLASSES]  # the bridge rows (pinned in test_offline)
         bridge = torch.einsum("chw,nc->nhw", probs, w) / w.sum(1).clamp_min(1).sqrt()[:, None, None]
+        prior, size = model.class_prior, w.sum(1)  # prior_lift: / (mass under the photo prior / under a uniform one)
+        rel = ((w @ prior) / (size * prior.mean())).clamp(1e-3, model.cfg.prior_lift_max)
+        rel = torch.where(size > 0, rel, torch.ones_like(rel))
+        bridge = bridge / (rel ** model.cfg.prior_lift)[:, None, None]
         hd = model.head
         f = hd.image_proj.weight[:, :, 0, 0] @ feats[0].flatten(1) + hd.image_proj.bias[:, None]
         f = f / f.norm(dim=0, keepdim=True)
@@ -136,10 +151,11 @@ def test_bridge_contrast_drops_weak_diffuse_labels_only(model):
     probs[0, 3] = 1 - probs[0, :3].sum(0)
     rows = torch.zeros(3, NUM_CLASSES + 1)
     rows[0, 0] = rows[1, 1] = rows[2, 2] = 1
-    before = model.scores(probs, rows)[0]
     cfg0 = model.cfg
     try:
-        model.cfg = replace(cfg0, bridge_contrast=1.0)
+        model.cfg = replace(cfg0, prior_lift=0.0)  # the raw masses (no photo-prior lift)
+        before = model.scores(probs, rows)[0]
+        model.cfg = replace(cfg0, bridge_contrast=1.0, prior_lift=0.0)
         on = model.scores(probs, rows)[0]
         image_level = model.scores(probs.mean(dim=(-2, -1)), rows)[0]
     finally:
@@ -150,6 +166,44 @@ def test_bridge_contrast_drops_weak_diffuse_labels_only(model):
     torch.testing.assert_close(on[2], (before[2] - 0.0125).clamp_min(0))
     assert on[2, 0, 0] > 0.18  # the peak stays
     torch.testing.assert_close(image_level, probs[0, :3].mean(dim=(-2, -1)))  # image-level scores: no map, no change
+
+
+def test_prior_lift_by_hand(model):
+    """prior_lift=1: a bridge label's score is divided by rel = (w . prior) / (sum w x mean prior), its mass
+    under the shipped photo prior relative to a uniform one, clamped to at most prior_lift_max (1: a label
+    whose classes the photos rarely show is lifted, a common one kept); 0: unchanged. With the shipped prior
+    "cat" and "dining table" are rare, "person" (its clothes) is not; the background row is never lifted."""
+    prior = model.class_prior
+    order = prior.argsort()
+    rare, common = order[:2].tolist(), order[-2:].tolist()
+    probs = torch.zeros(1, NUM_CLASSES, 2, 2)
+    probs[0, rare[0]] = 0.2
+    probs[0, common[0]] = 0.3
+    probs[0, order[500]] = 0.5
+    rows = torch.zeros(3, NUM_CLASSES + 1)
+    rows[0, rare] = 1
+    rows[1, common] = 1
+    rows[2, NUM_CLASSES] = 1  # background
+    cfg0 = model.cfg
+    try:
+        model.cfg = replace(cfg0, prior_lift=0.0)
+        off = model.scores(probs, rows)[0]
+        model.cfg = replace(cfg0, prior_lift=1.0, prior_lift_max=1.0)
+        on = model.scores(probs, rows)[0]
+        model.cfg = replace(cfg0, prior_lift=1.0, prior_lift_max=1e9)
+        both = model.scores(probs, rows)[0]
+    finally:
+        model.cfg = cfg0
+    rel = torch.stack([prior[rare].sum(), prior[common].sum()]) / (2 * prior.mean())
+    assert rel[0] < 0.1 and rel[1] > 1
+    torch.testing.assert_close(off[:2], torch.stack([probs[0, rare[0]], probs[0, common[0]]]) / 2 ** 0.5)
+    torch.testing.assert_close(on[0], off[0] / rel[0])  # lifted
+    torch.testing.assert_close(on[1], off[1])  # a common label is not lowered at prior_lift_max 1
+    torch.testing.assert_close(both[1], off[1] / rel[1])  # ... and is without the cap
+    torch.testing.assert_close(on[2], off[2])  # background: the unclaimed mass, as before
+    w = model.embed_texts(["cat", "dining table", "person"])[:, :NUM_CLASSES]
+    rel = (w @ prior) / (w.sum(1) * prior.mean())
+    assert rel[0] < 0.5 and rel[1] < 0.5 and rel[2] > 1, rel
 
 
 def test_packaged_photo_cat_beats_person_and_dog(model):

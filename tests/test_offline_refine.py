@@ -56,7 +56,9 @@ def test_default_pamr_is_the_segmenters_canvas_pamr(refined):
     assert off.predict(LABELS).logits_lowres.shape[-2:] == (cells[0] // 16, cells[1] // 16)
     assert a.logits_lowres.shape[-2:] == (cells[0] // 4, cells[1] // 4)  # refined on the image / 4, not the cells
     moved = float((a.label_map != o.label_map).mean())
-    assert 0.01 < moved < 0.1, moved  # measured 0.047: it moves the boundary, it does not repaint the map
+    # measured 0.047 before the photo-prior lift (OfflineCfg.prior_lift), 0.0075 with it (the lifted "cat" holds
+    # the photo more firmly): it moves the boundary, it does not repaint the map
+    assert 0.003 < moved < 0.1, moved
     assert a.labels[int(np.bincount(a.label_map.ravel()).argmax())] == "cat"
     # by hand: the unrefined canvas logits (no threshold floor) refined with the image / 4
     raw = Segmenter(refined, SegmentCfg(short_side=448, pamr=False, threshold=None)).segment(img, LABELS).logits_lowres
