@@ -6,7 +6,10 @@ backgrounds separately: ``--clip-scenes`` of them, objects on their own backgrou
 time and ``--clip-p-blank`` blank "ground" scenes, so that a masked-out image does not look like an object;
 ``--clip-p-empty`` background-only scenes; ``--clip-part-captions objects`` also captions a boat on water
 "a photo of boat.", which gives the evaluator CLIP's co-occurrence bias), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
-(``textseg train cam``'s recipe, tiny backbone at output stride ``--cam-stride``, 16 by default). Per seed: a baseline CAM trains ``--base-steps``;
+(``textseg train cam``'s recipe, tiny backbone at output stride ``--cam-stride``, 16 by default), trained and
+scored on scenes where an object sits on its own background ``--train-p-pair`` of the time, with
+``--train-p-empty`` background-only scenes and another class's background beside the objects ``--train-p-extra``
+of the time (held-out scenes follow the training distribution; the evaluator's corpus keeps its own). Per seed: a baseline CAM trains ``--base-steps``;
 from it, with the same schedule and budget (``--steps`` more), train the baseline further (``cam``),
 CLIMS (``clims``, the official loss alone, at ``--clims-lr``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
 0; ``cbs_wrong_words``: every class's CBS words are another class's background). Each is scored on
@@ -125,9 +128,17 @@ def run(args) -> dict:
     t0 = time.time()
     train, val = out / "data" / "train", out / "data" / "val"
     corpus = out / "data" / "evaluator_corpus"
+    scene_kw = {"p_pair": args.train_p_pair, "p_empty": args.train_p_empty, "p_extra": args.train_p_extra,
+                "ground": args.ground}  # the CAM's training and held-out scenes (the same distribution)
+    params = out / "data" / "scenes.json"
+    wanted = {"train": args.train, "val": args.val, "size": args.size, **scene_kw}
     if not (val / "labels.json").is_file():
-        write_scene_folder(make_scenes(args.train, args.size, seed=1000, ground=args.ground), train)
-        write_scene_folder(make_scenes(args.val, args.size, seed=2000, ground=args.ground), val)
+        write_scene_folder(make_scenes(args.train, args.size, seed=1000, **scene_kw), train)
+        write_scene_folder(make_scenes(args.val, args.size, seed=2000, **scene_kw), val)
+        params.write_text(json.dumps(wanted))
+    elif params.is_file() and json.loads(params.read_text()) != wanted:  # (a folder from before has no record)
+        raise SystemExit(f"{out / 'data'} holds scenes of {params.read_text()}, not {json.dumps(wanted)}: "
+                         "use another --out")
     if not (corpus / "labels.json").is_file():  # the evaluator's own captioned scenes (see --clip-scenes)
         scenes = make_scenes(args.clip_scenes, args.size, seed=3000, p_pair=args.clip_p_pair,
                              p_blank=args.clip_p_blank, p_empty=args.clip_p_empty,
@@ -259,6 +270,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--ground", choices=("neutral", "sand"), default="neutral",
                     help="what the scenes stand on: 'neutral' (the colour of a masked-out pixel) or 'sand'")
+    ap.add_argument("--train-p-pair", type=float, default=0.85,
+                    help="the CAM's training and held-out scenes: how often an object sits on its own background "
+                         "(1.0: always, the classifier cannot tell them apart from its labels)")
+    ap.add_argument("--train-p-empty", type=float, default=0.08,
+                    help="share of background-only scenes there (a background's only negatives beside other classes')")
+    ap.add_argument("--train-p-extra", type=float, default=0.1,
+                    help="how often another class's background is also in an object's scene there")
     ap.add_argument("--clip-steps", type=int, default=250)
     ap.add_argument("--clip-image-size", type=int, default=32,
                     help="the evaluator's input size (patch 8: 32 px = 4 x 4 patches, 64 px = 8 x 8)")
