@@ -212,6 +212,9 @@ def test_short_clims_run_lowers_cooccurring_background_activation(tmp_path, monk
                 f"clims.background={train / 'background.txt'}", "clims.cbs_threshold=0.26")
     assert cam["bg_false_activation"] > 5
     assert clims["bg_false_activation"] < 0.7 * cam["bg_false_activation"]
+    for score in (cam, clims):  # the per-class IoU at the chosen threshold averages to the mIoU
+        assert abs(np.nanmean(list(score["class_iou"].values())) - score["miou"]) < 0.05
+        assert 0 <= score["ground_activation"] <= 100
 
 
 def test_scene_figure_grid_size_cells_and_atomic_write(tmp_path):
