@@ -6,12 +6,16 @@ backgrounds separately: ``--clip-scenes`` of them, objects on their own backgrou
 time and ``--clip-p-blank`` blank "ground" scenes, so that a masked-out image does not look like an object;
 ``--clip-p-empty`` background-only scenes; ``--clip-part-captions objects`` also captions a boat on water
 "a photo of boat.", which gives the evaluator CLIP's co-occurrence bias), its probe (:func:`textseg.wsss.probe.probe_evaluator`), and the CAM runs
-(``textseg train cam``'s recipe, tiny backbone at output stride ``--cam-stride``, 16 by default). Per seed: a baseline CAM trains ``--base-steps``;
+(``textseg train cam``'s recipe, tiny backbone at output stride ``--cam-stride``, 16 by default), trained and
+scored on scenes where an object sits on its own background ``--train-p-pair`` of the time, with
+``--train-p-empty`` background-only scenes and another class's background beside the objects ``--train-p-extra``
+of the time (held-out scenes follow the training distribution; the evaluator's corpus keeps its own). Per seed: a baseline CAM trains ``--base-steps``;
 from it, with the same schedule and budget (``--steps`` more), train the baseline further (``cam``),
 CLIMS (``clims``, the official loss alone, at ``--clims-lr``) and the ablations (``no_otm``, ``no_btm``, ``no_cbs``, ``no_reg``: that weight
 0; ``cbs_wrong_words``: every class's CBS words are another class's background). Each is scored on
 held-out scenes: CAM mIoU at the best background threshold of the sweep, and the co-occurring
-background false-activation rate at that threshold (:func:`~textseg.data.cooccurrence.evaluate_scene_cams`).
+background false-activation rate at that threshold, with each class's IoU and the activation on the neutral
+ground (:func:`~textseg.data.cooccurrence.evaluate_scene_cams`).
 
     python benchmarks/clims_cooccurrence.py --seeds 0 1 2 --out runs/clims_cooc   # -> summary.json, figure.png
     python benchmarks/clims_cooccurrence.py --figure-from runs/clims_cooc --figure docs/clims_cooccurrence.png
@@ -125,9 +129,17 @@ def run(args) -> dict:
     t0 = time.time()
     train, val = out / "data" / "train", out / "data" / "val"
     corpus = out / "data" / "evaluator_corpus"
+    scene_kw = {"p_pair": args.train_p_pair, "p_empty": args.train_p_empty, "p_extra": args.train_p_extra,
+                "ground": args.ground}  # the CAM's training and held-out scenes (the same distribution)
+    params = out / "data" / "scenes.json"
+    wanted = {"train": args.train, "val": args.val, "size": args.size, **scene_kw}
     if not (val / "labels.json").is_file():
-        write_scene_folder(make_scenes(args.train, args.size, seed=1000, ground=args.ground), train)
-        write_scene_folder(make_scenes(args.val, args.size, seed=2000, ground=args.ground), val)
+        write_scene_folder(make_scenes(args.train, args.size, seed=1000, **scene_kw), train)
+        write_scene_folder(make_scenes(args.val, args.size, seed=2000, **scene_kw), val)
+        params.write_text(json.dumps(wanted))
+    elif params.is_file() and json.loads(params.read_text()) != wanted:  # (a folder from before has no record)
+        raise SystemExit(f"{out / 'data'} holds scenes of {params.read_text()}, not {json.dumps(wanted)}: "
+                         "use another --out")
     if not (corpus / "labels.json").is_file():  # the evaluator's own captioned scenes (see --clip-scenes)
         scenes = make_scenes(args.clip_scenes, args.size, seed=3000, p_pair=args.clip_p_pair,
                              p_blank=args.clip_p_blank, p_empty=args.clip_p_empty,
@@ -182,9 +194,15 @@ def run(args) -> dict:
                 score["seconds"] = round(time.time() - t, 1)
                 score_file.write_text(json.dumps(score))
             score = json.loads(score_file.read_text())
+            if "class_iou" not in score:  # a run scored before the per-class IoU: score its model again
+                score = {**evaluate_scene_cams(load_cam_model(rd / "model.safetensors"), val),
+                         "seconds": score["seconds"]}
+                score_file.write_text(json.dumps(score))
             runs.setdefault(name, []).append(score)
             print(f"seed {seed} {name:16s} mIoU {score['miou']:6.2f}  bg false act {score['bg_false_activation']:6.2f}"
-                  f"  (thr {score['best_threshold']:.2f}, {score['seconds']} s)", flush=True)
+                  f"  ground act {score['ground_activation']:6.2f}  (thr {score['best_threshold']:.2f}, "
+                  f"{score['seconds']} s)  IoU " + " ".join(f"{c} {v:.1f}" for c, v in score["class_iou"].items()),
+                  flush=True)
 
     def block(rows):
         m = [r["miou"] for r in rows]
@@ -192,7 +210,9 @@ def run(args) -> dict:
         return {"miou_per_seed": m, "bg_false_activation_per_seed": f, "miou_mean": round(float(np.mean(m)), 3),
                 "miou_std": round(float(np.std(m)), 3), "bg_false_activation_mean": round(float(np.mean(f)), 3),
                 "bg_false_activation_std": round(float(np.std(f)), 3),
-                "best_threshold_per_seed": [r["best_threshold"] for r in rows]}
+                "best_threshold_per_seed": [r["best_threshold"] for r in rows],
+                "ground_activation_per_seed": [r["ground_activation"] for r in rows],
+                "class_iou_mean": {c: round(float(np.mean([r["class_iou"][c] for r in rows])), 2) for c in CLASSES}}
 
     summary = {"seeds": list(args.seeds), "cam": block(runs["cam"]), "clims": block(runs["clims"]),
                "ablations": {n: block(runs[n]) for n in ABLATIONS if n in runs}, "evaluator": evaluator,
@@ -259,6 +279,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--ground", choices=("neutral", "sand"), default="neutral",
                     help="what the scenes stand on: 'neutral' (the colour of a masked-out pixel) or 'sand'")
+    ap.add_argument("--train-p-pair", type=float, default=0.85,
+                    help="the CAM's training and held-out scenes: how often an object sits on its own background "
+                         "(1.0: always, the classifier cannot tell them apart from its labels)")
+    ap.add_argument("--train-p-empty", type=float, default=0.08,
+                    help="share of background-only scenes there (a background's only negatives beside other classes')")
+    ap.add_argument("--train-p-extra", type=float, default=0.1,
+                    help="how often another class's background is also in an object's scene there")
     ap.add_argument("--clip-steps", type=int, default=250)
     ap.add_argument("--clip-image-size", type=int, default=32,
                     help="the evaluator's input size (patch 8: 32 px = 4 x 4 patches, 64 px = 8 x 8)")

@@ -70,6 +70,54 @@ def test_scenes_pair_objects_with_their_background_and_name_both(tmp_path):
         make_scenes(2, 64, ground="snow")
 
 
+def _pair_stats(scenes):
+    paired = total = bg_only = beside = 0
+    for sc in scenes:
+        bgs = {BACKGROUNDS[m - 1] for m in np.unique(sc.context) if m}
+        bg_only += not sc.labels and bool(bgs)
+        beside += bool(sc.labels) and bool(bgs - {PAIRS[c] for c in sc.labels})
+        for c in sc.labels:
+            total += 1
+            paired += PAIRS[c] in bgs
+    return paired / total, bg_only, beside
+
+
+def test_scene_distribution_knobs_the_benchmark_sets(tmp_path, monkeypatch):
+    """p_pair = 1: every object on its own background; backgrounds still appear alone (p_empty) and beside
+    other classes (p_extra); the benchmark's --train-p-* flags reach make_scenes for train and held-out."""
+    import importlib.util
+    from pathlib import Path
+
+    always = make_scenes(300, 48, seed=0, p_pair=1.0, p_empty=0.03)
+    frac, bg_only, beside = _pair_stats(always)
+    # measured: 0.997 (one two-object scene of 300 with a third, extra ground background: make_scene splits
+    # the bottom band in two halves only, so the extra one paints over the cow's grass), 9, 33
+    assert frac > 0.99 and 3 <= bg_only <= 20 and beside > 10
+    frac, bg_only, beside = _pair_stats(make_scenes(300, 48, seed=0))  # the defaults
+    assert 0.78 < frac < 0.92 and bg_only > 15  # measured: 0.85, 27
+    _, none_alone, _ = _pair_stats(make_scenes(300, 48, seed=0, p_pair=1.0, p_empty=0.0))
+    assert none_alone == 0
+    spec = importlib.util.spec_from_file_location(
+        "clims_cooccurrence", Path(__file__).parents[1] / "benchmarks" / "clims_cooccurrence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+
+    def fake_make_scenes(n, size, seed=0, **kw):
+        calls.append((n, seed, kw))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stop before the evaluator
+        return make_scenes(2, 48, seed=seed)
+
+    monkeypatch.setattr(bench, "make_scenes", fake_make_scenes)
+    monkeypatch.setattr("sys.argv", ["x", "--out", str(tmp_path / "run"), "--train", "7", "--val", "5",
+                                     "--train-p-pair", "1.0", "--train-p-empty", "0.03", "--train-p-extra", "0.2"])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    want = {"p_pair": 1.0, "p_empty": 0.03, "p_extra": 0.2, "ground": "neutral"}
+    assert calls == [(7, 1000, want), (5, 2000, want)]  # train and held-out: the same distribution
+
+
 def test_masked_views_are_what_clims_feeds_the_evaluator():
     from textseg.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
 
@@ -164,6 +212,9 @@ def test_short_clims_run_lowers_cooccurring_background_activation(tmp_path, monk
                 f"clims.background={train / 'background.txt'}", "clims.cbs_threshold=0.26")
     assert cam["bg_false_activation"] > 5
     assert clims["bg_false_activation"] < 0.7 * cam["bg_false_activation"]
+    for score in (cam, clims):  # the per-class IoU at the chosen threshold averages to the mIoU
+        assert abs(np.nanmean(list(score["class_iou"].values())) - score["miou"]) < 0.05
+        assert 0 <= score["ground_activation"] <= 100
 
 
 def test_scene_figure_grid_size_cells_and_atomic_write(tmp_path):
