@@ -312,23 +312,26 @@ def vocab_trust(feats, words, y, folds: int, margin: float, train_kw: dict) -> t
 def class_prior(paths: list[Path], short_side: int = 448, output_stride: int = 16) -> torch.Tensor:
     """``1000``: the offline model's mean per-location ImageNet class probability over the photos (label-free;
     the "ordinary photo" prior of ``OfflineCfg.prior_lift``), as the model scores at run time: the bridge-only
-    class probabilities (smoothing, image-level prior) of the whole photo resized like the Segmenter's canvas
-    (short side ``short_side``, multiples of ``output_stride``, the trunk at that stride); each photo's location
-    mean, averaged over the photos."""
-    from PIL import Image
-
+    class probabilities (smoothing, image-level prior) of the whole photo as the Segmenter prepares it
+    (:meth:`~textseg.segment.Segmenter.prepare`: its canvas at short side ``short_side``, multiples of
+    ``output_stride``, the trunk at that stride); each photo's location mean, averaged over the photos."""
     from textseg.models.offline import NUM_CLASSES, OfflineModel
-    from textseg.preprocess import canvas_size, normalize, resize_to_tensor
+    from textseg.segment import SegmentCfg, Segmenter
 
     m = OfflineModel(OfflineCfg(heads=False, output_stride=output_stride))
-    pc = m.preprocess_cfg
+    seg = Segmenter(m, SegmentCfg(short_side=short_side, pamr=False))
     acc = torch.zeros(NUM_CLASSES, dtype=torch.float64)
     for path in paths:
-        img = Image.open(path).convert("RGB")
-        h, w = canvas_size(img.height, img.width, short_side, 4 * 448, output_stride)
-        x = normalize(resize_to_tensor(img, (h, w), pc.interpolation), pc.mean, pc.std)
+        x = seg.prepare(str(path)).views[0][0]  # 1 x 3 x H x W: the whole canvas, one crop
         acc += m.encode_dense(x)[0, :NUM_CLASSES].mean(dim=(-2, -1)).double()
     return (acc / max(1, len(paths))).float()
+
+
+def prior_top(prior: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """The card's view of a class prior: its ``k`` most probable ImageNet classes, by name."""
+    names = json.loads((ASSETS / "offline_bridge.json").read_text())["imagenet_classes"]
+    top = prior.topk(k)
+    return {names[i]: round(float(v), 5) for i, v in zip(top.indices.tolist(), top.values)}
 
 
 def sha256(path: Path) -> str:
@@ -463,9 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
         "vocabulary": vocab,
         "vocab_trust": [round(v, 3) for v in trust.tolist()],
         **trust_stats,
-        **({"class_prior_top": {c: round(float(v), 5) for c, v in zip(
-            [json.loads((ASSETS / "offline_bridge.json").read_text())["imagenet_classes"][i] for i in prior.topk(10).indices],
-            prior.topk(10).values)}} if prior is not None else {}),
+        **({"class_prior_top": prior_top(prior)} if prior is not None else {}),
         "sha256": sha256(st),
     }
     (a.out / f"{HEADS}.json").write_text(json.dumps(card, indent=1) + "\n")
