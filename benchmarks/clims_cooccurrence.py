@@ -53,8 +53,8 @@ from textseg.train.config import load_config
 from textseg.wsss.probe import probe_evaluator
 from textseg.wsss.pseudo_labels import load_cam_model
 
-ENGINE = ["train.progress=false", "train.tensorboard=false", "train.device=cpu", "train.resume=none",
-          "train.log_every=1000", "train.eval_every=0"]
+ENGINE = ["train.progress=false", "train.tensorboard=false", "train.resume=none", "train.log_every=1000",
+          "train.eval_every=0"]
 CLIP_SETS = ["model.arch=clip", "model.lock_image=false", "model.lock_text=false", "model.clip.embed_dim=64",
              "model.clip.vision.layers=2", "model.clip.vision.width=64",
              "model.clip.vision.patch_size=8", "model.clip.text.context_length=16", "model.clip.text.width=64",
@@ -64,8 +64,9 @@ ABLATIONS = {"no_otm": ["clims.alpha=0"], "no_btm": ["clims.beta=0"], "no_cbs": 
              "no_reg": ["clims.delta=0"], "cbs_wrong_words": ["clims.background={wrong}"]}
 
 
-def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: int, stride: int = 16) -> list[str]:
-    return [*ENGINE, f"data.root={data}", "backbone=tiny", f"output_stride={stride}", "pretrained=false", "freeze_bn=false",
+def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: int, stride: int = 16,
+             device: str = "cpu") -> list[str]:
+    return [*ENGINE, f"train.device={device}", f"data.root={data}", "backbone=tiny", f"output_stride={stride}", "pretrained=false", "freeze_bn=false",
             f"data.crop_size={size}", "train.batch_size=16", "train.lr=0.05", f"train.steps={steps}",
             f"train.seed={seed}", f"train.out_dir={out}", f"threads={threads}"]
 
@@ -152,7 +153,9 @@ def run(args) -> dict:
     if not ev_file.is_file():
         scale = ([f"model.clip.init_logit_scale={math.log(args.clip_logit_scale)}", "model.lock_logit_scale=true"]
                  if args.clip_logit_scale else [])
-        res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE, *scale, f"train.steps={args.clip_steps}",
+        seed = [] if args.clip_seed is None else [f"train.seed={args.clip_seed}"]
+        res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE, f"train.device={args.device}", *scale,
+                                                              *seed, f"train.steps={args.clip_steps}",
                                                               f"model.clip.vision.image_size={args.clip_image_size}",
                                                               f"data.train={corpus}", f"data.val={val}",
                                                               f"train.out_dir={ev_path.parent}"]))
@@ -175,7 +178,7 @@ def run(args) -> dict:
         base = sd / "base"
         if not (base / "model.safetensors").is_file():
             train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads,
-                                                                args.cam_stride)))
+                                                                args.cam_stride, args.device)))
         init = f"init={base / 'model.safetensors'}"
         clims_sets = [f"mode={args.clims_mode}", *clims_base, f"train.lr={args.clims_lr}"]
         variants = {"cam": ["mode=baseline"], "clims": clims_sets}
@@ -189,7 +192,7 @@ def run(args) -> dict:
             if not score_file.is_file():
                 t = time.time()
                 train_cam(load_config(CAMTrainCfg, None, [*cam_sets(train, rd, seed + 1, args.steps, args.size,
-                                                                    args.threads), init, *extra]))
+                                                                    args.threads, device=args.device), init, *extra]))
                 score = evaluate_scene_cams(load_cam_model(rd / "model.safetensors"), val)
                 score["seconds"] = round(time.time() - t, 1)
                 score_file.write_text(json.dumps(score))
@@ -319,6 +322,8 @@ def main() -> None:
                          "96 px; 8 and 4 are denser (12 x 12, 24 x 24), same weights and receptive field")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="train.device of every training (evaluator, CAMs); scoring runs on CPU")
+    ap.add_argument("--clip-seed", type=int, default=None, help="train.seed of the evaluator (default: the recipe's)")
     args = ap.parse_args()
     args.runs = sorted(set(args.runs) | {"cam", "clims"})
     if args.figure_from:

@@ -271,6 +271,23 @@ def test_short_side_auto_is_the_models_own():
             Segmenter(TinyColourModel(), SegmentCfg(short_side=bad, templates=TPL))
 
 
+def test_flip_auto_is_the_models_own():
+    img = np.zeros((96, 128, 3), np.uint8)
+    plain = Segmenter(TinyColourModel(), SegmentCfg(templates=TPL, threshold=None))
+    assert plain.flip is False and [v[3] for v in plain.prepare(img).views] == [False]
+
+    class OwnFlip(TinyColourModel):
+        segment_flip = True
+
+    own = Segmenter(OwnFlip(), SegmentCfg(templates=TPL, threshold=None))
+    assert own.flip is True and [v[3] for v in own.prepare(img).views] == [False, True]
+    assert Segmenter(OwnFlip(), SegmentCfg(flip=False, templates=TPL)).flip is False
+    assert Segmenter(TinyColourModel(), SegmentCfg(flip=True, templates=TPL)).flip is True
+    for bad in ("yes", 1, None):
+        with pytest.raises(TextsegError, match="flip"):
+            Segmenter(TinyColourModel(), SegmentCfg(flip=bad, templates=TPL))
+
+
 # ----------------------------------------------------------------------------- geometry
 def test_resized_size_and_crops():
     assert canvas_size(480, 640, 448, 1792, 16) == (448, 592)  # 597.3 -> 592

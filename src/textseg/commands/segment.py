@@ -56,7 +56,8 @@ def add_parser(sub) -> None:
                    help="resize the short side to S (0 = keep; default: the model's own, 448 for most)")
     s.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),
                    help="sliding-window inference (default: the whole image at once)")
-    s.add_argument("--flip", action="store_true", help="also run the flipped image and average")
+    s.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the flipped image and average (default: the model's own; offline v2: on)")
     s.add_argument("--threshold", type=threshold_type, default="auto",
                    help="pixels whose best probability is below T become background (number, auto, none)")
     s.add_argument("--bg-words", default="", help='extra background words, e.g. "sky,wall,floor"')
@@ -121,7 +122,7 @@ def run(args) -> int:
         mode=args.mode,
         short_side="auto" if args.short_side is None else (args.short_side or None),
         slide=tuple(args.slide) if args.slide else None,
-        flip=args.flip,
+        flip="auto" if args.flip is None else args.flip,
         templates=templates,
         temperature=args.temperature,
         threshold=args.threshold,

@@ -121,7 +121,9 @@ class SegmentCfg:
         at patch resolution before the final bilinear upsampling. Pixel modes (GroupViT
         ``official``) always run at pixel resolution.
     scales: extra short-side multipliers for multi-scale inference (1.0 = ``short_side`` only).
-    flip: also run the horizontally flipped image and average the logits.
+    flip: also run the horizontally flipped image and average the logits. ``"auto"`` (default): the
+        model's ``segment_flip`` (False unless the model says otherwise; the offline v2 model's is its
+        ``OfflineCfg.flip``).
     templates: prompt templates: "imagenet" (80), "simple", "none", or a tuple of "{}" templates.
     temperature: logits are divided by it before softmax / thresholding / averaging.
     threshold: pixels whose best class probability is below it become background; "auto" = the
@@ -169,7 +171,7 @@ class SegmentCfg:
     slide: tuple[int, int] | None = None
     resolution: str = "auto"
     scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
+    flip: bool | str = "auto"
     templates: str | tuple[str, ...] = "imagenet"
     temperature: float = 1.0
     threshold: float | str | None = "auto"
@@ -319,6 +321,10 @@ class Segmenter:
                                        or short_side < 1):
             raise TextsegError(f"short_side must be a positive integer, None or 'auto', got {self.cfg.short_side!r}")
         self.short_side = None if short_side is None else int(short_side)
+        flip = getattr(model, "segment_flip", False) if self.cfg.flip == "auto" else self.cfg.flip
+        if not isinstance(flip, bool):
+            raise TextsegError(f"flip must be True, False or 'auto', got {self.cfg.flip!r}")
+        self.flip = flip
         self.cell = 1 if self.pixel_res else int(getattr(model, "dense_stride", 16))
         if self.cfg.pamr_resolution not in PAMR_RESOLUTIONS:
             raise TextsegError(f"pamr_resolution must be one of {', '.join(PAMR_RESOLUTIONS)}, "
@@ -447,7 +453,7 @@ class Segmenter:
             if si == 0:
                 first = x
             boxes = self._crop_geometry(size)
-            for flipped in (False, True) if self.cfg.flip else (False,):
+            for flipped in (False, True) if self.flip else (False,):
                 xi = x.flip(-1) if flipped else x
                 if len(boxes) == 1 and boxes[0] == (0, 0, *size):  # the whole image: no copy
                     crops = xi.contiguous()
