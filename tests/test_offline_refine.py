@@ -33,6 +33,7 @@ def test_v1_keeps_stride_32_and_no_refinement(refined):
     assert {k: getattr(v1.cfg, k) for k in V1_SETTINGS} == V1_SETTINGS
     assert refined.segment_flip is True and v1.segment_flip is False  # v2 also scores the mirrored photo
     assert Segmenter(refined).flip is True and Segmenter(v1).flip is False
+    assert refined.default_background_threshold == 0.45 and v1.default_background_threshold == 0.5
     # a saved config reloads to the same settings (JSON turns the dilations into a list)
     d = json.loads(json.dumps(OfflineModel(OfflineCfg(pamr_iterations=3, pamr_dilations=(1, 2)), ).config_dict()))
     cfg = OfflineCfg(**d)

@@ -66,7 +66,7 @@ V1_BACKGROUND_SCALE = 0.4  # the bridge-only v1 model's background_scale, as tun
 # the bridge-only v1 model's settings where v2's defaults differ (its code path and numbers stay as reported)
 V1_SETTINGS = {"background_scale": V1_BACKGROUND_SCALE, "bridge_contrast": 0.0, "output_stride": 32,
                "pamr_iterations": 0, "prior_lift": 0.0,
-               "short_side": 448, "flip": False}
+               "short_side": 448, "flip": False, "background_threshold": 0.5}
 BACKGROUND_WORDS = ("background", "backdrop", "other", "everything else", "rest", "nothing")
 
 
@@ -111,8 +111,6 @@ class OfflineCfg:
     # without the cap (labels common on photos lowered) 29.85 / 22.86; 0.5 capped 30.95 / 24.96 (issue 20)
     prior_lift: float = 1.0
     prior_lift_max: float = 1.0  # that ratio is clamped at most to this (1.0: only lifts, never lowers)
-    prior_lift_min: float = 1e-3  # ... and at least to this (the largest lift: 1 / this)
-    prior_lift_background: float = 0.0  # the "background" row's claimed mass uses bridge weights / ratio ** this
     # learned dense head (assets/offline_heads.*): label score = max(bridge, head_weight * gate * head)
     heads: bool = True  # False: the bridge-only model (registered as "offline-bridge")
     head_weight: float = 1.0
@@ -152,6 +150,11 @@ class OfflineCfg:
     # (the default; OfflineModel.segment_flip). v2: on, chosen on the tuning splits (train2017 VOC-21 33.42 ->
     # 33.89, CamVid val 24.75 -> 24.91, train2017 COCO-Object 14.60 -> 14.91; 640 x 480 0.19 -> 0.27 s); v1: off
     flip: bool = True
+    # the Segmenter's background threshold under SegmentCfg.threshold "auto" (OfflineModel.default_background_
+    # threshold: a pixel whose best label probability is below it becomes "background", when that is a label).
+    # v2: 0.45, chosen with the flip on the tuning splits (train2017 VOC-21 33.89 -> 34.06, COCO-Object 14.91
+    # -> 15.35; CamVid has no background; 0.4: 33.86 / 15.93, 0.35: 33.66 / 16.34, 0.6: 32.16); v1: 0.5
+    background_threshold: float = 0.45
     # scores -> logits
     score_power: float = 1.0  # logits = power * log(score + eps)
     eps: float = 1e-4
@@ -195,7 +198,6 @@ class OfflineModel(DualEncoder):
     name = "offline"
     preprocess_cfg = PreprocessCfg(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     dense_modes = ("cam",)
-    default_background_threshold = 0.5
     segment_resolution = "canvas"  # its settings (background_scale, ...) were tuned on the patch canvas
 
     def __init__(self, cfg: OfflineCfg = OfflineCfg(), bridge_dir: str | Path | None = None,
@@ -239,6 +241,12 @@ class OfflineModel(DualEncoder):
         """The short side the Segmenter resizes photos to under ``SegmentCfg.short_side="auto"``
         (``OfflineCfg.short_side``)."""
         return self.cfg.short_side
+
+    @property
+    def default_background_threshold(self) -> float:
+        """The Segmenter's background threshold under ``SegmentCfg.threshold="auto"``
+        (``OfflineCfg.background_threshold``)."""
+        return self.cfg.background_threshold
 
     @property
     def segment_flip(self) -> bool:
@@ -465,11 +473,10 @@ class OfflineModel(DualEncoder):
             norm = norm * w.sum(dim=1).clamp_min(1.0) ** self.cfg.size_power
         if self.cfg.lift_power:
             norm = norm * (w @ self.class_prior.to(w.dtype)).clamp_min(1e-4) ** self.cfg.lift_power
-        rel = None
-        if self.cfg.prior_lift or self.cfg.prior_lift_background:
+        if self.cfg.prior_lift:
             size = w.sum(dim=1)
             rel = (w @ self.class_prior.to(w.dtype)) / (size * self.class_prior.mean().to(w.dtype)).clamp_min(1e-12)
-            rel = torch.where(size > 0, rel.clamp(self.cfg.prior_lift_min, self.cfg.prior_lift_max), torch.ones_like(rel))
+            rel = torch.where(size > 0, rel.clamp(1e-3, self.cfg.prior_lift_max), torch.ones_like(rel))
             norm = norm * rel ** self.cfg.prior_lift
         shape = (1, -1, *([1] * (mass.dim() - 2)))
         s = mass / norm.view(shape)
@@ -487,8 +494,7 @@ class OfflineModel(DualEncoder):
             s = torch.maximum(s, h)
             head_claim = h[:, ~is_bg].amax(dim=1) if (~is_bg).any() else None
         if is_bg.any():
-            wc = w if rel is None or not self.cfg.prior_lift_background else w / rel.view(-1, 1) ** self.cfg.prior_lift_background
-            claimed = wc[~is_bg].amax(dim=0) if (~is_bg).any() else torch.zeros_like(w[0])
+            claimed = w[~is_bg].amax(dim=0) if (~is_bg).any() else torch.zeros_like(w[0])
             bridge_claim = torch.einsum("bc...,c->b...", probs, claimed.clamp(0, 1))
             if head_claim is not None:
                 bridge_claim = torch.maximum(bridge_claim, head_claim)
