@@ -14,6 +14,8 @@ COCO-MINI's split comes from ``images_meta.json`` ("train2017" = tuning half, "v
     python benchmarks/offline_quality.py --set voc21 --split val2017 --engine segmenter
     python benchmarks/offline_quality.py --set voc21 --heads src/textseg/assets --output-stride 32 --short 448 \
         --bridge '[{"head_weight": 1.0}, {"head_weight": 0.7}]'     # tune the v2 (dense head + bridge)
+    python benchmarks/offline_quality.py --engine segmenter --heads src/textseg/assets --set voc21 --split train2017 \
+        --bridge '[{}, {"prior_lift": 0.5}, {"seg": {"threshold": 0.45}}]'  # the v2 as shipped, each image encoded once
 """
 
 from __future__ import annotations
@@ -132,10 +134,19 @@ def diagnose(model: OfflineModel, cache, names: list[str], k: int = 12) -> None:
                                                            for v_, i_ in zip(v.tolist(), i.tolist())))
 
 
+# predict-time SegmentCfg fields a --bridge setting may set under "seg" (the others change the encoding: --segment)
+PREDICT_FIELDS = ("threshold", "temperature", "min_area", "area_threshold", "background_words")
+
+
 def run_segmenter(args) -> None:
-    """The shared path: textseg.evaluate's SegmenterPredictor + evaluate (the numbers to report)."""
+    """The shared path: textseg.evaluate's SegmenterPredictor (the numbers to report). Per ``--segment`` setting
+    each image is encoded once and scored under every ``--bridge`` setting: OfflineCfg scoring fields, plus
+    predict-time SegmentCfg fields under ``"seg"`` (each setting embeds its labels once, in its own text cache)."""
+    from dataclasses import replace
+
     from textseg.data.folder import FolderDataset
-    from textseg.evaluate import SegmenterPredictor, evaluate
+    from textseg.evaluate import SegmenterPredictor
+    from textseg.text import TextEmbeddingCache
 
     if args.set == "camvid":
         ds = FolderDataset(DATA / "camvid", split=args.split)
@@ -146,15 +157,37 @@ def run_segmenter(args) -> None:
         ds = FolderDataset(root, split=None if args.split == "all" else args.split, masks=masks, classes=classes)
     model = OfflineModel(OfflineCfg(variant=args.variant, output_stride=args.output_stride,
                                     heads=args.heads is not None), heads_dir=args.heads)
+    settings = json.loads(args.bridge)
+    settings = settings if isinstance(settings, list) else [settings]
+    bad = sorted({k for st in settings for k in st.get("seg", {}) if k not in PREDICT_FIELDS})
+    if bad:
+        raise SystemExit(f"{', '.join(bad)}: not predict-time SegmentCfg fields; set them with --segment")
+    base = model.cfg  # every setting starts from the model's own (overrides do not accumulate)
+    n = len(ds) if not args.limit else min(args.limit, len(ds))
     for ov in (json.loads(args.segment) if args.segment.startswith("[") else [json.loads(args.segment)]):
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ov.items()}
         pred = SegmenterPredictor(model, ds, **kw)
-        res = evaluate(ds, pred, limit=args.limit or None, progress=False)
-        rep = res.report()
-        print(f"[segmenter] {args.set}/{args.split} {ov}: mIoU {rep['miou']:.2f} pixAcc {rep['pixel_accuracy']:.2f} "
-              f"({rep['images']} images, {rep['seconds']:.0f} s)", flush=True)
-        if args.per_class:
-            print("  " + ", ".join(f"{k} {v:.0f}" for k, v in rep["per_class_iou"].items() if v is not None))
+        seg_cfg = pred.segmenter.cfg
+        runs = []  # per setting: (model cfg, segment cfg, text cache, confusion matrix)
+        for st in settings:
+            seg = {k: v for k, v in st.get("seg", {}).items() if seg_cfg.threshold is not None or k != "threshold"}
+            runs.append((replace(base, **{k: v for k, v in st.items() if k != "seg"}), replace(seg_cfg, **seg),
+                         TextEmbeddingCache(model), ConfusionMatrix(ds.num_classes, ds.ignore_index)))
+        t0 = time.time()
+        for i in range(n):
+            sample = ds[i]
+            prepared = pred.prepare(sample)
+            views = pred.encode_batch([prepared])[0]
+            for cfg, seg, cache, cm in runs:
+                model.cfg, pred.segmenter.cfg, pred.segmenter.text_cache = cfg, seg, cache
+                cm.update(pred.finish(sample, prepared, views), sample["mask"])
+        model.cfg = base
+        for st, (_, _, _, cm) in zip(settings, runs):
+            m = cm.compute()
+            print(f"[segmenter] {args.set}/{args.split} {ov} {st}: mIoU {100 * m.miou:.2f} pixAcc "
+                  f"{100 * m.pixel_accuracy:.2f} ({n} images, {time.time() - t0:.0f} s)", flush=True)
+            if args.per_class:
+                print("  " + ", ".join(f"{c} {100 * v:.1f}" for c, v in zip(ds.class_names, m.iou) if v == v))
 
 
 def main() -> None:
@@ -167,7 +200,8 @@ def main() -> None:
     ap.add_argument("--short", default="480", help="comma-separated short sides (multi-scale)")
     ap.add_argument("--flip", action="store_true")
     ap.add_argument("--temps", default="1.0", help="comma-separated image temperatures to sweep")
-    ap.add_argument("--bridge", default="{}", help="JSON dict of OfflineCfg overrides, or a list of them")
+    ap.add_argument("--bridge", default="{}", help="JSON dict of OfflineCfg overrides, or a list of them (segmenter "
+                    "engine: a setting's \"seg\" dict sets predict-time SegmentCfg fields: threshold, temperature...)")
     ap.add_argument("--background", default="background", help="label used for class 0")
     ap.add_argument("--per-class", action="store_true")
     ap.add_argument("--prior", action="store_true", help="class prior = mean probability over these images")
