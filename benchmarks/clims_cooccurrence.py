@@ -170,7 +170,8 @@ def run(args) -> dict:
     for name, row in evaluator["map_calibration"].items():
         if name != "pairs":
             print(f"calibration {name:10s}", json.dumps(row), flush=True)
-    clims_base = [f"clims.evaluator_weights={ev_path}", "clims.evaluator=", f"clims.background={train / 'background.txt'}",
+    words = train / ("background.txt" if args.cbs_words == "pairs" else "background_all.txt")
+    clims_base = [f"clims.evaluator_weights={ev_path}", "clims.evaluator=", f"clims.background={words}",
                   f"clims.cbs_threshold={args.cbs_threshold}", f"clims.score={args.score}"]
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:
@@ -180,7 +181,7 @@ def run(args) -> dict:
             train_cam(load_config(CAMTrainCfg, None, cam_sets(train, base, seed, args.base_steps, args.size, args.threads,
                                                                 args.cam_stride, args.device)))
         init = f"init={base / 'model.safetensors'}"
-        clims_sets = [f"mode={args.clims_mode}", *clims_base, f"train.lr={args.clims_lr}"]
+        clims_sets = [f"mode={args.clims_mode}", *clims_base, f"train.lr={args.clims_lr}", *args.clims_set]
         variants = {"cam": ["mode=baseline"], "clims": clims_sets}
         for name, extra in ABLATIONS.items():
             variants[name] = [*clims_sets, *(e.format(wrong=train / "background_wrong.txt") for e in extra)]
@@ -282,17 +283,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--ground", choices=("neutral", "sand"), default="neutral",
                     help="what the scenes stand on: 'neutral' (the colour of a masked-out pixel) or 'sand'")
-    ap.add_argument("--train-p-pair", type=float, default=0.85,
+    ap.add_argument("--train-p-pair", type=float, default=1.0,
                     help="the CAM's training and held-out scenes: how often an object sits on its own background "
                          "(1.0: always, the classifier cannot tell them apart from its labels)")
-    ap.add_argument("--train-p-empty", type=float, default=0.08,
+    ap.add_argument("--train-p-empty", type=float, default=0.03,
                     help="share of background-only scenes there (a background's only negatives beside other classes')")
     ap.add_argument("--train-p-extra", type=float, default=0.1,
                     help="how often another class's background is also in an object's scene there")
-    ap.add_argument("--clip-steps", type=int, default=250)
+    ap.add_argument("--clip-steps", type=int, default=2000)
     ap.add_argument("--clip-image-size", type=int, default=32,
                     help="the evaluator's input size (patch 8: 32 px = 4 x 4 patches, 64 px = 8 x 8)")
-    ap.add_argument("--clip-logit-scale", type=float, default=0.0,
+    ap.add_argument("--clip-logit-scale", type=float, default=100.0,
                     help="train the evaluator with its logit scale fixed at this value (100: real CLIP's, whose "
                          "cosines CLIMS' constants assume; 0 = learnable from 1/0.07, the recipe's default)")
     ap.add_argument("--clip-scenes", type=int, default=600, help="the evaluator's captioned scenes")
@@ -303,14 +304,17 @@ def main() -> None:
                     help="share of background-only scenes there (no object: 'a photo of water.')")
     ap.add_argument("--clip-part-captions", choices=("", "objects", "all"), default="",
                     help="also caption the evaluator's scenes one object (or any named thing: all) at a time")
-    ap.add_argument("--clip-masked-views", type=float, default=0.0,
+    ap.add_argument("--clip-masked-views", type=float, default=1.0,
                     help="share of the evaluator's scenes also shown as CLIMS sees them: the object alone (x * M, "
                          "'a photo of boat.') and the rest (x * (1 - M), 'a photo of water.'); masked_views")
-    ap.add_argument("--clip-masked-blank", type=float, default=0.0,
+    ap.add_argument("--clip-masked-blank", type=float, default=0.1,
                     help="with --clip-masked-views: share of those scenes also shown fully masked ('ground')")
     ap.add_argument("--clims-lr", type=float, default=0.001, help="train.lr of the CLIMS runs (cam: 0.05)")
     ap.add_argument("--clims-mode", choices=("clims", "baseline+clims"), default="clims",
                     help="mode of the CLIMS runs: the official loss alone, or ours: plus the baseline's classification loss")
+    ap.add_argument("--clims-set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="more `textseg train cam` settings of every CLIMS run, before each ablation's own "
+                         "(e.g. the COCO preset's weights: clims.alpha=2 clims.beta=14 clims.gamma=2)")
     ap.add_argument("--base-steps", type=int, default=150, help="baseline CAM steps every run starts from")
     ap.add_argument("--steps", type=int, default=100, help="steps of each compared run (cam, clims, ablations)")
     ap.add_argument("--runs", nargs="+", choices=("cam", "clims", *ABLATIONS), default=["cam", "clims", *ABLATIONS],
@@ -321,7 +325,12 @@ def main() -> None:
                     help="output stride of the tiny CAM backbone (CAMConfig.output_stride): 16 = 6 x 6 maps at "
                          "96 px; 8 and 4 are denser (12 x 12, 24 x 24), same weights and receptive field")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cbs-words", choices=("pairs", "all"), default="all",
+                    help="CBS words of the CLIMS runs: each class its own background ('pairs': background.txt) or "
+                         "every background word for every class ('all': background_all.txt, the form of the official "
+                         "lists); cbs_wrong_words always pairs each class with another's background")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (the README's numbers: 1; another count trains a different evaluator)")
     ap.add_argument("--device", default="cpu", help="train.device of every training (evaluator, CAMs); scoring runs on CPU")
     ap.add_argument("--clip-seed", type=int, default=None, help="train.seed of the evaluator (default: the recipe's)")
     args = ap.parse_args()

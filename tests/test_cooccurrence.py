@@ -15,6 +15,7 @@ from textseg.data.cooccurrence import (
     CLASSES,
     GROUND,
     NEUTRAL,
+    OBJECTS,
     PAIRS,
     SAND,
     make_scenes,
@@ -44,6 +45,12 @@ def test_scenes_pair_objects_with_their_background_and_name_both(tmp_path):
     root = write_scene_folder(scenes[:4], tmp_path / "s")
     assert len(json.loads((root / "labels.json").read_text())) == 4
     assert (root / "background_wrong.txt").read_text().splitlines()[0] == "boat: rails"
+    from textseg.wsss.clims import load_background
+
+    words, applies = load_background(root / "background_all.txt", list(OBJECTS))
+    assert words == ["water", "rails", "sky", "grass"] and applies.all()  # every word for every class
+    words, applies = load_background(root / "background.txt", list(OBJECTS))
+    assert applies.sum() == 4 and applies[OBJECTS.index("plane"), words.index("sky")]
     blank = [s for s in make_scenes(60, 64, seed=0, p_blank=0.3) if s.captions[1] == GROUND]
     assert 8 < len(blank) < 30  # the evaluator corpus's blank "ground" scenes: nothing in them
     assert all(not s.labels and not s.mask.any() and not s.context.any() for s in blank)

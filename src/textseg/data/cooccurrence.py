@@ -16,8 +16,9 @@ class's background). Some scenes hold backgrounds only. Every scene has
 :func:`write_scene_folder` writes a folder dataset that textseg's recipes read as they are:
 ``images/``, ``masks/`` (class ids), ``context/`` (background ids), ``labels.json``,
 ``classes.txt`` (``background`` first), ``captions.jsonl`` (``textseg train clip``),
-``background.txt`` (``class: word`` lines for CLIMS' CBS) and ``background_wrong.txt`` (each class
-paired with another class's background: the CBS-with-wrong-words ablation).
+``background.txt`` (``class: word`` lines for CLIMS' CBS), ``background_all.txt`` (every background
+word, each applying to every class: the form of the official VOC / COCO lists) and ``background_wrong.txt``
+(each class paired with another class's background: the CBS-with-wrong-words ablation).
 
 Pure numpy, deterministic per seed::
 
@@ -273,6 +274,7 @@ def write_scene_folder(scenes: list[Scene], root: str | Path) -> Path:
     (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (root / "background.txt").write_text("".join(f"{c}: {b}\n" for c, b in PAIRS.items()))
+    (root / "background_all.txt").write_text("".join(f"{b}\n" for b in BACKGROUNDS))
     wrong = dict(zip(OBJECTS, BACKGROUNDS[1:] + BACKGROUNDS[:1]))  # every class gets another's background
     (root / "background_wrong.txt").write_text("".join(f"{c}: {b}\n" for c, b in wrong.items()))
     return root
