@@ -148,30 +148,38 @@ def run(args) -> dict:
         write_scene_folder(scenes + masked_views(scenes, args.clip_masked_views, seed=3001,
                                                                 blank=args.clip_masked_blank), corpus)
     torch.set_num_threads(args.threads)
-    ev_path = out / "evaluator" / "model.safetensors"
-    ev_file = out / "evaluator" / "result.json"
-    if not ev_file.is_file():
-        scale = ([f"model.clip.init_logit_scale={math.log(args.clip_logit_scale)}", "model.lock_logit_scale=true"]
-                 if args.clip_logit_scale else [])
-        seed = [] if args.clip_seed is None else [f"train.seed={args.clip_seed}"]
-        res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE, f"train.device={args.device}", *scale,
-                                                              *seed, f"train.steps={args.clip_steps}",
-                                                              f"model.clip.vision.image_size={args.clip_image_size}",
-                                                              f"data.train={corpus}", f"data.val={val}",
-                                                              f"train.out_dir={ev_path.parent}"]))
-        ev_file.write_text(json.dumps({k: v for k, v in res.items() if isinstance(v, (int, float, str))}))
-    res = json.loads(ev_file.read_text())
-    probe = probe_evaluator(val, load_evaluator("", str(ev_path)))
-    evaluator = {"zero_shot_top1": round(res["zeroshot_top1"], 2), "fg_over_bg": probe["fg_vs_bg_accuracy"],
-                 "right_class_first": probe["fg_top1"], "probe": probe, "train_seconds": res.get("time_s")}
+    seeds = args.clip_seed  # one evaluator (evaluator/), or an ensemble (evaluator_s{seed}/ each)
+    ev_paths, results = [], []
+    for cs in seeds:
+        ev_dir = out / ("evaluator" if len(seeds) == 1 else f"evaluator_s{cs}")
+        ev_file = ev_dir / "result.json"
+        if not ev_file.is_file():
+            scale = ([f"model.clip.init_logit_scale={math.log(args.clip_logit_scale)}", "model.lock_logit_scale=true"]
+                     if args.clip_logit_scale else [])
+            res = train_clip(load_config(ClipRecipeConfig, None, [*CLIP_SETS, *ENGINE, f"train.device={args.device}",
+                                                                  *scale, f"train.seed={cs}", f"train.steps={args.clip_steps}",
+                                                                  f"model.clip.vision.image_size={args.clip_image_size}",
+                                                                  f"data.train={corpus}", f"data.val={val}",
+                                                                  f"train.out_dir={ev_dir}"]))
+            ev_file.write_text(json.dumps({k: v for k, v in res.items() if isinstance(v, (int, float, str))}))
+        ev_paths.append(ev_dir / "model.safetensors")
+        results.append(json.loads(ev_file.read_text()))
+    ev_weights = ",".join(str(p) for p in ev_paths)  # clims.evaluator_weights: A,B,C = the ensemble
+    probe = probe_evaluator(val, load_evaluator("", ev_weights))
+    members = [round(r["zeroshot_top1"], 2) for r in results]
+    evaluator = {"zero_shot_top1": round(float(np.mean(members)), 2), "fg_over_bg": probe["fg_vs_bg_accuracy"],
+                 "right_class_first": probe["fg_top1"], "probe": probe,
+                 "train_seconds": [r.get("time_s") for r in results]}
+    if len(seeds) > 1:
+        evaluator["zero_shot_top1_members"] = members  # zero_shot_top1: their mean
     print("evaluator", json.dumps({k: v for k, v in evaluator.items() if k != "probe"}), flush=True)
-    evaluator["map_calibration"] = map_calibration(val, load_evaluator("", str(ev_path)), train / "background.txt",
+    evaluator["map_calibration"] = map_calibration(val, load_evaluator("", ev_weights), train / "background.txt",
                                                    args.cbs_threshold)
     for name, row in evaluator["map_calibration"].items():
         if name != "pairs":
             print(f"calibration {name:10s}", json.dumps(row), flush=True)
     words = train / ("background.txt" if args.cbs_words == "pairs" else "background_all.txt")
-    clims_base = [f"clims.evaluator_weights={ev_path}", "clims.evaluator=", f"clims.background={words}",
+    clims_base = [f"clims.evaluator_weights={ev_weights}", "clims.evaluator=", f"clims.background={words}",
                   f"clims.cbs_threshold={args.cbs_threshold}", f"clims.score={args.score}"]
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:
@@ -325,14 +333,16 @@ def main() -> None:
                     help="output stride of the tiny CAM backbone (CAMConfig.output_stride): 16 = 6 x 6 maps at "
                          "96 px; 8 and 4 are denser (12 x 12, 24 x 24), same weights and receptive field")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)
-    ap.add_argument("--cbs-words", choices=("pairs", "all"), default="all",
+    ap.add_argument("--cbs-words", choices=("pairs", "all"), default="pairs",
                     help="CBS words of the CLIMS runs: each class its own background ('pairs': background.txt) or "
                          "every background word for every class ('all': background_all.txt, the form of the official "
                          "lists); cbs_wrong_words always pairs each class with another's background")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (the README's numbers: 1; another count trains a different evaluator)")
     ap.add_argument("--device", default="cpu", help="train.device of every training (evaluator, CAMs); scoring runs on CPU")
-    ap.add_argument("--clip-seed", type=int, default=None, help="train.seed of the evaluator (default: the recipe's)")
+    ap.add_argument("--clip-seed", type=int, nargs="+", default=[0, 1, 2],
+                    help="train.seed of the evaluator; several (the default 0 1 2): one evaluator per seed, and CLIMS "
+                         "judges by their ensemble (the mean of their cosines, textseg.models.ensemble)")
     args = ap.parse_args()
     args.runs = sorted(set(args.runs) | {"cam", "clims"})
     if args.figure_from:

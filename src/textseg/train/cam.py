@@ -148,7 +148,8 @@ class CAMDataCfg:
 @dataclass
 class CLIMSCfg:
     evaluator: str = ""  # any model textseg loads (name); "" = offline, or the model of evaluator_weights
-    evaluator_weights: str = ""  # ... or weights file / folder (a CLIP's, a LiT's model.safetensors ...)
+    evaluator_weights: str = ""  # ... or weights file / folder (a CLIP's, a LiT's model.safetensors ...); "A,B,C":
+    # an ensemble of those models (textseg's option: the mean of their cosines, textseg.models.ensemble)
     background: str = "voc"  # voc | coco | FILE
     alpha: float = 10.0
     beta: float = 24.0
@@ -260,10 +261,18 @@ def total_steps(cfg: CAMTrainCfg, n_images: int, world_size: int = 1) -> int:
 def load_evaluator(name: str, weights: str = "") -> DualEncoder:
     """Any model textseg loads (``load_model``), frozen: ``name`` alone, ``weights`` (any checkpoint:
     CLIP, LiT from ``textseg train clip``, ...; with a ``name`` too it must be of that model), or
-    neither: the offline model."""
+    neither: the offline model. Comma-separated ``weights`` (``"A,B,C"``): an
+    :class:`~textseg.models.ensemble.EnsembleEvaluator` of those models (each with ``name``)."""
+    from textseg.models.ensemble import EnsembleEvaluator
     from textseg.weights.load import load_model
 
-    model = load_model(name=name or None, weights=weights or None)
+    paths = [w.strip() for w in weights.split(",")] if weights else []
+    if len(paths) > 1:
+        if not all(paths):
+            raise TextsegError(f"evaluator weights {weights!r}: an empty path in the list")
+        model = EnsembleEvaluator([load_model(name=name or None, weights=w) for w in paths])
+    else:
+        model = load_model(name=name or None, weights=weights or None)
     return model.eval().requires_grad_(False)
 
 
