@@ -72,22 +72,30 @@ def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: i
 
 
 def map_calibration(root: Path, evaluator, background: str | Path, cbs_threshold: float | None = 0.26,
-                    weights: tuple[float, ...] = (10.0, 24.0, 1.0, 0.2)) -> dict:
+                    weights: tuple[float, ...] = (10.0, 24.0, 1.0, 0.2), cam_stride: int = 16,
+                    batch_pairs: float = 16.0, cbs_reference: str = "none") -> dict:
     """What CLIMS' objective says about hand-made maps on held-out scenes, the terms and similarities are
     the loss's own (:class:`~textseg.wsss.clims.CLIMSLoss`, its ``s_fg`` / ``s_bg``). For every (scene, present
     class ``k``) pair and map ``P`` in ``gt`` (the object's mask), ``empty`` (0: a blank grey image),
     ``full`` (1: the whole scene), ``part25`` (the top 25 % of the object's pixels), ``gt_x0.25`` (the
     mask at amplitude 0.25), ``gt_plus_bg`` (the mask plus the class's own co-occurring background) and
-    ``ground`` (the neutral ground only): mean cosine ``s(fg, t_k)`` and ``s(bg, t_k)`` (``by_class``: per class), the unweighted terms (OTM, BTM, CBS per pair, REG =
-    mean of ``P``) and ``loss`` = the weighted sum. A calibrated objective gives ``gt`` the lowest loss."""
+    ``ground`` (the neutral ground only) and ``gt_cam`` (the mask area-averaged to the CAM's resolution,
+    ``cam_stride``, and resized back bilinearly: the best a map of that size can draw): mean cosine ``s(fg, t_k)``
+    and ``s(bg, t_k)``, the unweighted terms (OTM, BTM, CBS per pair, REG = mean of ``P``) and ``loss`` = the
+    weighted sum. ``by_class``: per class, ``[s_fg, s_bg, loss_batch]``, where ``loss_batch`` weighs CBS as the
+    official loss does in a training batch: a *sum* over its ``batch_pairs`` present pairs (OTM and BTM are
+    means), so a map that CBS dislikes costs ``batch_pairs`` times its per-pair CBS. A calibrated objective gives
+    ``gt`` the lowest loss; where ``empty`` beats ``gt_cam`` in ``loss_batch``, training at that CAM resolution
+    is pulled towards an empty map for that class."""
     from PIL import Image
 
     from textseg.io import load_image
     from textseg.wsss.cam_maps import image_tensor
     from textseg.wsss.clims import CLIMSLoss
 
-    loss = CLIMSLoss(evaluator, list(OBJECTS), background, cbs_threshold=cbs_threshold)
-    xs, maps, ks = [], {n: [] for n in ("gt", "empty", "full", "part25", "gt_x0.25", "gt_plus_bg", "ground")}, []
+    loss = CLIMSLoss(evaluator, list(OBJECTS), background, cbs_threshold=cbs_threshold, cbs_reference=cbs_reference)
+    names = ("gt", "empty", "full", "part25", "gt_x0.25", "gt_plus_bg", "ground", "gt_cam")
+    xs, maps, ks = [], {n: [] for n in names}, []
     for mpath in sorted((root / "masks").glob("*.png")):
         mask = np.asarray(Image.open(mpath))
         ctx = np.asarray(Image.open(root / "context" / mpath.name))
@@ -101,9 +109,12 @@ def map_calibration(root: Path, evaluator, background: str | Path, cbs_threshold
             n = max(1, len(ys) // 4)
             part[ys[:n], xx[:n]] = True
             own = ctx == BACKGROUNDS.index(PAIRS[cls]) + 1
+            coarse = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(m, dtype=torch.float32)[None, None],
+                                                             (m.shape[0] // cam_stride, m.shape[1] // cam_stride))
+            coarse = torch.nn.functional.interpolate(coarse, m.shape, mode="bilinear", align_corners=True)[0, 0]
             for name, p in (("gt", m), ("empty", np.zeros_like(m)), ("full", np.ones_like(m)), ("part25", part),
                             ("gt_x0.25", 0.25 * m), ("gt_plus_bg", m | own),
-                            ("ground", (ctx == 0) & (mask == 0))):
+                            ("ground", (ctx == 0) & (mask == 0)), ("gt_cam", coarse.numpy())):
                 maps[name].append(torch.as_tensor(np.asarray(p, np.float32)))
             xs.append(x)
             ks.append(k)
@@ -120,8 +131,16 @@ def map_calibration(root: Path, evaluator, background: str | Path, cbs_threshold
             out[name] = {"s_fg": round(float(s_fg.mean()), 4), "s_bg": round(float(s_bg.mean()), 4),
                          **{t: round(v, 4) for t, v in terms.items()},
                          "loss": round(sum(w * terms[t] for w, t in zip(weights, ("otm", "btm", "cbs", "reg"))), 3)}
-            out[name]["by_class"] = {c: [round(float(s_fg[k_idx == j].mean()), 3),
-                                         round(float(s_bg[k_idx == j].mean()), 3)] for j, c in enumerate(OBJECTS)}
+            by_class = {}
+            for j, c in enumerate(OBJECTS):
+                sel = k_idx == j
+                if not sel.any():
+                    continue
+                oc = loss(p[sel], x[sel], labels[sel])
+                t = (float(oc["otm"]), float(oc["btm"]), batch_pairs * float(oc["cbs"]) / oc["pairs"], float(p[sel, j].mean()))
+                by_class[c] = [round(float(s_fg[sel].mean()), 3), round(float(s_bg[sel].mean()), 3),
+                               round(sum(w * v for w, v in zip(weights, t)), 3)]
+            out[name]["by_class"] = by_class
     return out
 
 
@@ -173,14 +192,18 @@ def run(args) -> dict:
     if len(seeds) > 1:
         evaluator["zero_shot_top1_members"] = members  # zero_shot_top1: their mean
     print("evaluator", json.dumps({k: v for k, v in evaluator.items() if k != "probe"}), flush=True)
+    labels_train = json.loads((train / "labels.json").read_text())  # pairs in a training batch of 16 (CBS sums them)
+    batch_pairs = 16 * float(np.mean([len(v) for v in labels_train.values()]))
     evaluator["map_calibration"] = map_calibration(val, load_evaluator("", ev_weights), train / "background.txt",
-                                                   args.cbs_threshold)
+                                                   args.cbs_threshold, cam_stride=args.cam_stride,
+                                                   batch_pairs=batch_pairs, cbs_reference=args.cbs_reference)
     for name, row in evaluator["map_calibration"].items():
         if name != "pairs":
             print(f"calibration {name:10s}", json.dumps(row), flush=True)
     words = train / ("background.txt" if args.cbs_words == "pairs" else "background_all.txt")
     clims_base = [f"clims.evaluator_weights={ev_weights}", "clims.evaluator=", f"clims.background={words}",
-                  f"clims.cbs_threshold={args.cbs_threshold}", f"clims.score={args.score}"]
+                  f"clims.cbs_threshold={args.cbs_threshold}", f"clims.score={args.score}",
+                  f"clims.cbs_reference={args.cbs_reference}"]
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:
         sd = out / f"seed{seed}"
@@ -333,6 +356,9 @@ def main() -> None:
                     help="output stride of the tiny CAM backbone (CAMConfig.output_stride): 16 = 6 x 6 maps at "
                          "96 px; 8 and 4 are denser (12 x 12, 24 x 24), same weights and receptive field")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)
+    ap.add_argument("--cbs-reference", choices=("none", "blank"), default="none",
+                    help="clims.cbs_reference: 'none' (official: --cbs-threshold is absolute) or 'blank' (it is a margin "
+                         "over a fully masked image's similarity to each background word)")
     ap.add_argument("--cbs-words", choices=("pairs", "all"), default="pairs",
                     help="CBS words of the CLIMS runs: each class its own background ('pairs': background.txt) or "
                          "every background word for every class ('all': background_all.txt, the form of the official "

@@ -867,3 +867,39 @@ def test_softmax_score_option_hand_computed(bg_file):
     assert out["cbs"].item() == pytest.approx(-math.log(1 - p_fg[2]) - math.log(1 - p_fg[3]), rel=1e-4)
     with pytest.raises(TextsegError, match="score"):
         CLIMSLoss(ev, ["red"], bg_file, template="{}", score="probability")
+
+
+def test_cbs_reference_blank_threshold_hand_computed(bg_file):
+    """``cbs_reference="blank"`` (textseg's option; the official absolute threshold is the default): each
+    background prompt's CBS threshold is the blank image's similarity to it plus ``cbs_threshold``. An
+    evaluator whose blank image is not at cosine 0 (an offset in the embedding) gives hand values."""
+    offset = np.array([0.1, 0.1, 0.1])
+
+    class Offset(ColourEvaluator):
+        def encode_image(self, pixels, normalize=False):
+            return super().encode_image(pixels) + torch.tensor(offset, dtype=pixels.dtype)
+
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    sea, tree = np.array(BLUE), np.array((0.0, 1.0, 0.0))
+    fg = np.array([0.4, 0, 0.1]) + offset  # the map's foreground mean colour (see the test above) + offset
+    blank_sea, blank_tree = cos(offset, sea), cos(offset, tree)  # both 1 / sqrt(3)
+    fg_sea, fg_tree = cos(fg, sea), cos(fg, tree)  # 0.365, 0.183
+
+    def cbs(**kw):
+        loss = CLIMSLoss(Offset(), ["red", "blue"], bg_file, template="{}", input_norm="evaluator", **kw)
+        return loss, loss(_maps(), _half_image(), torch.tensor([[1.0, 0.0]]))["cbs"].item()
+
+    loss, value = cbs(cbs_threshold=0.26)  # official: absolute; sea (0.365) counts, tree (0.183) does not
+    assert loss.cbs_reference == "none" and value == pytest.approx(-math.log(1 - fg_sea), rel=1e-4)
+    loss, value = cbs(cbs_threshold=0.0, cbs_reference="blank")  # neither looks more like it than blank
+    assert loss.blank_bg.tolist() == pytest.approx([blank_sea, blank_tree], rel=1e-5)
+    assert value == pytest.approx(0.0, abs=1e-6)
+    assert fg_tree < blank_tree - 0.3 < fg_sea < blank_sea
+    _, value = cbs(cbs_threshold=-0.3, cbs_reference="blank")  # tau 0.277: sea only
+    assert value == pytest.approx(-math.log(1 - fg_sea), rel=1e-4)
+    _, value = cbs(cbs_threshold=-0.45, cbs_reference="blank")  # tau 0.127: both
+    assert value == pytest.approx(-math.log(1 - fg_sea) - math.log(1 - fg_tree), rel=1e-4)
+    with pytest.raises(TextsegError, match="cbs_reference"):
+        cbs(cbs_reference="mean")
+    with pytest.raises(TextsegError, match="margin"):
+        cbs(cbs_threshold=None, cbs_reference="blank")

@@ -254,3 +254,42 @@ def test_scene_figure_grid_size_cells_and_atomic_write(tmp_path):
     with pytest.raises(TextsegError):
         scene_figure(tmp_path / "bad.png", images, {"gt": gt[:1]})
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_map_calibration_cam_resolution_map_and_batch_summed_cbs(tmp_path):
+    """benchmarks/clims_cooccurrence.py's map_calibration: ``gt_cam`` is the object mask at the CAM's
+    resolution (at stride 1 exactly the mask), ``by_class``'s third number weighs CBS as the official sum
+    over a batch's pairs (linear in ``batch_pairs``, its slope gamma x that class's per-pair CBS), and the
+    empty map's cosine is the blank image's."""
+    import importlib.util
+    from pathlib import Path
+
+    from textseg.wsss.clims import CLIMSLoss
+
+    spec = importlib.util.spec_from_file_location(
+        "clims_cooccurrence", Path(__file__).parents[1] / "benchmarks" / "clims_cooccurrence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    scenes = [s for s in make_scenes(60, size=32, seed=5) if s.labels == ["boat"]][:5]
+    val = write_scene_folder(scenes, tmp_path / "val")
+    (tmp_path / "bg.txt").write_text("boat: water\ntrain: rails\n")
+    ev = SceneColourEvaluator()
+    kw = {"cbs_threshold": None, "weights": (10.0, 24.0, 2.0, 0.2)}
+    one = bench.map_calibration(val, ev, tmp_path / "bg.txt", cam_stride=1, batch_pairs=1.0, **kw)
+    five = bench.map_calibration(val, ev, tmp_path / "bg.txt", cam_stride=8, batch_pairs=5.0, **kw)
+    assert len(scenes) == 5 and one["pairs"] == 5 and set(one["gt"]["by_class"]) == {"boat"}
+    assert one["gt_cam"]["s_fg"] == pytest.approx(one["gt"]["s_fg"], abs=1e-4)
+    assert one["gt_cam"]["loss"] == pytest.approx(one["gt"]["loss"], abs=2e-3)
+    assert abs(five["gt_cam"]["s_fg"] - five["gt"]["s_fg"]) > 1e-3  # 4 x 4 maps blur the boat
+    for name in ("gt", "empty", "gt_plus_bg"):  # boat only: the class's per-pair CBS is the row's
+        s_fg, s_bg, lb = one[name]["by_class"]["boat"]
+        assert (s_fg, s_bg) == (pytest.approx(one[name]["s_fg"], abs=1e-3), pytest.approx(one[name]["s_bg"], abs=1e-3))
+        assert lb == pytest.approx(one[name]["loss"], abs=2e-3)  # one pair a batch: the per-pair loss
+        slope = (five[name]["by_class"]["boat"][2] - lb) / 4
+        if name != "gt_cam":
+            assert slope == pytest.approx(2.0 * one[name]["cbs"], abs=2e-3)
+    # the object's map grown onto its own water costs CBS; the exact boat much less
+    assert one["gt_plus_bg"]["cbs"] > one["gt"]["cbs"] + 0.05
+    loss = CLIMSLoss(ev, list(OBJECTS), tmp_path / "bg.txt", cbs_threshold=None)
+    blank = loss.similarity(torch.zeros(1, 3, 32, 32), loss.class_text)[0]
+    assert one["empty"]["by_class"]["boat"][0] == pytest.approx(float(blank[OBJECTS.index("boat")]), abs=1e-3)

@@ -156,6 +156,7 @@ class CLIMSCfg:
     gamma: float = 1.0
     delta: float = 0.2
     cbs_threshold: float | None = 0.26
+    cbs_reference: str = "none"  # official: an absolute threshold; "blank": over a blank image's score (clims.py)
     template: str = ""  # "" = "a photo of {}." (CLIP-like) / "{}" (offline), see default_template
     eval_size: int = 0  # 0 = the evaluator's own image size
     reg_over: str = "all"  # official: REG over every map; "present": over the present classes' maps only
@@ -389,7 +390,7 @@ def build_trainer(cfg: CAMTrainCfg, callbacks: Sequence[Callable[[Trainer], None
         evaluator = load_evaluator(c.evaluator, c.evaluator_weights).to(info.device)
         clims = CLIMSLoss(evaluator, class_names, c.background, CLIMSWeights(c.alpha, c.beta, c.gamma, c.delta),
                           c.cbs_threshold, c.template or None, c.eval_size or None, c.reg_over, c.input_norm,
-                          c.prompt_names, c.score).to(info.device)
+                          c.prompt_names, c.score, c.cbs_reference).to(info.device)
 
     cfg = copy.deepcopy(cfg)
     cfg.train.steps = total_steps(cfg, len(dataset), info.world_size)

@@ -25,6 +25,13 @@ embedding of prompt ``t``, ``t_k = "a photo of {class k}."`` and ``c(x) = clamp(
   :func:`load_background`; the built-in lists apply to every class, as the official code): the mask
   must not grow onto rails, water... . ``tau`` is the official threshold (0.26 VOC, 0.285 COCO;
   ``None`` = every prompt counts). A sum and no clamp, as in the official code.
+  ``cbs_reference="blank"`` (textseg's option; official: ``"none"``) makes the threshold relative:
+  ``tau_m = s(blank, t_m) + tau``, with ``s(blank, t_m)`` the similarity of a fully masked image (every
+  pixel the mean colour: what an empty map's ``fg`` is) to prompt ``m``. CLIP's cosines sit near 0.2,
+  so 0.26 gates out masks that do not look like water; a small evaluator's cosines can sit near 0.5
+  for every image and prompt, and then an absolute 0.26 never gates and CBS pushes every mask
+  towards empty. Relative to the blank image, CBS fires only where the mask looks *more* like the
+  background word than an empty mask does.
 * ``REG = mean(P)`` over **every** map, absent classes too (the official ``torch.mean(x)``): keeps the
   maps from covering everything. ``reg_over="present"`` (textseg's option) averages the present
   pairs' maps only (a larger per-pixel push when few classes are present).
@@ -123,10 +130,10 @@ def btm_loss(sim: torch.Tensor) -> torch.Tensor:
     return -torch.log(1 - sim.clamp(CLAMP_LO, CLAMP_HI)).mean()
 
 
-def cbs_loss(sim: torch.Tensor, applies: torch.Tensor, threshold: float | None) -> torch.Tensor:
+def cbs_loss(sim: torch.Tensor, applies: torch.Tensor, threshold: float | torch.Tensor | None) -> torch.Tensor:
     """Co-occurring background suppression: ``-sum [sim > threshold] * applies * log(1 - sim)`` for
     ``N x M`` similarities of foreground images to background prompts (no clamp: the official
-    ``BackgroundSuppressionLoss``). Entries outside the mask are zeroed before the log, so they
+    ``BackgroundSuppressionLoss``); ``threshold``: one number, or ``M`` (one per prompt). Entries outside the mask are zeroed before the log, so they
     contribute nothing, not even a NaN gradient."""
     keep = applies.to(torch.bool).expand_as(sim)
     if threshold is not None:
@@ -204,8 +211,12 @@ class CLIMSLoss(nn.Module):
                  weights: CLIMSWeights | None = None, cbs_threshold: float | None = 0.26,
                  template: str | None = None, eval_size: int | None = None, reg_over: str = "all",
                  input_norm: str = "imagenet", prompt_names: str | dict | None = None,
-                 score: str = "cosine"):
+                 score: str = "cosine", cbs_reference: str = "none"):
         super().__init__()
+        if cbs_reference not in ("none", "blank"):
+            raise TextsegError(f"cbs_reference must be 'none' or 'blank', got {cbs_reference!r}")
+        if cbs_reference == "blank" and cbs_threshold is None:
+            raise TextsegError("cbs_reference='blank' needs a cbs_threshold (the margin over the blank image's score)")
         if score not in ("cosine", "softmax"):
             raise TextsegError(f"score must be 'cosine' or 'softmax', got {score!r}")
         if reg_over not in ("present", "all"):
@@ -239,6 +250,15 @@ class CLIMSLoss(nn.Module):
         self.register_buffer("class_text", class_text, persistent=False)  # K x D
         self.register_buffer("bg_text", bg_text, persistent=False)  # M x D
         self.register_buffer("applies", applies, persistent=False)  # K x M
+        self.cbs_reference = cbs_reference
+        self.register_buffer("blank_bg", torch.zeros(len(self.background_words)), persistent=False)  # M
+        if cbs_reference == "blank":  # s(blank, t_m): a fully masked input is all zeros (the mean colour)
+            with torch.no_grad():
+                blank = torch.zeros(1, 3, self.eval_size, self.eval_size, device=class_text.device)
+                sim = self.similarity(blank, torch.cat([class_text, bg_text]))
+                if score == "softmax":
+                    sim = (evaluator.logit_scale_value.float() * sim).softmax(dim=-1)
+                self.blank_bg = sim[0, len(self.prompts):].clone()
 
     def train(self, mode: bool = True) -> CLIMSLoss:
         super().train(mode)
@@ -279,7 +299,8 @@ class CLIMSLoss(nn.Module):
         k = self.class_text.shape[0]
         s_fg, s_bg = sim[rows, k_idx], sim[n + rows, k_idx]
         otm, btm = otm_loss(s_fg), btm_loss(s_bg)
-        cbs = cbs_loss(sim[:n, k:], self.applies[k_idx], self.cbs_threshold)
+        tau = self.cbs_threshold if self.cbs_reference == "none" else self.blank_bg + self.cbs_threshold
+        cbs = cbs_loss(sim[:n, k:], self.applies[k_idx], tau)
         reg = maps[b_idx, k_idx].mean() if self.reg_over == "present" else maps.mean()
         w = self.weights
         loss = w.alpha * otm + w.beta * btm + w.gamma * cbs + w.delta * reg
