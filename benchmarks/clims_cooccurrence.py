@@ -356,9 +356,10 @@ def main() -> None:
                     help="output stride of the tiny CAM backbone (CAMConfig.output_stride): 16 = 6 x 6 maps at "
                          "96 px; 8 and 4 are denser (12 x 12, 24 x 24), same weights and receptive field")
     ap.add_argument("--cbs-threshold", type=float, default=0.26)
-    ap.add_argument("--cbs-reference", choices=("none", "blank"), default="none",
-                    help="clims.cbs_reference: 'none' (official: --cbs-threshold is absolute) or 'blank' (it is a margin "
-                         "over a fully masked image's similarity to each background word)")
+    ap.add_argument("--cbs-reference", choices=("none", "blank", "class"), default="none",
+                    help="clims.cbs_reference: 'none' (official: --cbs-threshold is absolute), 'blank' (it is a margin "
+                         "over a fully masked image's similarity to each background word) or 'class' (over the masked "
+                         "foreground's similarity to its own class)")
     ap.add_argument("--cbs-words", choices=("pairs", "all"), default="pairs",
                     help="CBS words of the CLIMS runs: each class its own background ('pairs': background.txt) or "
                          "every background word for every class ('all': background_all.txt, the form of the official "

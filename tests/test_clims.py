@@ -869,9 +869,10 @@ def test_softmax_score_option_hand_computed(bg_file):
         CLIMSLoss(ev, ["red"], bg_file, template="{}", score="probability")
 
 
-def test_cbs_reference_blank_threshold_hand_computed(bg_file):
+def test_cbs_reference_blank_and_class_thresholds_hand_computed(bg_file):
     """``cbs_reference="blank"`` (textseg's option; the official absolute threshold is the default): each
-    background prompt's CBS threshold is the blank image's similarity to it plus ``cbs_threshold``. An
+    background prompt's CBS threshold is the blank image's similarity to it plus ``cbs_threshold``;
+    ``"class"``: the pair's similarity to its own class prompt plus ``cbs_threshold``. An
     evaluator whose blank image is not at cosine 0 (an offset in the embedding) gives hand values."""
     offset = np.array([0.1, 0.1, 0.1])
 
@@ -899,7 +900,17 @@ def test_cbs_reference_blank_threshold_hand_computed(bg_file):
     assert value == pytest.approx(-math.log(1 - fg_sea), rel=1e-4)
     _, value = cbs(cbs_threshold=-0.45, cbs_reference="blank")  # tau 0.127: both
     assert value == pytest.approx(-math.log(1 - fg_sea) - math.log(1 - fg_tree), rel=1e-4)
+    # "class": the threshold is the pair's own class similarity s(fg, red) (0.913) plus the margin
+    fg_red = cos(fg, np.array(RED))
+    _, value = cbs(cbs_threshold=0.0, cbs_reference="class")  # looks far more like red than sea or tree
+    assert fg_red > 0.9 and value == pytest.approx(0.0, abs=1e-6)
+    assert fg_tree < fg_red - 0.6 < fg_sea
+    _, value = cbs(cbs_threshold=-0.6, cbs_reference="class")  # tau 0.313: sea only
+    assert value == pytest.approx(-math.log(1 - fg_sea), rel=1e-4)
+    _, value = cbs(cbs_threshold=-0.8, cbs_reference="class")  # tau 0.113: both
+    assert value == pytest.approx(-math.log(1 - fg_sea) - math.log(1 - fg_tree), rel=1e-4)
     with pytest.raises(TextsegError, match="cbs_reference"):
         cbs(cbs_reference="mean")
-    with pytest.raises(TextsegError, match="margin"):
-        cbs(cbs_threshold=None, cbs_reference="blank")
+    for ref in ("blank", "class"):
+        with pytest.raises(TextsegError, match="margin"):
+            cbs(cbs_threshold=None, cbs_reference=ref)

@@ -156,7 +156,8 @@ class CLIMSCfg:
     gamma: float = 1.0
     delta: float = 0.2
     cbs_threshold: float | None = 0.26
-    cbs_reference: str = "none"  # official: an absolute threshold; "blank": over a blank image's score (clims.py)
+    cbs_reference: str = "none"  # official: an absolute threshold; "blank" / "class": over a blank image's / the
+    # foreground's own class score (clims.py)
     template: str = ""  # "" = "a photo of {}." (CLIP-like) / "{}" (offline), see default_template
     eval_size: int = 0  # 0 = the evaluator's own image size
     reg_over: str = "all"  # official: REG over every map; "present": over the present classes' maps only

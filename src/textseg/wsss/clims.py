@@ -31,7 +31,9 @@ embedding of prompt ``t``, ``t_k = "a photo of {class k}."`` and ``c(x) = clamp(
   so 0.26 gates out masks that do not look like water; a small evaluator's cosines can sit near 0.5
   for every image and prompt, and then an absolute 0.26 never gates and CBS pushes every mask
   towards empty. Relative to the blank image, CBS fires only where the mask looks *more* like the
-  background word than an empty mask does.
+  background word than an empty mask does. ``cbs_reference="class"`` (textseg's option):
+  ``tau_m = s(fg, t_k) + tau`` per pair, so a background word counts only where the masked foreground
+  looks more like it than like its own class (``tau`` = 0: a mask that is mostly water, not boat).
 * ``REG = mean(P)`` over **every** map, absent classes too (the official ``torch.mean(x)``): keeps the
   maps from covering everything. ``reg_over="present"`` (textseg's option) averages the present
   pairs' maps only (a larger per-pixel push when few classes are present).
@@ -213,10 +215,11 @@ class CLIMSLoss(nn.Module):
                  input_norm: str = "imagenet", prompt_names: str | dict | None = None,
                  score: str = "cosine", cbs_reference: str = "none"):
         super().__init__()
-        if cbs_reference not in ("none", "blank"):
-            raise TextsegError(f"cbs_reference must be 'none' or 'blank', got {cbs_reference!r}")
-        if cbs_reference == "blank" and cbs_threshold is None:
-            raise TextsegError("cbs_reference='blank' needs a cbs_threshold (the margin over the blank image's score)")
+        if cbs_reference not in ("none", "blank", "class"):
+            raise TextsegError(f"cbs_reference must be 'none', 'blank' or 'class', got {cbs_reference!r}")
+        if cbs_reference != "none" and cbs_threshold is None:
+            raise TextsegError(f"cbs_reference={cbs_reference!r} needs a cbs_threshold (the margin over the "
+                               "reference's score)")
         if score not in ("cosine", "softmax"):
             raise TextsegError(f"score must be 'cosine' or 'softmax', got {score!r}")
         if reg_over not in ("present", "all"):
@@ -299,7 +302,11 @@ class CLIMSLoss(nn.Module):
         k = self.class_text.shape[0]
         s_fg, s_bg = sim[rows, k_idx], sim[n + rows, k_idx]
         otm, btm = otm_loss(s_fg), btm_loss(s_bg)
-        tau = self.cbs_threshold if self.cbs_reference == "none" else self.blank_bg + self.cbs_threshold
+        tau = self.cbs_threshold  # official: absolute
+        if self.cbs_reference == "blank":
+            tau = self.blank_bg + self.cbs_threshold
+        elif self.cbs_reference == "class":
+            tau = s_fg.detach()[:, None] + self.cbs_threshold
         cbs = cbs_loss(sim[:n, k:], self.applies[k_idx], tau)
         reg = maps[b_idx, k_idx].mean() if self.reg_over == "present" else maps.mean()
         w = self.weights
