@@ -60,6 +60,7 @@ CLIP_SETS = ["model.arch=clip", "model.lock_image=false", "model.lock_text=false
              "model.clip.vision.patch_size=8", "model.clip.text.context_length=16", "model.clip.text.width=64",
              "model.clip.text.heads=2", "model.clip.text.layers=2", "eval.templates=a photo of {}.",
              "train.batch_size=32", "train.lr=2e-3", "train.weight_decay=0.01", "train.warmup_steps=10"]
+CAM_BATCH = 16  # train.batch_size of every CAM run (CBS sums over a batch's pairs: map_calibration's batch_pairs)
 ABLATIONS = {"no_otm": ["clims.alpha=0"], "no_btm": ["clims.beta=0"], "no_cbs": ["clims.gamma=0"],
              "no_reg": ["clims.delta=0"], "cbs_wrong_words": ["clims.background={wrong}"]}
 
@@ -67,7 +68,7 @@ ABLATIONS = {"no_otm": ["clims.alpha=0"], "no_btm": ["clims.beta=0"], "no_cbs": 
 def cam_sets(data: Path, out: Path, seed: int, steps: int, size: int, threads: int, stride: int = 16,
              device: str = "cpu") -> list[str]:
     return [*ENGINE, f"train.device={device}", f"data.root={data}", "backbone=tiny", f"output_stride={stride}", "pretrained=false", "freeze_bn=false",
-            f"data.crop_size={size}", "train.batch_size=16", "train.lr=0.05", f"train.steps={steps}",
+            f"data.crop_size={size}", f"train.batch_size={CAM_BATCH}", "train.lr=0.05", f"train.steps={steps}",
             f"train.seed={seed}", f"train.out_dir={out}", f"threads={threads}"]
 
 
@@ -192,8 +193,8 @@ def run(args) -> dict:
     if len(seeds) > 1:
         evaluator["zero_shot_top1_members"] = members  # zero_shot_top1: their mean
     print("evaluator", json.dumps({k: v for k, v in evaluator.items() if k != "probe"}), flush=True)
-    labels_train = json.loads((train / "labels.json").read_text())  # pairs in a training batch of 16 (CBS sums them)
-    batch_pairs = 16 * float(np.mean([len(v) for v in labels_train.values()]))
+    labels_train = json.loads((train / "labels.json").read_text())  # pairs in a training batch (CBS sums them)
+    batch_pairs = CAM_BATCH * float(np.mean([len(v) for v in labels_train.values()]))
     evaluator["map_calibration"] = map_calibration(val, load_evaluator("", ev_weights), train / "background.txt",
                                                    args.cbs_threshold, cam_stride=args.cam_stride,
                                                    batch_pairs=batch_pairs, cbs_reference=args.cbs_reference)

@@ -286,8 +286,7 @@ def test_map_calibration_cam_resolution_map_and_batch_summed_cbs(tmp_path):
         assert (s_fg, s_bg) == (pytest.approx(one[name]["s_fg"], abs=1e-3), pytest.approx(one[name]["s_bg"], abs=1e-3))
         assert lb == pytest.approx(one[name]["loss"], abs=2e-3)  # one pair a batch: the per-pair loss
         slope = (five[name]["by_class"]["boat"][2] - lb) / 4
-        if name != "gt_cam":
-            assert slope == pytest.approx(2.0 * one[name]["cbs"], abs=2e-3)
+        assert slope == pytest.approx(2.0 * one[name]["cbs"], abs=2e-3)
     # the object's map grown onto its own water costs CBS; the exact boat much less
     assert one["gt_plus_bg"]["cbs"] > one["gt"]["cbs"] + 0.05
     loss = CLIMSLoss(ev, list(OBJECTS), tmp_path / "bg.txt", cbs_threshold=None)

@@ -258,10 +258,7 @@ class CLIMSLoss(nn.Module):
         if cbs_reference == "blank":  # s(blank, t_m): a fully masked input is all zeros (the mean colour)
             with torch.no_grad():
                 blank = torch.zeros(1, 3, self.eval_size, self.eval_size, device=class_text.device)
-                sim = self.similarity(blank, torch.cat([class_text, bg_text]))
-                if score == "softmax":
-                    sim = (evaluator.logit_scale_value.float() * sim).softmax(dim=-1)
-                self.blank_bg = sim[0, len(self.prompts):].clone()
+                self.blank_bg = self.scores(blank)[0, len(self.prompts):].clone()
 
     def train(self, mode: bool = True) -> CLIMSLoss:
         super().train(mode)
@@ -283,6 +280,14 @@ class CLIMSLoss(nn.Module):
         """``N x 3 x S x S`` evaluator inputs, ``M x D`` text embeddings -> ``N x M`` similarities."""
         return similarity(self.evaluator, self.evaluator.encode_image(pixels), text)
 
+    def scores(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``N x 3 x S x S`` evaluator inputs -> ``N x (K + M)`` scores ``s(v, t)`` against the class then the
+        background prompts: cosines, or (``score="softmax"``) probabilities over all of them."""
+        sim = self.similarity(pixels, torch.cat([self.class_text, self.bg_text]))
+        if self.score == "softmax":  # textseg's option: probabilities over every prompt (see the docstring)
+            sim = (self.evaluator.logit_scale_value.float() * sim).softmax(dim=-1)
+        return sim
+
     def forward(self, maps: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if maps.shape[:2] != labels.shape or images.shape[0] != maps.shape[0]:
             raise TextsegError(f"maps {tuple(maps.shape)}, images {tuple(images.shape)} and labels "
@@ -294,10 +299,7 @@ class CLIMSLoss(nn.Module):
             none = maps.new_zeros(0)
             return {"loss": zero, "otm": zero, "btm": zero, "cbs": zero, "reg": zero, "pairs": 0,
                     "s_fg": none, "s_bg": none}
-        text = torch.cat([self.class_text, self.bg_text])
-        sim = self.similarity(torch.cat([fg, bg]), text)  # 2N x (K + M)
-        if self.score == "softmax":  # textseg's option: probabilities over every prompt (see the docstring)
-            sim = (self.evaluator.logit_scale_value.float() * sim).softmax(dim=-1)
+        sim = self.scores(torch.cat([fg, bg]))  # 2N x (K + M)
         rows = torch.arange(n, device=sim.device)
         k = self.class_text.shape[0]
         s_fg, s_bg = sim[rows, k_idx], sim[n + rows, k_idx]
